@@ -1,0 +1,60 @@
+# sockworker: every set-up step lives here, so a fresh machine needs only `make demo` / `make test`.
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+CARGO ?= cargo
+export VIRTUAL_ENV := $(abspath $(VENV))
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+RUST_SOURCES := $(shell find rust -name '*.rs' -o -name Cargo.toml) Cargo.toml pyproject.toml
+
+.PHONY: help build demo test test-rust test-python lint fmt clean
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-14s %s\n", $$1, $$2}'
+
+$(VENV)/.deps: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet "maturin>=1.7,<2" "pytest>=8" "pytest-timeout>=2.3" "pytest-asyncio>=0.24" \
+		"websockets>=14" "aiohttp>=3.10" "ruff>=0.8" "mypy>=1.13"
+	touch $@
+
+$(VENV)/.built: $(VENV)/.deps $(RUST_SOURCES)
+	$(VENV)/bin/maturin develop --release --quiet
+	touch $@
+
+build: $(VENV)/.built ## create .venv and build the extension in release mode (sockworker lands in .venv/bin)
+
+demo: build ## build, then serve examples/echo.py on 127.0.0.1:8787
+	@echo "sockworker echo demo: ws://127.0.0.1:8787/ echoes every message; Ctrl-C stops it."
+	@echo "  try: $(PY) -m websockets ws://127.0.0.1:8787/"
+	$(VENV)/bin/sockworker serve examples.echo:app --host 127.0.0.1 --port 8787
+
+test: build test-rust test-python ## build, then run cargo test and pytest
+
+test-rust:
+	$(CARGO) test --release -p sockworker-core
+
+test-python: build
+	$(PY) -m pytest tests
+
+lint: $(VENV)/.deps ## rustfmt --check, clippy -D warnings, ruff, mypy --strict
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
+	$(VENV)/bin/ruff check python tests examples bench
+	$(VENV)/bin/ruff format --check python tests examples bench
+	$(VENV)/bin/mypy
+
+fmt: $(VENV)/.deps ## format Rust and Python
+	$(CARGO) fmt --all
+	$(VENV)/bin/ruff format python tests examples bench
+	$(VENV)/bin/ruff check --fix python tests examples bench
+
+clean: ## remove build output and the venv
+	rm -rf target $(VENV) python/sockworker/*.so
+
+-include bench/bench.mk

@@ -1,0 +1,40 @@
+"""sockworker: Cloudflare-style Workers and WebSockets for Python, on a Rust core.
+
+Everything a user needs is importable from here; ``sockworker._native`` is private.
+"""
+
+from __future__ import annotations
+
+from .app import App, Env, ExecutionContext
+from .errors import (
+    ConnectionClosed,
+    InvalidArgument,
+    ProtocolError,
+    ResponseError,
+    ServerStartError,
+    SockworkerError,
+)
+from .http import Headers, Request, Response
+from .limits import Limits
+from .websocket import CloseEvent, ErrorEvent, MessageEvent, WebSocket, WebSocketPair
+
+__all__ = [
+    "App",
+    "CloseEvent",
+    "ConnectionClosed",
+    "Env",
+    "ErrorEvent",
+    "ExecutionContext",
+    "Headers",
+    "InvalidArgument",
+    "Limits",
+    "MessageEvent",
+    "ProtocolError",
+    "Request",
+    "Response",
+    "ResponseError",
+    "ServerStartError",
+    "SockworkerError",
+    "WebSocket",
+    "WebSocketPair",
+]

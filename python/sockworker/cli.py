@@ -1,0 +1,46 @@
+"""The ``sockworker`` command: ``sockworker serve MODULE:APP [--host] [--port] ...``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+from .app import App
+
+__all__ = ["load_app", "main"]
+
+
+def load_app(target: str) -> App:
+    """Imports ``module:attribute`` (the current directory is importable) and checks it is an App."""
+    module_name, _, attribute = target.partition(":")
+    if not module_name or not attribute:
+        raise SystemExit(f"sockworker: expected MODULE:APP, got {target!r}")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    module = importlib.import_module(module_name)
+    try:
+        app = getattr(module, attribute)
+    except AttributeError:
+        raise SystemExit(f"sockworker: module {module_name!r} has no attribute {attribute!r}") from None
+    if not isinstance(app, App):
+        raise SystemExit(f"sockworker: {target} is a {type(app).__name__}, not a sockworker.App")
+    return app
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sockworker", description="Serve a sockworker app.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="serve MODULE:APP")
+    serve.add_argument("app", metavar="MODULE:APP")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8787, help="0 picks a free port (it is logged)")
+    serve.add_argument("--io-threads", type=int, default=1, help="tokio threads doing socket I/O")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    app = load_app(args.app)
+    app.run(args.host, args.port, io_threads=args.io_threads)
+    return 0

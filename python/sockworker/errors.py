@@ -1,0 +1,47 @@
+"""The exceptions sockworker raises, all under one base, ``SockworkerError``.
+
+Each also subclasses the standard exception whose meaning it shares, so ``except ValueError``
+and ``except ConnectionError`` keep working::
+
+    SockworkerError(Exception)
+     ├── InvalidArgument(SockworkerError, ValueError)   a value out of range (close code, reason)
+     ├── ResponseError(SockworkerError, RuntimeError)   a handler's answer cannot be sent
+     ├── ConnectionClosed(SockworkerError, ConnectionError)   the WebSocket is closing or closed
+     ├── ProtocolError(SockworkerError, ConnectionError)   the peer broke RFC 6455 (event.error)
+     └── ServerStartError(SockworkerError, OSError)   the server could not bind or start
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConnectionClosed",
+    "InvalidArgument",
+    "ProtocolError",
+    "ResponseError",
+    "ServerStartError",
+    "SockworkerError",
+]
+
+
+class SockworkerError(Exception):
+    """The base of every sockworker exception."""
+
+
+class InvalidArgument(SockworkerError, ValueError):
+    """An argument is out of the range the API allows."""
+
+
+class ResponseError(SockworkerError, RuntimeError):
+    """A handler's answer cannot be sent (answered twice, or a WebSocket for a plain request)."""
+
+
+class ConnectionClosed(SockworkerError, ConnectionError):
+    """The WebSocket is closing or closed."""
+
+
+class ProtocolError(SockworkerError, ConnectionError):
+    """The peer violated the WebSocket protocol; the socket was closed with the code given."""
+
+
+class ServerStartError(SockworkerError, OSError):
+    """The server could not bind its address or start its threads."""

@@ -1,0 +1,156 @@
+"""HTTP requests and responses as a Worker's ``fetch`` sees them (SPEC §2.1)."""
+
+from __future__ import annotations
+
+import json as _json
+from collections.abc import Iterable, Iterator, Mapping
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, urlsplit
+
+if TYPE_CHECKING:
+    from .websocket import WebSocket
+
+__all__ = ["Headers", "Request", "Response"]
+
+HeadersInit = Mapping[str, str] | Iterable[tuple[str, str]] | None
+
+
+class Headers(Mapping[str, str]):
+    """Case-insensitive, multi-valued HTTP headers. ``headers[name]`` joins repeated values
+    with ", "; ``get_all(name)`` returns each value."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, init: HeadersInit = None) -> None:
+        self._items: dict[str, list[str]] = {}
+        if init is None:
+            return
+        pairs = init.items() if isinstance(init, Mapping) else init
+        for name, value in pairs:
+            self.append(name, value)
+
+    @classmethod
+    def _from_raw(cls, raw: list[tuple[str, bytes]]) -> Headers:
+        headers = cls()
+        items = headers._items
+        for name, value in raw:
+            items.setdefault(name, []).append(value.decode("latin-1"))
+        return headers
+
+    def append(self, name: str, value: str) -> None:
+        self._items.setdefault(name.lower(), []).append(str(value))
+
+    def __setitem__(self, name: str, value: str) -> None:
+        self._items[name.lower()] = [str(value)]
+
+    def __getitem__(self, name: str) -> str:
+        return ", ".join(self._items[name.lower()])
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name.lower() in self._items
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get_all(self, name: str) -> list[str]:
+        return list(self._items.get(name.lower(), ()))
+
+    def raw(self) -> list[tuple[str, bytes]]:
+        return [(n, v.encode("latin-1")) for n, vs in self._items.items() for v in vs]
+
+    def __repr__(self) -> str:
+        return f"Headers({dict(self.items())!r})"
+
+
+class Request:
+    """An incoming HTTP request. The body has been read by the core before the handler runs
+    (at most ``Limits.max_body_size`` bytes; a larger body is answered 413 by the core)."""
+
+    __slots__ = ("_query", "body", "client", "headers", "method", "path", "query_string", "url")
+
+    def __init__(
+        self,
+        method: str,
+        url: str,
+        headers: Headers | None = None,
+        body: bytes = b"",
+        client: str | None = None,
+    ) -> None:
+        self.method = method.upper()
+        self.url = url
+        parts = urlsplit(url)
+        self.path = parts.path or "/"
+        self.query_string = parts.query
+        self.headers = headers if headers is not None else Headers()
+        self.body = body
+        self.client = client
+        self._query: Mapping[str, str] | None = None
+
+    @classmethod
+    def _from_core(
+        cls, method: str, target: str, raw: list[tuple[str, bytes]], body: bytes, client: str
+    ) -> Request:
+        headers = Headers._from_raw(raw)
+        host = headers.get("host", "localhost")
+        return cls(method, f"http://{host}{target}", headers, body, client)
+
+    @property
+    def query(self) -> Mapping[str, str]:
+        """The query parameters (the first value of each name)."""
+        if self._query is None:
+            values: dict[str, str] = {}
+            for name, value in parse_qsl(self.query_string, keep_blank_values=True):
+                values.setdefault(name, value)
+            self._query = MappingProxyType(values)
+        return self._query
+
+    async def text(self) -> str:
+        return self.body.decode("utf-8")
+
+    async def json(self) -> Any:
+        return _json.loads(self.body)
+
+    def __repr__(self) -> str:
+        return f"<Request {self.method} {self.url}>"
+
+
+class Response:
+    """An HTTP response, or with ``status=101`` and ``websocket=client`` a WebSocket upgrade."""
+
+    __slots__ = ("body", "headers", "status", "websocket")
+
+    def __init__(
+        self,
+        body: str | bytes | None = None,
+        status: int = 200,
+        headers: HeadersInit | Headers = None,
+        websocket: WebSocket | None = None,
+    ) -> None:
+        if not isinstance(status, int) or not 100 <= status <= 999:
+            raise ValueError(f"status must be an int from 100 to 999, not {status!r}")
+        self.status = status
+        self.headers = headers if isinstance(headers, Headers) else Headers(headers)
+        if isinstance(body, str):
+            self.body: bytes = body.encode("utf-8")
+            if "content-type" not in self.headers:
+                self.headers["content-type"] = "text/plain; charset=utf-8"
+        elif body is None:
+            self.body = b""
+        elif isinstance(body, bytes | bytearray | memoryview):
+            self.body = bytes(body)
+        else:
+            raise TypeError(f"a Response body is str, bytes or None, not {type(body).__name__}")
+        self.websocket = websocket
+
+    @classmethod
+    def json(cls, value: Any, status: int = 200, headers: HeadersInit = None) -> Response:
+        response = cls(_json.dumps(value), status=status, headers=headers)
+        response.headers["content-type"] = "application/json"
+        return response
+
+    def __repr__(self) -> str:
+        return f"<Response {self.status}{' websocket' if self.websocket is not None else ''}>"

@@ -1,0 +1,306 @@
+"""``WebSocket``, one class for every socket, and ``WebSocketPair`` (SPEC §2.2).
+
+A ``WebSocket`` is a thin handle: frames, buffers and the closing handshake live in the core.
+``send`` queues and returns; events arrive from the core in batches and are dispatched here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+from .errors import ConnectionClosed, InvalidArgument, ProtocolError, ResponseError
+
+if TYPE_CHECKING:
+    from ._native import SocketHandle
+
+__all__ = ["CloseEvent", "ErrorEvent", "MessageEvent", "WebSocket", "WebSocketPair"]
+
+logger = logging.getLogger("sockworker")
+
+EventType = Literal["message", "close", "error"]
+Listener = Callable[[Any], Awaitable[None] | None]
+
+# The pull API pauses reading from the peer past this many unread messages, and resumes
+# once the application has read down to the low mark.
+INBOX_HIGH = 64
+INBOX_LOW = 16
+MAX_REASON_BYTES = 123
+
+
+def check_close(code: int, reason: str) -> None:
+    """Raises ``InvalidArgument`` (a ``ValueError``) for a code or reason a peer would reject."""
+    if not isinstance(code, int) or not (code in (1000, 1001, 1002, 1003) or 1007 <= code <= 1014 or 3000 <= code <= 4999):
+        raise InvalidArgument(f"close code must be 1000-1003, 1007-1014 or 3000-4999, not {code!r}")
+    if len(reason.encode("utf-8")) > MAX_REASON_BYTES:
+        raise InvalidArgument(f"close reason is at most {MAX_REASON_BYTES} bytes in UTF-8")
+
+
+class MessageEvent:
+    __slots__ = ("data",)
+    type = "message"
+
+    def __init__(self, data: str | bytes) -> None:
+        self.data = data
+
+
+class CloseEvent:
+    __slots__ = ("code", "reason", "was_clean")
+    type = "close"
+
+    def __init__(self, code: int, reason: str, was_clean: bool) -> None:
+        self.code = code
+        self.reason = reason
+        self.was_clean = was_clean
+
+
+class ErrorEvent:
+    __slots__ = ("error",)
+    type = "error"
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+class _Host(Protocol):
+    """What a socket needs from the runtime that dispatches its events."""
+
+    def spawn(self, coro: Awaitable[Any], what: str) -> None: ...
+
+
+class WebSocket:
+    """One end of a WebSocket. Server code uses the ``server`` end of a ``WebSocketPair``."""
+
+    CONNECTING = 0
+    OPEN = 1
+    CLOSING = 2
+    CLOSED = 3
+
+    __slots__ = (
+        "__weakref__",
+        "_accepted",
+        "_close_request",
+        "_drain_waiters",
+        "_handle",
+        "_host",
+        "_inbox",
+        "_is_client_end",
+        "_listeners",
+        "_paused",
+        "_peer",
+        "_pending",
+        "_ready_state",
+        "_reader",
+        "extensions",
+        "protocol",
+        "url",
+    )
+
+    def __init__(self, *, _client_end: bool = False) -> None:
+        self._handle: SocketHandle | None = None
+        self._host: _Host | None = None
+        self._ready_state = WebSocket.CONNECTING
+        self._accepted = False
+        self._is_client_end = _client_end
+        # The client end carries the server end it was paired with, for the runtime to bind.
+        self._peer: WebSocket | None = None
+        self._listeners: dict[str, list[tuple[Listener, bool]]] = {"message": [], "close": [], "error": []}
+        self._pending: list[str | bytes] = []
+        self._close_request: tuple[int, str] | None = None
+        self._inbox: deque[str | bytes] = deque()
+        self._reader: asyncio.Future[None] | None = None
+        self._paused = False
+        self._drain_waiters: list[asyncio.Future[None]] = []
+        self.url: str | None = None
+        self.protocol: str = ""
+        self.extensions: str = ""
+
+    # -- state ---------------------------------------------------------------------------------
+
+    @property
+    def ready_state(self) -> int:
+        return self._ready_state
+
+    @property
+    def buffered_amount(self) -> int:
+        """Bytes queued for this socket and not yet written to the network."""
+        if self._handle is not None:
+            return self._handle.buffered_amount
+        return sum(len(m) for m in self._pending)
+
+    def accept(self) -> None:
+        """Accepts the server end for the standard API: events go to listeners or ``async for``."""
+        if self._is_client_end:
+            raise ResponseError("accept() the server end of the pair; return the client end")
+        if self._accepted:
+            raise ResponseError("accept() was already called on this WebSocket")
+        self._accepted = True
+        self._ready_state = WebSocket.OPEN
+
+    # -- listeners -----------------------------------------------------------------------------
+
+    def add_event_listener(self, type: EventType, listener: Listener) -> None:
+        """Calls ``listener(event)`` for each "message", "close" or "error" event; it may be a
+        ``def`` (called directly) or an ``async def`` (run as a task, in event order)."""
+        if type not in self._listeners:
+            raise InvalidArgument(f"event type is 'message', 'close' or 'error', not {type!r}")
+        self._listeners[type].append((listener, inspect.iscoroutinefunction(listener)))
+
+    on = add_event_listener
+
+    def remove_event_listener(self, type: EventType, listener: Listener) -> None:
+        self._listeners[type] = [pair for pair in self._listeners.get(type, []) if pair[0] != listener]
+
+    # -- sending -------------------------------------------------------------------------------
+
+    def send(self, data: str | bytes) -> None:
+        """Queues a message (str: text, bytes: binary) and returns at once."""
+        handle = self._handle
+        if handle is not None and self._ready_state == WebSocket.OPEN:
+            if handle.send(data) == 2:
+                # The queue passed max_buffered_bytes: the core is closing the socket with 1008.
+                self._ready_state = WebSocket.CLOSING
+            return
+        if self._ready_state >= WebSocket.CLOSING:
+            raise ConnectionClosed("send() on a closing or closed WebSocket")
+        if not self._accepted:
+            raise ResponseError("accept() the WebSocket before sending")
+        if not isinstance(data, str | bytes | bytearray | memoryview):
+            raise TypeError(f"a WebSocket message is str or bytes, not {type(data).__name__}")
+        self._pending.append(data if isinstance(data, str) else bytes(data))
+
+    async def send_async(self, data: str | bytes) -> None:
+        """Queues a message, then waits while the queue is above the high-water mark."""
+        self.send(data)
+        handle = self._handle
+        while handle is not None and self._ready_state == WebSocket.OPEN and handle.buffered_amount > handle.high_water:
+            if not handle.request_drain():
+                break
+            waiter = asyncio.get_running_loop().create_future()
+            self._drain_waiters.append(waiter)
+            await waiter
+
+    def close(self, code: int = 1000, reason: str = "") -> None:
+        """Starts the closing handshake. The close event follows when it completes."""
+        check_close(code, reason)
+        if self._ready_state >= WebSocket.CLOSING:
+            return
+        self._ready_state = WebSocket.CLOSING
+        if self._handle is not None:
+            self._handle.close(code, reason)
+        else:
+            self._close_request = (code, reason)
+
+    # -- pull API --------------------------------------------------------------------------------
+
+    def __aiter__(self) -> WebSocket:
+        return self
+
+    async def __anext__(self) -> str | bytes:
+        while not self._inbox:
+            if self._ready_state == WebSocket.CLOSED:
+                raise StopAsyncIteration
+            self._reader = asyncio.get_running_loop().create_future()
+            try:
+                await self._reader
+            finally:
+                self._reader = None
+        message = self._inbox.popleft()
+        if self._paused and len(self._inbox) <= INBOX_LOW and self._handle is not None:
+            self._paused = False
+            self._handle.set_paused(False)
+        return message
+
+    async def receive(self) -> str | bytes:
+        """The next message; raises ``ConnectionClosed`` once the socket is closed."""
+        try:
+            return await self.__anext__()
+        except StopAsyncIteration:
+            raise ConnectionClosed("the WebSocket is closed") from None
+
+    # -- from the runtime -----------------------------------------------------------------------
+
+    def _bind(self, handle: SocketHandle, host: _Host, url: str, protocol: str) -> None:
+        self._handle = handle
+        self._host = host
+        self.url = url
+        self.protocol = protocol
+        for message in self._pending:
+            handle.send(message)
+        self._pending.clear()
+        if self._close_request is not None:
+            handle.close(*self._close_request)
+
+    def _on_message(self, data: str | bytes) -> None:
+        listeners = self._listeners["message"]
+        if not listeners:
+            self._inbox.append(data)
+            if self._reader is not None and not self._reader.done():
+                self._reader.set_result(None)
+            if not self._paused and len(self._inbox) >= INBOX_HIGH and self._handle is not None:
+                self._paused = True
+                self._handle.set_paused(True)
+            return
+        if self._ready_state != WebSocket.OPEN:
+            return
+        event = MessageEvent(data)
+        for listener, is_async in listeners:
+            self._call(listener, is_async, event, "message")
+
+    def _on_close(self, code: int, reason: str, was_clean: bool) -> None:
+        self._ready_state = WebSocket.CLOSED
+        if self._reader is not None and not self._reader.done():
+            self._reader.set_result(None)
+        self._on_drained()
+        event = CloseEvent(code, reason, was_clean)
+        for listener, is_async in self._listeners["close"]:
+            self._call(listener, is_async, event, "close")
+
+    def _on_error(self, message: str) -> None:
+        event = ErrorEvent(ProtocolError(message))
+        for listener, is_async in self._listeners["error"]:
+            self._call(listener, is_async, event, "error")
+
+    def _on_drained(self) -> None:
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _call(self, listener: Listener, is_async: bool, event: Any, kind: str) -> None:
+        try:
+            result = listener(event)
+        except Exception:
+            self._listener_failed(kind)
+            return
+        if is_async or result is not None and inspect.isawaitable(result):
+            assert self._host is not None and result is not None
+            self._host.spawn(self._await_listener(result, kind), kind)
+
+    async def _await_listener(self, result: Awaitable[None], kind: str) -> None:
+        try:
+            await result
+        except Exception:
+            self._listener_failed(kind)
+
+    def _listener_failed(self, kind: str) -> None:
+        logger.exception("exception in a WebSocket %s listener (%s); closing it with 1011", kind, self.url)
+        if self._ready_state < WebSocket.CLOSING:
+            self.close(1011, "internal error")
+
+    def __repr__(self) -> str:
+        state = ("CONNECTING", "OPEN", "CLOSING", "CLOSED")[self._ready_state]
+        return f"<WebSocket {state} {self.url or ''}>"
+
+
+def WebSocketPair() -> tuple[WebSocket, WebSocket]:  # noqa: N802 - the Workers API name
+    """Returns ``(client, server)``: return ``client`` in ``Response(status=101, websocket=client)``
+    and use ``server`` (after ``server.accept()``)."""
+    server = WebSocket()
+    client = WebSocket(_client_end=True)
+    client._peer = server
+    return client, server

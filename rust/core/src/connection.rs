@@ -1,0 +1,332 @@
+//! The task that drives one upgraded WebSocket: reads into a per-thread scratch buffer (an idle
+//! socket holds no buffer), decodes, answers pings, writes queued frames with vectored writes,
+//! and runs the closing handshake and the timeouts.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, Bytes};
+use tokio::net::TcpStream;
+use tokio::time::{sleep_until, Instant};
+
+use crate::bridge::Event;
+use crate::frame::{self, close_code, Incoming, MessageDecoder};
+use crate::server::ServerCtx;
+use crate::socket::{CloseRequest, SocketShared};
+
+/// How long a started closing handshake (or a final flush) may take before the TCP connection
+/// is dropped.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long to keep reading (and discarding) after our FIN, so the peer gets our Close frame
+/// instead of a reset.
+const LINGER: Duration = Duration::from_secs(2);
+const SCRATCH_SIZE: usize = 64 * 1024;
+/// Reads per readiness before the task yields to the others.
+const READS_PER_WAKE: usize = 4;
+const MAX_IOV: usize = 64;
+
+thread_local! {
+    static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; SCRATCH_SIZE].into_boxed_slice());
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Open,
+    /// We sent Close and wait for the peer's.
+    CloseSent,
+    /// The outcome is known; write what is queued, then end.
+    Finishing,
+}
+
+/// The close event to report, once known.
+struct Outcome {
+    code: u16,
+    reason: String,
+    was_clean: bool,
+}
+
+struct Connection {
+    stream: TcpStream,
+    socket: Arc<SocketShared>,
+    ctx: Arc<ServerCtx>,
+    decoder: MessageDecoder,
+    out: VecDeque<Bytes>,
+    /// The front of `out` is the rest of a frame partly written already.
+    front_partial: bool,
+    phase: Phase,
+    /// When the current phase must end (close handshake) — `None` while open.
+    phase_deadline: Option<Instant>,
+    last_frame: Instant,
+    outcome: Option<Outcome>,
+    /// Events gathered from one read, pushed to the application under one lock.
+    events: Vec<Event>,
+}
+
+/// Runs the socket until it is closed, then reports its Close event exactly once.
+pub(crate) async fn run(stream: TcpStream, leftover: Bytes, socket: Arc<SocketShared>, ctx: Arc<ServerCtx>) {
+    let mut conn = Connection {
+        stream,
+        decoder: MessageDecoder::new(ctx.limits.max_message_size),
+        socket,
+        ctx,
+        out: VecDeque::new(),
+        front_partial: false,
+        phase: Phase::Open,
+        phase_deadline: None,
+        last_frame: Instant::now(),
+        outcome: None,
+        events: Vec::new(),
+    };
+    if !leftover.is_empty() {
+        conn.on_bytes(&leftover);
+        conn.publish();
+    }
+    conn.drive().await;
+    conn.socket.mark_closing();
+    let outcome = conn.outcome.take().unwrap_or(Outcome {
+        code: close_code::ABNORMAL,
+        reason: "connection lost".into(),
+        was_clean: false,
+    });
+    conn.ctx.finish_socket(conn.socket.id(), outcome.code, outcome.reason, outcome.was_clean);
+    conn.linger().await;
+}
+
+impl Connection {
+    async fn drive(&mut self) {
+        loop {
+            if let Some(request) = self.socket.take_queued(&mut self.out) {
+                self.begin_close(request);
+            }
+            if self.write_queued().is_err() {
+                return;
+            }
+            if self.socket.take_drained() {
+                self.ctx.events.push(Event::Drained { socket: self.socket.id() });
+            }
+            if self.phase == Phase::Finishing && self.out.is_empty() {
+                return;
+            }
+            let reading = self.phase != Phase::Finishing && !self.socket.is_paused();
+            let writing = !self.out.is_empty();
+            let deadline = self.deadline();
+            tokio::select! {
+                biased;
+                () = self.socket.wake.notified() => {}
+                ready = self.stream.writable(), if writing => {
+                    if ready.is_err() { return; }
+                }
+                ready = self.stream.readable(), if reading => {
+                    if ready.is_err() || self.read_ready().is_err() {
+                        return;
+                    }
+                    self.publish();
+                }
+                () = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
+                    if self.on_deadline() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        match (self.phase_deadline, self.ctx.limits.idle_timeout) {
+            (Some(at), _) => Some(at),
+            (None, Some(idle)) => Some(self.last_frame + idle),
+            (None, None) => None,
+        }
+    }
+
+    /// Returns true when the connection must end now.
+    fn on_deadline(&mut self) -> bool {
+        let now = Instant::now();
+        if let Some(at) = self.phase_deadline {
+            if now >= at {
+                if self.phase == Phase::CloseSent {
+                    self.outcome = Some(Outcome {
+                        code: close_code::ABNORMAL,
+                        reason: "closing handshake timed out".into(),
+                        was_clean: false,
+                    });
+                }
+                return true;
+            }
+        } else if let Some(idle) = self.ctx.limits.idle_timeout {
+            if now >= self.last_frame + idle {
+                self.socket.mark_closing();
+                self.begin_close(CloseRequest {
+                    code: close_code::GOING_AWAY,
+                    reason: "idle timeout".into(),
+                    discard_unsent: false,
+                });
+            }
+        }
+        false
+    }
+
+    /// Reads what the kernel has, without holding a buffer of the socket's own between reads.
+    fn read_ready(&mut self) -> io::Result<()> {
+        SCRATCH.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            for _ in 0..READS_PER_WAKE {
+                match self.stream.try_read(&mut scratch) {
+                    Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                    Ok(n) => {
+                        self.last_frame = Instant::now();
+                        self.on_bytes(&scratch[..n]);
+                        if n < scratch.len() || self.phase == Phase::Finishing {
+                            break;
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn on_bytes(&mut self, data: &[u8]) {
+        let mut units = Vec::new();
+        let result = self.decoder.feed(data, &mut |unit| units.push(unit));
+        for unit in units {
+            self.on_incoming(unit);
+        }
+        if let Err(violation) = result {
+            if self.phase == Phase::Open {
+                self.events.push(Event::Error { socket: self.socket.id(), message: violation.reason.into() });
+                self.fail(violation.code, violation.reason);
+            } else {
+                self.phase = Phase::Finishing;
+            }
+        }
+    }
+
+    fn on_incoming(&mut self, unit: Incoming) {
+        if self.phase == Phase::Finishing {
+            return;
+        }
+        match unit {
+            Incoming::Message(data) => {
+                if self.phase == Phase::Open {
+                    self.events.push(Event::Message { socket: self.socket.id(), data });
+                }
+            }
+            Incoming::Ping(data) => self.queue(frame::encode_pong(&data)),
+            Incoming::Pong => {}
+            Incoming::Close(status) => {
+                if self.phase == Phase::Open {
+                    self.socket.mark_closing();
+                    let echo = status.as_ref().map(|(code, reason)| (*code, reason.as_str()));
+                    self.queue(frame::encode_close(echo));
+                }
+                let (code, reason) = status.unwrap_or((close_code::NO_STATUS, String::new()));
+                self.outcome = Some(Outcome { code, reason, was_clean: true });
+                self.enter(Phase::Finishing);
+            }
+        }
+    }
+
+    /// Fails the connection: sends our Close and ends without waiting for the peer's.
+    fn fail(&mut self, code: u16, reason: &str) {
+        self.socket.mark_closing();
+        self.queue(frame::encode_close(Some((code, reason))));
+        self.outcome = Some(Outcome { code, reason: reason.into(), was_clean: false });
+        self.enter(Phase::Finishing);
+    }
+
+    fn begin_close(&mut self, request: CloseRequest) {
+        if self.phase != Phase::Open {
+            return;
+        }
+        if request.discard_unsent {
+            self.discard_unsent();
+        }
+        self.queue(frame::encode_close(Some((request.code, &request.reason))));
+        self.outcome = Some(Outcome { code: request.code, reason: request.reason, was_clean: false });
+        self.enter(Phase::CloseSent);
+    }
+
+    fn enter(&mut self, phase: Phase) {
+        self.phase = phase;
+        self.phase_deadline = Some(Instant::now() + CLOSE_TIMEOUT);
+    }
+
+    /// Drops queued frames that have not started going out (a partly written one must finish,
+    /// or the stream would be corrupt).
+    fn discard_unsent(&mut self) {
+        let keep = usize::from(self.front_partial);
+        let dropped: usize = self.out.drain(keep..).map(|f| f.len()).sum();
+        self.socket.sub_buffered(dropped);
+    }
+
+    fn queue(&mut self, frame: Bytes) {
+        self.socket.add_buffered(frame.len());
+        self.out.push_back(frame);
+    }
+
+    /// Writes as much of the queue as the kernel takes now.
+    fn write_queued(&mut self) -> io::Result<()> {
+        while !self.out.is_empty() {
+            let mut slices = [IoSlice::new(&[]); MAX_IOV];
+            let mut count = 0;
+            for (slot, frame) in slices.iter_mut().zip(self.out.iter()) {
+                *slot = IoSlice::new(frame);
+                count += 1;
+            }
+            match self.stream.try_write_vectored(&slices[..count]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(mut written) => {
+                    self.socket.sub_buffered(written);
+                    while written > 0 {
+                        let front = self.out.front_mut().expect("written bytes come from the queue");
+                        if written >= front.len() {
+                            written -= front.len();
+                            self.out.pop_front();
+                            self.front_partial = false;
+                        } else {
+                            front.advance(written);
+                            self.front_partial = true;
+                            written = 0;
+                        }
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn publish(&mut self) {
+        self.ctx.events.push_all(&mut self.events);
+    }
+
+    /// Half-closes and reads until the peer closes too (bounded), so our last frames are
+    /// not lost to a reset caused by unread input.
+    async fn linger(&mut self) {
+        use tokio::io::AsyncWriteExt;
+        let _ = self.stream.shutdown().await;
+        let until = Instant::now() + LINGER;
+        loop {
+            tokio::select! {
+                ready = self.stream.readable() => {
+                    if ready.is_err() { return; }
+                    let mut sink = [0u8; 512];
+                    match self.stream.try_read(&mut sink) {
+                        Ok(0) => return,
+                        Ok(_) => {}
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(_) => return,
+                    }
+                }
+                () = sleep_until(until) => return,
+            }
+        }
+    }
+}

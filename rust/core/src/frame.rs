@@ -1,0 +1,373 @@
+//! Sans-I/O WebSocket framing for the server side: bytes in, messages out, and frame encoding.
+//! Headers are parsed and written by tungstenite; message assembly, the checks of RFC 6455 and
+//! the buffer policy are ours, because an idle socket must hold no read buffer at all.
+
+use std::io::Cursor;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use tungstenite::protocol::frame::coding::{Control, Data, OpCode};
+use tungstenite::protocol::frame::FrameHeader;
+
+use crate::bridge::Payload;
+
+/// Close codes the core sends on its own.
+pub mod close_code {
+    pub const NORMAL: u16 = 1000;
+    pub const GOING_AWAY: u16 = 1001;
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    pub const NO_STATUS: u16 = 1005;
+    pub const ABNORMAL: u16 = 1006;
+    pub const INVALID_PAYLOAD: u16 = 1007;
+    pub const POLICY_VIOLATION: u16 = 1008;
+    pub const TOO_BIG: u16 = 1009;
+    pub const INTERNAL_ERROR: u16 = 1011;
+}
+
+/// A complete unit received from the peer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Incoming {
+    Message(Payload),
+    Ping(Bytes),
+    Pong,
+    /// `None` when the Close frame carried no status code.
+    Close(Option<(u16, String)>),
+}
+
+/// Why the connection must be failed, with the close code to send.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Violation {
+    pub code: u16,
+    pub reason: &'static str,
+}
+
+const fn violation(code: u16, reason: &'static str) -> Violation {
+    Violation { code, reason }
+}
+
+/// Reassembles messages from client frames. Holds memory only while a frame or a fragmented
+/// message is incomplete.
+#[derive(Debug)]
+pub struct MessageDecoder {
+    /// Received bytes not yet parsed (an incomplete frame). Empty, with no capacity, when idle.
+    pending: BytesMut,
+    /// The opcode and data of a fragmented message in progress.
+    fragments: Option<(Data, BytesMut)>,
+    max_message_size: usize,
+}
+
+impl MessageDecoder {
+    #[must_use]
+    pub fn new(max_message_size: usize) -> Self {
+        Self { pending: BytesMut::new(), fragments: None, max_message_size }
+    }
+
+    /// Bytes held for incomplete frames and messages (what an idle socket must not hold).
+    #[must_use]
+    pub fn held_capacity(&self) -> usize {
+        self.pending.capacity() + self.fragments.as_ref().map_or(0, |(_, b)| b.capacity())
+    }
+
+    /// Feeds received bytes; every complete unit is passed to `sink`, in order.
+    ///
+    /// # Errors
+    /// On a protocol violation; the connection must then be failed with the violation's code.
+    pub fn feed(&mut self, data: &[u8], sink: &mut impl FnMut(Incoming)) -> Result<(), Violation> {
+        if self.pending.is_empty() {
+            let used = self.parse(data, sink)?;
+            if used < data.len() {
+                self.pending.extend_from_slice(&data[used..]);
+            }
+        } else {
+            self.pending.extend_from_slice(data);
+            let buffer = std::mem::take(&mut self.pending);
+            let used = self.parse(&buffer, sink)?;
+            if used < buffer.len() {
+                let mut rest = buffer;
+                let _ = rest.split_to(used);
+                self.pending = rest;
+            }
+            // Otherwise the buffer is dropped here: an idle socket keeps no capacity.
+        }
+        Ok(())
+    }
+
+    /// Parses as many whole frames as `data` holds; returns the bytes used.
+    fn parse(&mut self, data: &[u8], sink: &mut impl FnMut(Incoming)) -> Result<usize, Violation> {
+        let mut used = 0;
+        loop {
+            let mut cursor = Cursor::new(&data[used..]);
+            let (header, length) = match FrameHeader::parse(&mut cursor) {
+                Ok(Some(parsed)) => parsed,
+                Ok(None) => return Ok(used),
+                Err(_) => return Err(violation(close_code::PROTOCOL_ERROR, "reserved opcode")),
+            };
+            self.check_header(&header, length)?;
+            #[allow(clippy::cast_possible_truncation)] // bounded by max_message_size above
+            let length = length as usize;
+            #[allow(clippy::cast_possible_truncation)]
+            let start = used + cursor.position() as usize;
+            if data.len() - start < length {
+                return Ok(used);
+            }
+            let mut payload = BytesMut::with_capacity(length);
+            payload.extend_from_slice(&data[start..start + length]);
+            if let Some(mask) = header.mask {
+                unmask(&mut payload, mask);
+            }
+            used = start + length;
+            self.on_frame(&header, payload, sink)?;
+        }
+    }
+
+    fn check_header(&self, header: &FrameHeader, length: u64) -> Result<(), Violation> {
+        if header.rsv1 || header.rsv2 || header.rsv3 {
+            return Err(violation(close_code::PROTOCOL_ERROR, "reserved bits set"));
+        }
+        if header.mask.is_none() {
+            return Err(violation(close_code::PROTOCOL_ERROR, "client frames must be masked"));
+        }
+        match header.opcode {
+            OpCode::Control(_) => {
+                if !header.is_final {
+                    return Err(violation(close_code::PROTOCOL_ERROR, "fragmented control frame"));
+                }
+                if length > 125 {
+                    return Err(violation(close_code::PROTOCOL_ERROR, "control frame too long"));
+                }
+            }
+            OpCode::Data(data) => {
+                let so_far = self.fragments.as_ref().map_or(0, |(_, b)| b.len());
+                if length.saturating_add(so_far as u64) > self.max_message_size as u64 {
+                    return Err(violation(close_code::TOO_BIG, "message too big"));
+                }
+                match (data, &self.fragments) {
+                    (Data::Continue, None) => {
+                        return Err(violation(close_code::PROTOCOL_ERROR, "continuation of nothing"))
+                    }
+                    (Data::Text | Data::Binary, Some(_)) => {
+                        return Err(violation(
+                            close_code::PROTOCOL_ERROR,
+                            "new message inside a fragmented one",
+                        ))
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn on_frame(
+        &mut self,
+        header: &FrameHeader,
+        payload: BytesMut,
+        sink: &mut impl FnMut(Incoming),
+    ) -> Result<(), Violation> {
+        match header.opcode {
+            OpCode::Control(Control::Ping) => sink(Incoming::Ping(payload.freeze())),
+            OpCode::Control(Control::Pong) => sink(Incoming::Pong),
+            OpCode::Control(Control::Close) => sink(Incoming::Close(parse_close(&payload)?)),
+            OpCode::Control(Control::Reserved(_)) | OpCode::Data(Data::Reserved(_)) => {
+                return Err(violation(close_code::PROTOCOL_ERROR, "reserved opcode"))
+            }
+            OpCode::Data(kind @ (Data::Text | Data::Binary)) => {
+                if header.is_final {
+                    sink(Incoming::Message(to_payload(kind, payload)?));
+                } else {
+                    self.fragments = Some((kind, payload));
+                }
+            }
+            OpCode::Data(Data::Continue) => {
+                let (_, buffer) = self.fragments.as_mut().expect("checked in check_header");
+                buffer.unsplit(payload);
+                if header.is_final {
+                    let (kind, buffer) = self.fragments.take().expect("present");
+                    sink(Incoming::Message(to_payload(kind, buffer)?));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn to_payload(kind: Data, data: BytesMut) -> Result<Payload, Violation> {
+    if kind == Data::Text {
+        if std::str::from_utf8(&data).is_err() {
+            return Err(violation(close_code::INVALID_PAYLOAD, "invalid UTF-8 in a text message"));
+        }
+        Ok(Payload::Text(data.freeze()))
+    } else {
+        Ok(Payload::Binary(data.freeze()))
+    }
+}
+
+fn parse_close(payload: &[u8]) -> Result<Option<(u16, String)>, Violation> {
+    match payload {
+        [] => Ok(None),
+        [_] => Err(violation(close_code::PROTOCOL_ERROR, "close frame of one byte")),
+        [hi, lo, reason @ ..] => {
+            let code = u16::from_be_bytes([*hi, *lo]);
+            if !is_valid_close_code(code) {
+                return Err(violation(close_code::PROTOCOL_ERROR, "invalid close code"));
+            }
+            let reason = std::str::from_utf8(reason)
+                .map_err(|_| violation(close_code::INVALID_PAYLOAD, "invalid UTF-8 in close reason"))?;
+            Ok(Some((code, reason.to_owned())))
+        }
+    }
+}
+
+/// Codes a peer may put in a Close frame (RFC 6455 §7.4).
+#[must_use]
+pub fn is_valid_close_code(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
+}
+
+/// XORs the client's mask into the payload, eight bytes at a time.
+pub fn unmask(buf: &mut [u8], mask: [u8; 4]) {
+    let wide = u64::from_ne_bytes([mask[0], mask[1], mask[2], mask[3], mask[0], mask[1], mask[2], mask[3]]);
+    let mut chunks = buf.chunks_exact_mut(8);
+    for chunk in &mut chunks {
+        let word = u64::from_ne_bytes(chunk.try_into().expect("8 bytes")) ^ wide;
+        chunk.copy_from_slice(&word.to_ne_bytes());
+    }
+    for (i, byte) in chunks.into_remainder().iter_mut().enumerate() {
+        *byte ^= mask[i % 4];
+    }
+}
+
+fn encode(opcode: OpCode, parts: &[&[u8]]) -> Bytes {
+    let length: usize = parts.iter().map(|p| p.len()).sum();
+    let header = FrameHeader { opcode, ..FrameHeader::default() };
+    let mut out = BytesMut::with_capacity(header.len(length as u64) + length);
+    header.format(length as u64, &mut (&mut out).writer()).expect("writing to memory");
+    for part in parts {
+        out.extend_from_slice(part);
+    }
+    out.freeze()
+}
+
+/// One unmasked (server-to-client) frame holding a whole message.
+#[must_use]
+pub fn encode_message(text: bool, data: &[u8]) -> Bytes {
+    encode(OpCode::Data(if text { Data::Text } else { Data::Binary }), &[data])
+}
+
+#[must_use]
+pub fn encode_pong(data: &[u8]) -> Bytes {
+    encode(OpCode::Control(Control::Pong), &[data])
+}
+
+/// A Close frame; `None` sends one without a status code.
+#[must_use]
+pub fn encode_close(status: Option<(u16, &str)>) -> Bytes {
+    match status {
+        None => encode(OpCode::Control(Control::Close), &[]),
+        Some((code, reason)) => encode(OpCode::Control(Control::Close), &[&code.to_be_bytes(), reason.as_bytes()]),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A masked client frame, as a browser would send it.
+    fn client_frame(first: u8, payload: &[u8]) -> Vec<u8> {
+        let mask = [0x37, 0xfa, 0x21, 0x3d];
+        let mut out = vec![first];
+        match payload.len() {
+            n @ 0..=125 => out.push(0x80 | n as u8),
+            n @ 126..=65535 => {
+                out.push(0x80 | 126);
+                out.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                out.push(0x80 | 127);
+                out.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        out.extend_from_slice(&mask);
+        let mut body = payload.to_vec();
+        unmask(&mut body, mask);
+        out.extend_from_slice(&body);
+        out
+    }
+
+    fn decode_all(decoder: &mut MessageDecoder, data: &[u8]) -> Result<Vec<Incoming>, Violation> {
+        let mut out = Vec::new();
+        decoder.feed(data, &mut |m| out.push(m))?;
+        Ok(out)
+    }
+
+    #[test]
+    fn messages_at_every_length_boundary_byte_by_byte() {
+        for len in [0usize, 125, 126, 65535, 65536] {
+            let payload = vec![b'a'; len];
+            let frame = client_frame(0x81, &payload);
+            let mut decoder = MessageDecoder::new(1 << 20);
+            let mut got = Vec::new();
+            for chunk in frame.chunks(7) {
+                decoder.feed(chunk, &mut |m| got.push(m)).unwrap();
+            }
+            assert_eq!(got, vec![Incoming::Message(Payload::Text(Bytes::from(payload)))]);
+            assert_eq!(decoder.held_capacity(), 0, "idle decoder holds no buffer (len {len})");
+        }
+    }
+
+    #[test]
+    fn fragments_with_interleaved_ping_arrive_whole() {
+        let mut data = client_frame(0x01, b"hel");
+        data.extend(client_frame(0x89, b"p"));
+        data.extend(client_frame(0x80, b"lo"));
+        let mut decoder = MessageDecoder::new(100);
+        assert_eq!(
+            decode_all(&mut decoder, &data).unwrap(),
+            vec![
+                Incoming::Ping(Bytes::from_static(b"p")),
+                Incoming::Message(Payload::Text(Bytes::from_static(b"hello")))
+            ]
+        );
+    }
+
+    #[test]
+    fn violations_have_their_codes() {
+        let cases: Vec<(Vec<u8>, u16)> = vec![
+            (vec![0x81, 0x01, b'a'], 1002),                    // unmasked
+            (client_frame(0xC1, b"a"), 1002),                  // rsv1
+            (client_frame(0x83, b"a"), 1002),                  // reserved data opcode
+            (client_frame(0x8B, b""), 1002),                   // reserved control opcode
+            (client_frame(0x09, b""), 1002),                   // fragmented ping
+            (client_frame(0x80, b"a"), 1002),                  // continuation of nothing
+            (client_frame(0x81, &[0xff, 0xfe]), 1007),         // bad UTF-8
+            (client_frame(0x82, &[0; 101]), 1009),             // too big
+            (client_frame(0x88, &[0x03]), 1002),               // close of one byte
+            (client_frame(0x88, &[0x03, 0xed]), 1002),         // close code 1005
+            (client_frame(0x88, &[0x03, 0xe8, 0xff]), 1007),   // close reason not UTF-8
+        ];
+        for (data, code) in cases {
+            let err = decode_all(&mut MessageDecoder::new(100), &data).unwrap_err();
+            assert_eq!(err.code, code, "{data:02x?}: {}", err.reason);
+        }
+        let mut frag = client_frame(0x01, &[0; 60]);
+        frag.extend(client_frame(0x80, &[0; 60]));
+        assert_eq!(decode_all(&mut MessageDecoder::new(100), &frag).unwrap_err().code, 1009);
+    }
+
+    #[test]
+    fn close_codes() {
+        for ok in [1000, 1001, 1003, 1007, 1011, 1014, 3000, 4999] {
+            assert!(is_valid_close_code(ok), "{ok}");
+        }
+        for bad in [0, 999, 1004, 1005, 1006, 1015, 1016, 2000, 5000] {
+            assert!(!is_valid_close_code(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn encodes_server_frames() {
+        assert_eq!(&encode_message(true, b"hi")[..], &[0x81, 2, b'h', b'i']);
+        assert_eq!(encode_message(false, &[0; 126])[..4], [0x82, 126, 0, 126]);
+        assert_eq!(&encode_close(Some((1000, "x")))[..], &[0x88, 3, 0x03, 0xe8, b'x']);
+        assert_eq!(&encode_close(None)[..], &[0x88, 0]);
+    }
+}

@@ -1,0 +1,332 @@
+//! The listening server: accepts TCP, serves HTTP/1.1 with hyper, validates upgrades, hands each
+//! request to the application as an event and answers with what the application replies.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming as IncomingBody;
+use hyper::header::{HeaderName, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use parking_lot::Mutex;
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::runtime::Runtime;
+use tokio::sync::{oneshot, Notify};
+
+use crate::bridge::{Event, EventQueue};
+use crate::config::{Limits, ServerConfig};
+use crate::connection;
+use crate::error::CoreError;
+use crate::handshake::{self, Upgrade};
+use crate::runtime;
+use crate::socket::SocketShared;
+
+/// State shared by the accept loop, every connection task and the application side.
+pub struct ServerCtx {
+    pub limits: Limits,
+    pub events: Arc<EventQueue>,
+    sockets: Mutex<HashMap<u64, Arc<SocketShared>>>,
+    next_socket: AtomicU64,
+    shutting_down: AtomicBool,
+    stop_accepting: Notify,
+}
+
+impl ServerCtx {
+    fn open_sockets(&self) -> usize {
+        self.sockets.lock().len()
+    }
+
+    fn new_socket(&self) -> Arc<SocketShared> {
+        let id = self.next_socket.fetch_add(1, Ordering::Relaxed);
+        let socket = Arc::new(SocketShared::new(id, &self.limits));
+        self.sockets.lock().insert(id, socket.clone());
+        socket
+    }
+
+    /// Forgets a socket and reports its Close event (the last event of a socket).
+    pub(crate) fn finish_socket(&self, id: u64, code: u16, reason: String, was_clean: bool) {
+        let remaining = {
+            let mut sockets = self.sockets.lock();
+            sockets.remove(&id);
+            sockets.len()
+        };
+        self.events.push(Event::Close { socket: id, code, reason, was_clean });
+        if remaining == 0 && self.shutting_down.load(Ordering::Acquire) {
+            self.events.push(Event::AllClosed);
+        }
+    }
+}
+
+/// An HTTP request waiting for the application's answer.
+#[derive(Debug)]
+pub struct PendingRequest {
+    pub method: String,
+    /// Path and query, as sent.
+    pub target: String,
+    pub headers: Vec<(String, Bytes)>,
+    pub body: Bytes,
+    pub peer: SocketAddr,
+    pub reply: Reply,
+}
+
+/// What the application answers.
+#[derive(Debug)]
+pub enum Answer {
+    Http { status: u16, headers: Vec<(String, Bytes)>, body: Bytes },
+    Upgrade { headers: Vec<(String, Bytes)>, socket: Arc<SocketShared> },
+}
+
+/// The way back to the connection that made a request. Dropping it unanswered gives a 500.
+pub struct Reply {
+    tx: oneshot::Sender<Answer>,
+    websocket: bool,
+    ctx: Arc<ServerCtx>,
+}
+
+impl std::fmt::Debug for Reply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reply").field("websocket", &self.websocket).finish_non_exhaustive()
+    }
+}
+
+impl Reply {
+    /// The request is a valid WebSocket upgrade.
+    #[must_use]
+    pub fn is_websocket(&self) -> bool {
+        self.websocket
+    }
+
+    pub fn respond(self, status: u16, headers: Vec<(String, Bytes)>, body: Bytes) {
+        let _ = self.tx.send(Answer::Http { status, headers, body });
+    }
+
+    /// Answers 101 and returns the socket the connection will become.
+    ///
+    /// # Errors
+    /// `NotAnUpgrade` (with the reply given back) when the request is not a WebSocket upgrade.
+    pub fn accept_websocket(self, headers: Vec<(String, Bytes)>) -> Result<Arc<SocketShared>, (Self, CoreError)> {
+        if !self.websocket {
+            return Err((self, CoreError::NotAnUpgrade));
+        }
+        let socket = self.ctx.new_socket();
+        let id = socket.id();
+        if self.ctx.shutting_down.load(Ordering::Acquire) {
+            socket.close(crate::frame::close_code::GOING_AWAY, "server shutting down");
+        }
+        if self.tx.send(Answer::Upgrade { headers, socket: socket.clone() }).is_err() {
+            // The client went away before the answer: the socket never opened.
+            self.ctx.finish_socket(id, crate::frame::close_code::ABNORMAL, "connection lost".into(), false);
+        }
+        Ok(socket)
+    }
+}
+
+type Body = Full<Bytes>;
+
+fn plain(status: StatusCode, text: &'static str) -> Response<Body> {
+    let mut response = Response::new(Full::new(Bytes::from_static(text.as_bytes())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(hyper::header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    response
+}
+
+fn with_headers(mut response: Response<Body>, headers: Vec<(String, Bytes)>) -> Result<Response<Body>, String> {
+    for (name, value) in headers {
+        let header = HeaderName::from_bytes(name.as_bytes()).map_err(|e| format!("header name {name:?}: {e}"))?;
+        let value = HeaderValue::from_maybe_shared(value).map_err(|e| format!("header {name:?}: {e}"))?;
+        response.headers_mut().append(header, value);
+    }
+    Ok(response)
+}
+
+async fn handle(ctx: Arc<ServerCtx>, peer: SocketAddr, mut req: Request<IncomingBody>) -> Result<Response<Body>, Infallible> {
+    let accept = match handshake::classify(req.method(), req.headers()) {
+        Upgrade::None => None,
+        Upgrade::WebSocket { accept } => Some(accept),
+        Upgrade::BadRequest(why) => return Ok(plain(StatusCode::BAD_REQUEST, why)),
+        Upgrade::UnsupportedVersion => {
+            let mut response = plain(StatusCode::UPGRADE_REQUIRED, "unsupported WebSocket version");
+            response.headers_mut().insert(hyper::header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+            return Ok(response);
+        }
+    };
+    if accept.is_some() && (ctx.open_sockets() >= ctx.limits.max_connections || ctx.shutting_down.load(Ordering::Acquire)) {
+        return Ok(plain(StatusCode::SERVICE_UNAVAILABLE, "too many connections"));
+    }
+    let on_upgrade = accept.as_ref().map(|_| hyper::upgrade::on(&mut req));
+    let (parts, body) = req.into_parts();
+    let body = match Limited::new(body, ctx.limits.max_body_size).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            return Ok(plain(StatusCode::PAYLOAD_TOO_LARGE, "request body too large"))
+        }
+        Err(_) => return Ok(plain(StatusCode::BAD_REQUEST, "could not read the request body")),
+    };
+    let headers = parts
+        .headers
+        .iter()
+        .map(|(name, value)| (name.as_str().to_owned(), Bytes::copy_from_slice(value.as_bytes())))
+        .collect();
+    let target = parts.uri.path_and_query().map_or_else(|| parts.uri.path().to_owned(), ToString::to_string);
+    let (tx, rx) = oneshot::channel();
+    ctx.events.push(Event::Request(PendingRequest {
+        method: parts.method.to_string(),
+        target,
+        headers,
+        body,
+        peer,
+        reply: Reply { tx, websocket: accept.is_some(), ctx: ctx.clone() },
+    }));
+    let Ok(answer) = rx.await else {
+        return Ok(plain(StatusCode::INTERNAL_SERVER_ERROR, "Internal Server Error"));
+    };
+    let response = match answer {
+        Answer::Http { status, headers, body } => {
+            let mut response = Response::new(Full::new(body));
+            *response.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            with_headers(response, headers)
+        }
+        Answer::Upgrade { headers, socket } => {
+            let (Some(on_upgrade), Some(accept)) = (on_upgrade, accept) else {
+                unreachable!("Reply::accept_websocket refuses plain requests")
+            };
+            let upgrade_ctx = ctx.clone();
+            runtime::spawn(async move {
+                let id = socket.id();
+                match on_upgrade.await.map(hyper::upgrade::Upgraded::downcast::<TokioIo<TcpStream>>) {
+                    Ok(Ok(parts)) => connection::run(parts.io.into_inner(), parts.read_buf, socket, upgrade_ctx).await,
+                    _ => upgrade_ctx.finish_socket(id, crate::frame::close_code::ABNORMAL, "upgrade failed".into(), false),
+                }
+            });
+            let mut response = Response::new(Full::new(Bytes::new()));
+            *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+            let h = response.headers_mut();
+            h.insert(hyper::header::UPGRADE, HeaderValue::from_static("websocket"));
+            h.insert(hyper::header::CONNECTION, HeaderValue::from_static("Upgrade"));
+            h.insert(
+                hyper::header::SEC_WEBSOCKET_ACCEPT,
+                HeaderValue::from_str(&accept).expect("base64 is a valid header value"),
+            );
+            with_headers(response, headers)
+        }
+    };
+    Ok(response.unwrap_or_else(|e| {
+        log::error!("invalid response from the application: {e}");
+        plain(StatusCode::INTERNAL_SERVER_ERROR, "Internal Server Error")
+    }))
+}
+
+async fn serve_http(stream: TcpStream, peer: SocketAddr, ctx: Arc<ServerCtx>) {
+    let io = TokioIo::new(stream);
+    let timeout = ctx.limits.handshake_timeout;
+    let service = service_fn(move |req| handle(ctx.clone(), peer, req));
+    let connection = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(timeout)
+        .serve_connection(io, service)
+        .with_upgrades();
+    if let Err(e) = connection.await {
+        log::debug!("HTTP connection from {peer}: {e}");
+    }
+}
+
+async fn accept_loop(listener: TcpListener, ctx: Arc<ServerCtx>) {
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    runtime::spawn(serve_http(stream, peer, ctx.clone()));
+                }
+                Err(e) => {
+                    // Out of descriptors or similar: back off instead of spinning.
+                    log::warn!("accept failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            },
+            () = ctx.stop_accepting.notified() => return,
+        }
+    }
+}
+
+/// A running server. Dropping it stops the I/O threads.
+pub struct Server {
+    ctx: Arc<ServerCtx>,
+    runtime: Option<Runtime>,
+    local_addr: SocketAddr,
+}
+
+impl Server {
+    /// Binds the address and starts serving on the I/O threads.
+    ///
+    /// # Errors
+    /// When the address cannot be bound or the runtime cannot start.
+    pub fn start(config: ServerConfig) -> Result<Self, CoreError> {
+        let runtime = runtime::build(config.io_threads)?;
+        let ctx = Arc::new(ServerCtx {
+            limits: config.limits,
+            events: Arc::new(EventQueue::new()?),
+            sockets: Mutex::new(HashMap::new()),
+            next_socket: AtomicU64::new(1),
+            shutting_down: AtomicBool::new(false),
+            stop_accepting: Notify::new(),
+        });
+        let addr = config.addr;
+        let listener = runtime.block_on(async move {
+            let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+            socket.set_reuseaddr(true)?;
+            socket.bind(addr)?;
+            socket.listen(4096)
+        })?;
+        let local_addr = listener.local_addr()?;
+        {
+            let _guard = runtime.enter();
+            runtime::spawn(accept_loop(listener, ctx.clone()));
+        }
+        Ok(Self { ctx, runtime: Some(runtime), local_addr })
+    }
+
+    #[must_use]
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    #[must_use]
+    pub fn events(&self) -> &EventQueue {
+        &self.ctx.events
+    }
+
+    #[must_use]
+    pub fn open_sockets(&self) -> usize {
+        self.ctx.open_sockets()
+    }
+
+    /// Stops accepting, refuses new upgrades, and starts closing every socket with `code`.
+    /// An `Event::AllClosed` follows once none is left (at once if there are none).
+    pub fn shutdown(&self, code: u16, reason: &str) {
+        self.ctx.shutting_down.store(true, Ordering::Release);
+        self.ctx.stop_accepting.notify_one();
+        let sockets: Vec<_> = self.ctx.sockets.lock().values().cloned().collect();
+        if sockets.is_empty() {
+            self.ctx.events.push(Event::AllClosed);
+        }
+        for socket in sockets {
+            socket.close(code, reason);
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}

@@ -1,0 +1,238 @@
+//! The state of one WebSocket shared between the application (which queues frames and close
+//! requests without blocking) and the connection task (which writes them).
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+
+use crate::config::Limits;
+use crate::frame::{self, close_code};
+
+/// What became of a frame given to [`SocketShared::send`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendOutcome {
+    Queued,
+    /// The socket is closing or closed; the frame was dropped.
+    Dropped,
+    /// The queue passed `max_buffered_bytes`: everything unsent was dropped and the socket is
+    /// being closed with 1008.
+    Overflow,
+}
+
+/// A close the application (or the server) asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloseRequest {
+    pub code: u16,
+    pub reason: String,
+    /// The queue overflowed: frames not yet written are discarded, not flushed.
+    pub discard_unsent: bool,
+}
+
+#[derive(Default)]
+struct Outbox {
+    frames: Vec<Bytes>,
+    close: Option<CloseRequest>,
+    /// Set once a close is queued or the connection ended: later sends are dropped.
+    closing: bool,
+}
+
+pub struct SocketShared {
+    id: u64,
+    outbox: Mutex<Outbox>,
+    /// Wakes the connection task: frames queued on an empty outbox, a close, resume reading.
+    pub(crate) wake: Notify,
+    /// Bytes of frames queued and not yet written to the kernel.
+    buffered: AtomicUsize,
+    paused: AtomicBool,
+    want_drain: AtomicBool,
+    max_buffered: usize,
+    high_water: usize,
+    low_water: usize,
+}
+
+impl std::fmt::Debug for SocketShared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SocketShared").field("id", &self.id).finish_non_exhaustive()
+    }
+}
+
+impl SocketShared {
+    #[must_use]
+    pub fn new(id: u64, limits: &Limits) -> Self {
+        Self {
+            id,
+            outbox: Mutex::new(Outbox::default()),
+            wake: Notify::new(),
+            buffered: AtomicUsize::new(0),
+            paused: AtomicBool::new(false),
+            want_drain: AtomicBool::new(false),
+            max_buffered: limits.max_buffered_bytes,
+            high_water: limits.send_high_water(),
+            low_water: limits.send_low_water(),
+        }
+    }
+
+    #[must_use]
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Queues one message; never blocks on I/O.
+    pub fn send(&self, text: bool, data: &[u8]) -> SendOutcome {
+        self.send_frame(frame::encode_message(text, data))
+    }
+
+    /// Queues an encoded frame (one encoding may be queued on many sockets).
+    pub fn send_frame(&self, frame: Bytes) -> SendOutcome {
+        let len = frame.len();
+        let mut outbox = self.outbox.lock();
+        if outbox.closing {
+            return SendOutcome::Dropped;
+        }
+        let total = self.buffered.fetch_add(len, Ordering::AcqRel) + len;
+        if total > self.max_buffered {
+            let unsent: usize = outbox.frames.drain(..).map(|f| f.len()).sum();
+            self.buffered.fetch_sub(unsent + len, Ordering::AcqRel);
+            outbox.closing = true;
+            outbox.close = Some(CloseRequest {
+                code: close_code::POLICY_VIOLATION,
+                reason: "send buffer limit exceeded".into(),
+                discard_unsent: true,
+            });
+            drop(outbox);
+            self.wake.notify_one();
+            return SendOutcome::Overflow;
+        }
+        let was_empty = outbox.frames.is_empty();
+        outbox.frames.push(frame);
+        drop(outbox);
+        // The task takes the whole outbox at once, so only the first frame needs a wake-up.
+        if was_empty {
+            self.wake.notify_one();
+        }
+        SendOutcome::Queued
+    }
+
+    /// Starts the closing handshake; later sends are dropped. Returns false if already closing.
+    pub fn close(&self, code: u16, reason: &str) -> bool {
+        let mut outbox = self.outbox.lock();
+        if outbox.closing {
+            return false;
+        }
+        outbox.closing = true;
+        outbox.close = Some(CloseRequest { code, reason: reason.to_owned(), discard_unsent: false });
+        drop(outbox);
+        self.wake.notify_one();
+        true
+    }
+
+    /// Moves the queued frames to the connection's write queue; returns a close request if any.
+    pub(crate) fn take_queued(&self, out: &mut VecDeque<Bytes>) -> Option<CloseRequest> {
+        let mut outbox = self.outbox.lock();
+        out.extend(outbox.frames.drain(..));
+        outbox.close.take()
+    }
+
+    /// No more frames will be written (the connection is closing or gone).
+    pub(crate) fn mark_closing(&self) {
+        self.outbox.lock().closing = true;
+    }
+
+    pub(crate) fn add_buffered(&self, len: usize) {
+        self.buffered.fetch_add(len, Ordering::AcqRel);
+    }
+
+    pub(crate) fn sub_buffered(&self, len: usize) {
+        self.buffered.fetch_sub(len, Ordering::AcqRel);
+    }
+
+    #[must_use]
+    pub fn buffered_amount(&self) -> usize {
+        self.buffered.load(Ordering::Acquire)
+    }
+
+    /// Stops (or resumes) reading from the peer: backpressure for the pull API.
+    pub fn set_paused(&self, paused: bool) {
+        self.paused.store(paused, Ordering::Release);
+        if !paused {
+            self.wake.notify_one();
+        }
+    }
+
+    pub(crate) fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::Acquire)
+    }
+
+    #[must_use]
+    pub fn high_water(&self) -> usize {
+        self.high_water
+    }
+
+    /// Asks for an `Event::Drained` once the queue falls to the low-water mark. Returns false
+    /// (and asks nothing) when it is already there.
+    pub fn request_drain(&self) -> bool {
+        self.want_drain.store(true, Ordering::Release);
+        if self.buffered_amount() <= self.low_water {
+            self.want_drain.store(false, Ordering::Release);
+            return false;
+        }
+        true
+    }
+
+    /// True once per request, when the queue has fallen to the low-water mark.
+    pub(crate) fn take_drained(&self) -> bool {
+        self.buffered_amount() <= self.low_water && self.want_drain.swap(false, Ordering::AcqRel)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(max_buffered_bytes: usize) -> Limits {
+        Limits { max_buffered_bytes, ..Limits::default() }
+    }
+
+    #[test]
+    fn overflow_discards_unsent_and_closes_with_1008() {
+        let socket = SocketShared::new(1, &limits(100));
+        assert_eq!(socket.send(false, &[0; 40]), SendOutcome::Queued);
+        assert_eq!(socket.buffered_amount(), 42);
+        assert_eq!(socket.send(false, &[0; 40]), SendOutcome::Queued);
+        assert_eq!(socket.send(false, &[0; 40]), SendOutcome::Overflow);
+        assert_eq!(socket.buffered_amount(), 0);
+        assert_eq!(socket.send(false, b"late"), SendOutcome::Dropped);
+        let mut out = VecDeque::new();
+        let close = socket.take_queued(&mut out).unwrap();
+        assert!(out.is_empty());
+        assert_eq!((close.code, close.discard_unsent), (1008, true));
+    }
+
+    #[test]
+    fn close_is_taken_once_and_stops_sends() {
+        let socket = SocketShared::new(1, &limits(1000));
+        assert_eq!(socket.send(true, b"a"), SendOutcome::Queued);
+        assert!(socket.close(1000, "bye"));
+        assert!(!socket.close(1001, "again"));
+        assert_eq!(socket.send(true, b"b"), SendOutcome::Dropped);
+        let mut out = VecDeque::new();
+        let close = socket.take_queued(&mut out).unwrap();
+        assert_eq!((out.len(), close.code, close.reason.as_str()), (1, 1000, "bye"));
+        assert!(socket.take_queued(&mut out).is_none());
+    }
+
+    #[test]
+    fn drain_request_fires_only_below_low_water() {
+        let socket = SocketShared::new(1, &limits(1000));
+        assert!(!socket.request_drain(), "an empty queue is already drained");
+        socket.add_buffered(socket.high_water());
+        assert!(socket.request_drain());
+        assert!(!socket.take_drained());
+        socket.sub_buffered(socket.high_water());
+        assert!(socket.take_drained());
+        assert!(!socket.take_drained(), "once per request");
+    }
+}

@@ -1,0 +1,78 @@
+//! Core events to Python tuples, a whole batch under one GIL acquisition.
+//! Tuple shapes (the first item is the kind):
+//!   (REQUEST, reply, method, target, headers: list[(str, bytes)], body, peer)
+//!   (MESSAGE, socket_id, str | bytes)
+//!   (CLOSE, socket_id, code, reason, was_clean)
+//!   (ERROR, socket_id, message)
+//!   (DRAINED, socket_id)
+//!   (ALL_CLOSED,)
+
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyList, PyString};
+use sockworker_core::{Event, Payload};
+
+use crate::server::PendingReply;
+
+const REQUEST: u8 = 0;
+const MESSAGE: u8 = 1;
+const CLOSE: u8 = 2;
+const ERROR: u8 = 3;
+const DRAINED: u8 = 4;
+const ALL_CLOSED: u8 = 5;
+
+pub fn add_event_kinds(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    for (name, value) in [
+        ("EV_REQUEST", REQUEST),
+        ("EV_MESSAGE", MESSAGE),
+        ("EV_CLOSE", CLOSE),
+        ("EV_ERROR", ERROR),
+        ("EV_DRAINED", DRAINED),
+        ("EV_ALL_CLOSED", ALL_CLOSED),
+    ] {
+        m.add(name, value)?;
+    }
+    Ok(())
+}
+
+fn payload<'py>(py: Python<'py>, data: &Payload) -> Bound<'py, PyAny> {
+    match data {
+        // SAFETY: the core validated the text as UTF-8 before queueing it.
+        Payload::Text(bytes) => PyString::new(py, unsafe { std::str::from_utf8_unchecked(bytes) }).into_any(),
+        Payload::Binary(bytes) => PyBytes::new(py, bytes).into_any(),
+    }
+}
+
+pub fn events_to_list(py: Python<'_>, events: Vec<Event>) -> PyResult<Bound<'_, PyList>> {
+    let list = PyList::empty(py);
+    for event in events {
+        let item = match event {
+            Event::Message { socket, data } => (MESSAGE, socket, payload(py, &data)).into_pyobject(py)?.into_any(),
+            Event::Request(request) => {
+                let headers = PyList::empty(py);
+                for (name, value) in &request.headers {
+                    headers.append((name.as_str(), PyBytes::new(py, value)))?;
+                }
+                let reply = Bound::new(py, PendingReply::new(request.reply))?;
+                (
+                    REQUEST,
+                    reply,
+                    request.method,
+                    request.target,
+                    headers,
+                    PyBytes::new(py, &request.body),
+                    request.peer.to_string(),
+                )
+                    .into_pyobject(py)?
+                    .into_any()
+            }
+            Event::Close { socket, code, reason, was_clean } => {
+                (CLOSE, socket, code, reason, was_clean).into_pyobject(py)?.into_any()
+            }
+            Event::Error { socket, message } => (ERROR, socket, message).into_pyobject(py)?.into_any(),
+            Event::Drained { socket } => (DRAINED, socket).into_pyobject(py)?.into_any(),
+            Event::AllClosed => (ALL_CLOSED,).into_pyobject(py)?.into_any(),
+        };
+        list.append(item)?;
+    }
+    Ok(list)
+}

@@ -1,0 +1,68 @@
+//! `SocketHandle`: what the Python `WebSocket` holds of a core socket. Every method queues and
+//! returns; none waits on I/O.
+
+use std::sync::Arc;
+
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyString};
+use sockworker_core::{SendOutcome, SocketShared};
+
+#[pyclass(frozen, module = "sockworker._native")]
+pub struct SocketHandle {
+    pub(crate) socket: Arc<SocketShared>,
+}
+
+#[pymethods]
+impl SocketHandle {
+    #[getter]
+    fn id(&self) -> u64 {
+        self.socket.id()
+    }
+
+    /// Queues a text (str) or binary (bytes-like) message. Returns 0 when queued, 1 when
+    /// dropped because the socket is closing, 2 when the queue overflowed (closing with 1008).
+    fn send(&self, data: &Bound<'_, PyAny>) -> PyResult<u8> {
+        let outcome = if let Ok(text) = data.cast::<PyString>() {
+            self.socket.send(true, text.to_str()?.as_bytes())
+        } else if let Ok(bytes) = data.cast::<PyBytes>() {
+            self.socket.send(false, bytes.as_bytes())
+        } else {
+            let bytes: Vec<u8> = data.extract().map_err(|_| {
+                pyo3::exceptions::PyTypeError::new_err(format!(
+                    "a WebSocket message is str or bytes, not {}",
+                    data.get_type().name().map_or_else(|_| "?".into(), |n| n.to_string())
+                ))
+            })?;
+            self.socket.send(false, &bytes)
+        };
+        Ok(match outcome {
+            SendOutcome::Queued => 0,
+            SendOutcome::Dropped => 1,
+            SendOutcome::Overflow => 2,
+        })
+    }
+
+    /// Starts the closing handshake; false if it had started already.
+    fn close(&self, code: u16, reason: &str) -> bool {
+        self.socket.close(code, reason)
+    }
+
+    #[getter]
+    fn buffered_amount(&self) -> usize {
+        self.socket.buffered_amount()
+    }
+
+    #[getter]
+    fn high_water(&self) -> usize {
+        self.socket.high_water()
+    }
+
+    fn set_paused(&self, paused: bool) {
+        self.socket.set_paused(paused);
+    }
+
+    /// Asks for a DRAINED event; false when the queue is already low (no event will come).
+    fn request_drain(&self) -> bool {
+        self.socket.request_drain()
+    }
+}
