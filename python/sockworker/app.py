@@ -53,7 +53,7 @@ class ExecutionContext:
         """Keeps work running after the response is sent; its exceptions are logged."""
         self._runtime.spawn(awaitable, "wait_until")
 
-    waitUntil = wait_until  # noqa: N815 - Cloudflare's name
+    waitUntil = wait_until
 
     def pass_through_on_exception(self) -> None:
         """Accepted for code ported from Cloudflare; there is no origin to pass through to."""
@@ -84,7 +84,9 @@ class App:
             logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         asyncio.run(self.serve(host, port, io_threads=io_threads))
 
-    async def serve(self, host: str = "127.0.0.1", port: int = 8787, *, io_threads: int = 1) -> None:
+    async def serve(
+        self, host: str = "127.0.0.1", port: int = 8787, *, io_threads: int = 1
+    ) -> None:
         """Serves on the running loop until SIGINT or SIGTERM (or ``stop`` of the runtime)."""
         runtime = _Runtime(self, host, port, io_threads)
         await runtime.run()
@@ -209,7 +211,9 @@ class _Runtime:
         else:
             self._answer(reply, request, result)
 
-    async def _answer_later(self, reply: _native.PendingReply, request: Request, result: Awaitable[Response]) -> None:
+    async def _answer_later(
+        self, reply: _native.PendingReply, request: Request, result: Awaitable[Response]
+    ) -> None:
         try:
             response = await result
         except Exception:
@@ -219,12 +223,16 @@ class _Runtime:
 
     def _fail(self, reply: _native.PendingReply, request: Request) -> None:
         logger.exception("exception in fetch for %s %s", request.method, request.url)
-        reply.respond(500, [("content-type", b"text/plain; charset=utf-8")], b"Internal Server Error")
+        reply.respond(
+            500, [("content-type", b"text/plain; charset=utf-8")], b"Internal Server Error"
+        )
 
     def _answer(self, reply: _native.PendingReply, request: Request, response: object) -> None:
         try:
             if not isinstance(response, Response):
-                raise ResponseError(f"fetch must return a sockworker.Response, not {type(response).__name__}")
+                raise ResponseError(
+                    f"fetch must return a sockworker.Response, not {type(response).__name__}"
+                )
             if response.websocket is None:
                 reply.respond(response.status, response.headers.raw(), response.body)
                 return
@@ -245,7 +253,9 @@ class _Runtime:
         if not server._accepted:
             raise ResponseError("call server.accept() before returning the client end")
         if not reply.is_websocket:
-            raise ResponseError("status 101 with a websocket answers only a WebSocket upgrade request")
+            raise ResponseError(
+                "status 101 with a websocket answers only a WebSocket upgrade request"
+            )
         headers = response.headers
         handle = reply.accept_websocket(headers.raw())
         url = "ws" + request.url.removeprefix("http")

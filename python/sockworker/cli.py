@@ -14,7 +14,7 @@ __all__ = ["load_app", "main"]
 
 
 def load_app(target: str) -> App:
-    """Imports ``module:attribute`` (the current directory is importable) and checks it is an App."""
+    """Imports ``module:attribute`` (from the current directory too) and checks it is an App."""
     module_name, _, attribute = target.partition(":")
     if not module_name or not attribute:
         raise SystemExit(f"sockworker: expected MODULE:APP, got {target!r}")
@@ -24,7 +24,9 @@ def load_app(target: str) -> App:
     try:
         app = getattr(module, attribute)
     except AttributeError:
-        raise SystemExit(f"sockworker: module {module_name!r} has no attribute {attribute!r}") from None
+        raise SystemExit(
+            f"sockworker: module {module_name!r} has no attribute {attribute!r}"
+        ) from None
     if not isinstance(app, App):
         raise SystemExit(f"sockworker: {target} is a {type(app).__name__}, not a sockworker.App")
     return app

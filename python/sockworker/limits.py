@@ -30,7 +30,13 @@ class Limits:
     max_body_size: int = 16 << 20
 
     def __post_init__(self) -> None:
-        for name in ("cpu_ms", "max_message_size", "max_buffered_bytes", "max_connections", "max_body_size"):
+        for name in (
+            "cpu_ms",
+            "max_message_size",
+            "max_buffered_bytes",
+            "max_connections",
+            "max_body_size",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"Limits.{name} must be a positive int, not {value!r}")

@@ -34,7 +34,9 @@ MAX_REASON_BYTES = 123
 
 def check_close(code: int, reason: str) -> None:
     """Raises ``InvalidArgument`` (a ``ValueError``) for a code or reason a peer would reject."""
-    if not isinstance(code, int) or not (code in (1000, 1001, 1002, 1003) or 1007 <= code <= 1014 or 3000 <= code <= 4999):
+    if not isinstance(code, int) or not (
+        code in (1000, 1001, 1002, 1003) or 1007 <= code <= 1014 or 3000 <= code <= 4999
+    ):
         raise InvalidArgument(f"close code must be 1000-1003, 1007-1014 or 3000-4999, not {code!r}")
     if len(reason.encode("utf-8")) > MAX_REASON_BYTES:
         raise InvalidArgument(f"close reason is at most {MAX_REASON_BYTES} bytes in UTF-8")
@@ -93,8 +95,8 @@ class WebSocket:
         "_paused",
         "_peer",
         "_pending",
-        "_ready_state",
         "_reader",
+        "_ready_state",
         "extensions",
         "protocol",
         "url",
@@ -108,7 +110,11 @@ class WebSocket:
         self._is_client_end = _client_end
         # The client end carries the server end it was paired with, for the runtime to bind.
         self._peer: WebSocket | None = None
-        self._listeners: dict[str, list[tuple[Listener, bool]]] = {"message": [], "close": [], "error": []}
+        self._listeners: dict[str, list[tuple[Listener, bool]]] = {
+            "message": [],
+            "close": [],
+            "error": [],
+        }
         self._pending: list[str | bytes] = []
         self._close_request: tuple[int, str] | None = None
         self._inbox: deque[str | bytes] = deque()
@@ -153,7 +159,9 @@ class WebSocket:
     on = add_event_listener
 
     def remove_event_listener(self, type: EventType, listener: Listener) -> None:
-        self._listeners[type] = [pair for pair in self._listeners.get(type, []) if pair[0] != listener]
+        self._listeners[type] = [
+            pair for pair in self._listeners.get(type, []) if pair[0] != listener
+        ]
 
     # -- sending -------------------------------------------------------------------------------
 
@@ -177,7 +185,11 @@ class WebSocket:
         """Queues a message, then waits while the queue is above the high-water mark."""
         self.send(data)
         handle = self._handle
-        while handle is not None and self._ready_state == WebSocket.OPEN and handle.buffered_amount > handle.high_water:
+        while (
+            handle is not None
+            and self._ready_state == WebSocket.OPEN
+            and handle.buffered_amount > handle.high_water
+        ):
             if not handle.request_drain():
                 break
             waiter = asyncio.get_running_loop().create_future()
@@ -277,7 +289,7 @@ class WebSocket:
         except Exception:
             self._listener_failed(kind)
             return
-        if is_async or result is not None and inspect.isawaitable(result):
+        if is_async or (result is not None and inspect.isawaitable(result)):
             assert self._host is not None and result is not None
             self._host.spawn(self._await_listener(result, kind), kind)
 
@@ -288,7 +300,9 @@ class WebSocket:
             self._listener_failed(kind)
 
     def _listener_failed(self, kind: str) -> None:
-        logger.exception("exception in a WebSocket %s listener (%s); closing it with 1011", kind, self.url)
+        logger.exception(
+            "exception in a WebSocket %s listener (%s); closing it with 1011", kind, self.url
+        )
         if self._ready_state < WebSocket.CLOSING:
             self.close(1011, "internal error")
 
@@ -297,7 +311,7 @@ class WebSocket:
         return f"<WebSocket {state} {self.url or ''}>"
 
 
-def WebSocketPair() -> tuple[WebSocket, WebSocket]:  # noqa: N802 - the Workers API name
+def WebSocketPair() -> tuple[WebSocket, WebSocket]:
     """Returns ``(client, server)``: return ``client`` in ``Response(status=101, websocket=client)``
     and use ``server`` (after ``server.accept()``)."""
     server = WebSocket()

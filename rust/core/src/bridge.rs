@@ -22,13 +22,26 @@ pub enum Payload {
 pub enum Event {
     /// An HTTP request (possibly a WebSocket upgrade) waiting for its answer.
     Request(PendingRequest),
-    Message { socket: u64, data: Payload },
+    Message {
+        socket: u64,
+        data: Payload,
+    },
     /// The socket is closed; always the last event of a socket, sent exactly once.
-    Close { socket: u64, code: u16, reason: String, was_clean: bool },
+    Close {
+        socket: u64,
+        code: u16,
+        reason: String,
+        was_clean: bool,
+    },
     /// Something went wrong on the socket (a protocol violation, an I/O error); a Close follows.
-    Error { socket: u64, message: String },
+    Error {
+        socket: u64,
+        message: String,
+    },
     /// The send queue fell below the low-water mark after `SocketShared::request_drain`.
-    Drained { socket: u64 },
+    Drained {
+        socket: u64,
+    },
     /// During shutdown, the last socket has closed.
     AllClosed,
 }

@@ -263,7 +263,9 @@ pub fn encode_pong(data: &[u8]) -> Bytes {
 pub fn encode_close(status: Option<(u16, &str)>) -> Bytes {
     match status {
         None => encode(OpCode::Control(Control::Close), &[]),
-        Some((code, reason)) => encode(OpCode::Control(Control::Close), &[&code.to_be_bytes(), reason.as_bytes()]),
+        Some((code, reason)) => {
+            encode(OpCode::Control(Control::Close), &[&code.to_be_bytes(), reason.as_bytes()])
+        }
     }
 }
 
@@ -332,17 +334,17 @@ mod tests {
     #[test]
     fn violations_have_their_codes() {
         let cases: Vec<(Vec<u8>, u16)> = vec![
-            (vec![0x81, 0x01, b'a'], 1002),                    // unmasked
-            (client_frame(0xC1, b"a"), 1002),                  // rsv1
-            (client_frame(0x83, b"a"), 1002),                  // reserved data opcode
-            (client_frame(0x8B, b""), 1002),                   // reserved control opcode
-            (client_frame(0x09, b""), 1002),                   // fragmented ping
-            (client_frame(0x80, b"a"), 1002),                  // continuation of nothing
-            (client_frame(0x81, &[0xff, 0xfe]), 1007),         // bad UTF-8
-            (client_frame(0x82, &[0; 101]), 1009),             // too big
-            (client_frame(0x88, &[0x03]), 1002),               // close of one byte
-            (client_frame(0x88, &[0x03, 0xed]), 1002),         // close code 1005
-            (client_frame(0x88, &[0x03, 0xe8, 0xff]), 1007),   // close reason not UTF-8
+            (vec![0x81, 0x01, b'a'], 1002),                  // unmasked
+            (client_frame(0xC1, b"a"), 1002),                // rsv1
+            (client_frame(0x83, b"a"), 1002),                // reserved data opcode
+            (client_frame(0x8B, b""), 1002),                 // reserved control opcode
+            (client_frame(0x09, b""), 1002),                 // fragmented ping
+            (client_frame(0x80, b"a"), 1002),                // continuation of nothing
+            (client_frame(0x81, &[0xff, 0xfe]), 1007),       // bad UTF-8
+            (client_frame(0x82, &[0; 101]), 1009),           // too big
+            (client_frame(0x88, &[0x03]), 1002),             // close of one byte
+            (client_frame(0x88, &[0x03, 0xed]), 1002),       // close code 1005
+            (client_frame(0x88, &[0x03, 0xe8, 0xff]), 1007), // close reason not UTF-8
         ];
         for (data, code) in cases {
             let err = decode_all(&mut MessageDecoder::new(100), &data).unwrap_err();

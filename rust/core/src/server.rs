@@ -111,7 +111,10 @@ impl Reply {
     ///
     /// # Errors
     /// `NotAnUpgrade` (with the reply given back) when the request is not a WebSocket upgrade.
-    pub fn accept_websocket(self, headers: Vec<(String, Bytes)>) -> Result<Arc<SocketShared>, (Self, CoreError)> {
+    pub fn accept_websocket(
+        self,
+        headers: Vec<(String, Bytes)>,
+    ) -> Result<Arc<SocketShared>, (Self, CoreError)> {
         if !self.websocket {
             return Err((self, CoreError::NotAnUpgrade));
         }
@@ -133,31 +136,45 @@ type Body = Full<Bytes>;
 fn plain(status: StatusCode, text: &'static str) -> Response<Body> {
     let mut response = Response::new(Full::new(Bytes::from_static(text.as_bytes())));
     *response.status_mut() = status;
-    response.headers_mut().insert(hyper::header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    response
+        .headers_mut()
+        .insert(hyper::header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     response
 }
 
-fn with_headers(mut response: Response<Body>, headers: Vec<(String, Bytes)>) -> Result<Response<Body>, String> {
+fn with_headers(
+    mut response: Response<Body>,
+    headers: Vec<(String, Bytes)>,
+) -> Result<Response<Body>, String> {
     for (name, value) in headers {
-        let header = HeaderName::from_bytes(name.as_bytes()).map_err(|e| format!("header name {name:?}: {e}"))?;
+        let header =
+            HeaderName::from_bytes(name.as_bytes()).map_err(|e| format!("header name {name:?}: {e}"))?;
         let value = HeaderValue::from_maybe_shared(value).map_err(|e| format!("header {name:?}: {e}"))?;
         response.headers_mut().append(header, value);
     }
     Ok(response)
 }
 
-async fn handle(ctx: Arc<ServerCtx>, peer: SocketAddr, mut req: Request<IncomingBody>) -> Result<Response<Body>, Infallible> {
+async fn handle(
+    ctx: Arc<ServerCtx>,
+    peer: SocketAddr,
+    mut req: Request<IncomingBody>,
+) -> Result<Response<Body>, Infallible> {
     let accept = match handshake::classify(req.method(), req.headers()) {
         Upgrade::None => None,
         Upgrade::WebSocket { accept } => Some(accept),
         Upgrade::BadRequest(why) => return Ok(plain(StatusCode::BAD_REQUEST, why)),
         Upgrade::UnsupportedVersion => {
             let mut response = plain(StatusCode::UPGRADE_REQUIRED, "unsupported WebSocket version");
-            response.headers_mut().insert(hyper::header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+            response
+                .headers_mut()
+                .insert(hyper::header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
             return Ok(response);
         }
     };
-    if accept.is_some() && (ctx.open_sockets() >= ctx.limits.max_connections || ctx.shutting_down.load(Ordering::Acquire)) {
+    if accept.is_some()
+        && (ctx.open_sockets() >= ctx.limits.max_connections || ctx.shutting_down.load(Ordering::Acquire))
+    {
         return Ok(plain(StatusCode::SERVICE_UNAVAILABLE, "too many connections"));
     }
     let on_upgrade = accept.as_ref().map(|_| hyper::upgrade::on(&mut req));
@@ -190,7 +207,8 @@ async fn handle(ctx: Arc<ServerCtx>, peer: SocketAddr, mut req: Request<Incoming
     let response = match answer {
         Answer::Http { status, headers, body } => {
             let mut response = Response::new(Full::new(body));
-            *response.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            *response.status_mut() =
+                StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
             with_headers(response, headers)
         }
         Answer::Upgrade { headers, socket } => {
@@ -201,8 +219,15 @@ async fn handle(ctx: Arc<ServerCtx>, peer: SocketAddr, mut req: Request<Incoming
             runtime::spawn(async move {
                 let id = socket.id();
                 match on_upgrade.await.map(hyper::upgrade::Upgraded::downcast::<TokioIo<TcpStream>>) {
-                    Ok(Ok(parts)) => connection::run(parts.io.into_inner(), parts.read_buf, socket, upgrade_ctx).await,
-                    _ => upgrade_ctx.finish_socket(id, crate::frame::close_code::ABNORMAL, "upgrade failed".into(), false),
+                    Ok(Ok(parts)) => {
+                        connection::run(parts.io.into_inner(), parts.read_buf, socket, upgrade_ctx).await
+                    }
+                    _ => upgrade_ctx.finish_socket(
+                        id,
+                        crate::frame::close_code::ABNORMAL,
+                        "upgrade failed".into(),
+                        false,
+                    ),
                 }
             });
             let mut response = Response::new(Full::new(Bytes::new()));

@@ -46,7 +46,9 @@ pub fn events_to_list(py: Python<'_>, events: Vec<Event>) -> PyResult<Bound<'_, 
     let list = PyList::empty(py);
     for event in events {
         let item = match event {
-            Event::Message { socket, data } => (MESSAGE, socket, payload(py, &data)).into_pyobject(py)?.into_any(),
+            Event::Message { socket, data } => {
+                (MESSAGE, socket, payload(py, &data)).into_pyobject(py)?.into_any()
+            }
             Event::Request(request) => {
                 let headers = PyList::empty(py);
                 for (name, value) in &request.headers {

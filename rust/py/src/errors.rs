@@ -6,7 +6,11 @@ use pyo3::sync::PyOnceLock;
 use pyo3::types::PyType;
 use sockworker_core::CoreError;
 
-fn exception_class<'py>(py: Python<'py>, cell: &'static PyOnceLock<Py<PyType>>, name: &str) -> PyResult<Bound<'py, PyType>> {
+fn exception_class<'py>(
+    py: Python<'py>,
+    cell: &'static PyOnceLock<Py<PyType>>,
+    name: &str,
+) -> PyResult<Bound<'py, PyType>> {
     cell.get_or_try_init(py, || {
         let class = py.import("sockworker.errors")?.getattr(name)?;
         Ok::<_, PyErr>(class.cast_into::<PyType>()?.unbind())

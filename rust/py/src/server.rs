@@ -21,7 +21,8 @@ pub struct Server {
 }
 
 fn seconds(value: f64, name: &str) -> Result<Duration, CoreError> {
-    Duration::try_from_secs_f64(value).map_err(|_| CoreError::InvalidArgument(format!("{name} must be a number of seconds >= 0")))
+    Duration::try_from_secs_f64(value)
+        .map_err(|_| CoreError::InvalidArgument(format!("{name} must be a number of seconds >= 0")))
 }
 
 #[pymethods]
@@ -50,7 +51,11 @@ impl Server {
                 max_message_size,
                 max_buffered_bytes,
                 handshake_timeout: seconds(handshake_timeout, "handshake_timeout")?,
-                idle_timeout: if idle_timeout > 0.0 { Some(seconds(idle_timeout, "idle_timeout")?) } else { None },
+                idle_timeout: if idle_timeout > 0.0 {
+                    Some(seconds(idle_timeout, "idle_timeout")?)
+                } else {
+                    None
+                },
                 max_connections,
                 max_body_size,
             };
@@ -128,7 +133,13 @@ impl PendingReply {
         self.websocket
     }
 
-    fn respond(&self, py: Python<'_>, status: u16, headers: Vec<(String, Vec<u8>)>, body: Vec<u8>) -> PyResult<()> {
+    fn respond(
+        &self,
+        py: Python<'_>,
+        status: u16,
+        headers: Vec<(String, Vec<u8>)>,
+        body: Vec<u8>,
+    ) -> PyResult<()> {
         self.take(py)?.respond(status, header_list(headers), Bytes::from(body));
         Ok(())
     }
