@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import resource
 import signal
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -88,8 +89,19 @@ class App:
         self, host: str = "127.0.0.1", port: int = 8787, *, io_threads: int = 1
     ) -> None:
         """Serves on the running loop until SIGINT or SIGTERM (or ``stop`` of the runtime)."""
+        _raise_fd_limit()
         runtime = _Runtime(self, host, port, io_threads)
         await runtime.run()
+
+
+def _raise_fd_limit() -> None:
+    """Every socket is a descriptor: take the hard limit, not the (often 1024) soft one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            logger.warning("could not raise the open-file limit from %d", soft)
 
 
 class _Runtime:

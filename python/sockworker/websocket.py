@@ -117,7 +117,8 @@ class WebSocket:
         }
         self._pending: list[str | bytes] = []
         self._close_request: tuple[int, str] | None = None
-        self._inbox: deque[str | bytes] = deque()
+        # Made on first use: most sockets use listeners, and a deque costs ~600 bytes.
+        self._inbox: deque[str | bytes] | None = None
         self._reader: asyncio.Future[None] | None = None
         self._paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
@@ -214,6 +215,8 @@ class WebSocket:
 
     async def __anext__(self) -> str | bytes:
         while not self._inbox:
+            if self._inbox is None:
+                self._inbox = deque()
             if self._ready_state == WebSocket.CLOSED:
                 raise StopAsyncIteration
             self._reader = asyncio.get_running_loop().create_future()
@@ -221,6 +224,7 @@ class WebSocket:
                 await self._reader
             finally:
                 self._reader = None
+        assert self._inbox is not None
         message = self._inbox.popleft()
         if self._paused and len(self._inbox) <= INBOX_LOW and self._handle is not None:
             self._paused = False
@@ -250,6 +254,8 @@ class WebSocket:
     def _on_message(self, data: str | bytes) -> None:
         listeners = self._listeners["message"]
         if not listeners:
+            if self._inbox is None:
+                self._inbox = deque()
             self._inbox.append(data)
             if self._reader is not None and not self._reader.done():
                 self._reader.set_result(None)

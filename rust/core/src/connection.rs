@@ -84,6 +84,8 @@ pub(crate) async fn run(stream: TcpStream, leftover: Bytes, socket: Arc<SocketSh
         conn.on_bytes(&leftover);
         conn.publish();
     }
+    // Even empty, `leftover` may share hyper's whole read buffer: let it go before idling.
+    drop(leftover);
     conn.drive().await;
     conn.socket.mark_closing();
     let outcome = conn.outcome.take().unwrap_or(Outcome {
@@ -110,7 +112,13 @@ impl Connection {
             if self.phase == Phase::Finishing && self.out.is_empty() {
                 return;
             }
-            let reading = self.phase != Phase::Finishing && !self.socket.is_paused();
+            // Backpressure pauses reading while open; a closing socket reads on to find the
+            // peer's Close frame.
+            let reading = match self.phase {
+                Phase::Open => !self.socket.is_paused(),
+                Phase::CloseSent => true,
+                Phase::Finishing => false,
+            };
             let writing = !self.out.is_empty();
             let deadline = self.deadline();
             tokio::select! {
@@ -328,5 +336,25 @@ impl Connection {
                 () = sleep_until(until) => return,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The task of an idle socket is most of what it costs in the core: keep it small.
+    #[test]
+    fn idle_task_stays_small() {
+        let rt = crate::runtime::build(1).unwrap();
+        rt.block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let _c = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let (s, _) = listener.accept().await.unwrap();
+            let ctx = std::sync::Arc::new(crate::server::test_ctx());
+            let socket = std::sync::Arc::new(crate::socket::SocketShared::new(1, &ctx.limits));
+            let fut = super::run(s, bytes::Bytes::new(), socket, ctx);
+            let size = std::mem::size_of_val(&fut);
+            assert!(size <= 1024, "the connection task grew to {size} bytes");
+        });
     }
 }

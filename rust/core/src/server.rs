@@ -355,3 +355,15 @@ impl Drop for Server {
         }
     }
 }
+
+#[cfg(test)]
+pub(crate) fn test_ctx() -> ServerCtx {
+    ServerCtx {
+        limits: Limits::default(),
+        events: Arc::new(EventQueue::new().unwrap()),
+        sockets: Mutex::new(HashMap::new()),
+        next_socket: AtomicU64::new(1),
+        shutting_down: AtomicBool::new(false),
+        stop_accepting: Notify::new(),
+    }
+}
