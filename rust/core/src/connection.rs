@@ -341,6 +341,95 @@ impl Connection {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    use crate::bridge::{Event, Payload};
+    use crate::server::{test_ctx, ServerCtx};
+    use crate::socket::SocketShared;
+
+    /// A connected (client, server-side task) pair around `run`.
+    async fn pair(ctx: &Arc<ServerCtx>) -> (TcpStream, Arc<SocketShared>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let socket = Arc::new(SocketShared::new(7, &ctx.limits));
+        crate::runtime::spawn(super::run(server, Bytes::new(), socket.clone(), ctx.clone()));
+        (client, socket)
+    }
+
+    fn masked(first: u8, payload: &[u8]) -> Vec<u8> {
+        assert!(payload.len() < 126);
+        let mut out = vec![first, 0x80 | payload.len() as u8, 1, 2, 3, 4];
+        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ [1, 2, 3, 4][i % 4]));
+        out
+    }
+
+    /// Waits (bounded) on the eventfd until the application side has received `n` events.
+    async fn events(ctx: &ServerCtx, n: usize) -> Vec<Event> {
+        // SAFETY: the eventfd outlives this guard (both live in `ctx`), and nothing else
+        // registers it with this runtime.
+        let wakeup = unsafe { tokio::io::unix::AsyncFd::register(ctx.events.fd()) }.unwrap();
+        let mut got = Vec::new();
+        while got.len() < n {
+            let mut ready = tokio::time::timeout(Duration::from_secs(5), wakeup.readable())
+                .await
+                .unwrap_or_else(|_| panic!("only {} of {n} events: {got:?}", got.len()))
+                .unwrap();
+            ready.clear_ready();
+            got.extend(ctx.events.drain());
+        }
+        got
+    }
+
+    async fn read_exact(client: &mut TcpStream, n: usize) -> Vec<u8> {
+        let mut buf = vec![0; n];
+        tokio::time::timeout(Duration::from_secs(5), client.read_exact(&mut buf)).await.unwrap().unwrap();
+        buf
+    }
+
+    #[tokio::test]
+    async fn ping_message_and_peer_close() {
+        let ctx = Arc::new(test_ctx());
+        let (mut client, socket) = pair(&ctx).await;
+        client.write_all(&masked(0x89, b"p")).await.unwrap();
+        assert_eq!(read_exact(&mut client, 3).await, [0x8A, 1, b'p'], "pong from the core");
+        client.write_all(&masked(0x81, b"hi")).await.unwrap();
+        socket.send(true, b"yo");
+        assert_eq!(read_exact(&mut client, 4).await, [0x81, 2, b'y', b'o']);
+        client.write_all(&masked(0x88, &[0x0F, 0xA1, b'x'])).await.unwrap();
+        assert_eq!(read_exact(&mut client, 5).await, [0x88, 3, 0x0F, 0xA1, b'x'], "close echoed");
+        let got = events(&ctx, 2).await;
+        assert!(matches!(&got[0], Event::Message { socket: 7, data: Payload::Text(t) } if &t[..] == b"hi"));
+        assert!(matches!(&got[1], Event::Close { socket: 7, code: 4001, was_clean: true, .. }));
+    }
+
+    #[tokio::test]
+    async fn violation_fails_with_its_code() {
+        let ctx = Arc::new(test_ctx());
+        let (mut client, _socket) = pair(&ctx).await;
+        client.write_all(&[0x81, 0x01, b'a']).await.unwrap();
+        let head = read_exact(&mut client, 4).await;
+        assert_eq!(head[..2], [0x88, 30]);
+        assert_eq!(u16::from_be_bytes([head[2], head[3]]), 1002);
+        let got = events(&ctx, 2).await;
+        assert!(matches!(got[0], Event::Error { socket: 7, .. }));
+        assert!(matches!(got[1], Event::Close { code: 1002, was_clean: false, .. }));
+    }
+
+    #[tokio::test]
+    async fn lost_connection_is_1006() {
+        let ctx = Arc::new(test_ctx());
+        let (client, _socket) = pair(&ctx).await;
+        drop(client);
+        let got = events(&ctx, 1).await;
+        assert!(matches!(got[0], Event::Close { code: 1006, was_clean: false, .. }));
+    }
+
     /// The task of an idle socket is most of what it costs in the core: keep it small.
     #[test]
     fn idle_task_stays_small() {
