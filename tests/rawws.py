@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import os
 import socket
@@ -33,8 +34,15 @@ def mask_payload(payload: bytes, key: bytes) -> bytes:
     return (int.from_bytes(payload, "big") ^ int.from_bytes(stream, "big")).to_bytes(n, "big")
 
 
-def encode_frame(opcode: int, payload: bytes = b"", *, fin: bool = True, rsv: int = 0,
-                 mask: bool = True, length: int | None = None) -> bytes:
+def encode_frame(
+    opcode: int,
+    payload: bytes = b"",
+    *,
+    fin: bool = True,
+    rsv: int = 0,
+    mask: bool = True,
+    length: int | None = None,
+) -> bytes:
     """One frame as a client would send it. `length` overrides the announced payload length."""
     n = len(payload) if length is None else length
     first = (0x80 if fin else 0) | (rsv << 4) | opcode
@@ -71,12 +79,12 @@ class HttpReply:
     raw: bytes
 
 
-async def read_http_head(reader: asyncio.StreamReader, timeout: float = 10.0) -> HttpReply:
+async def read_http_head(reader: asyncio.StreamReader, within: float = 10.0) -> HttpReply:
     """Read a response status line and headers; fails clearly if the server just hangs up."""
     try:
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), within)
     except asyncio.IncompleteReadError as exc:
-        raise AssertionError(f"server closed without an HTTP response; got {exc.partial!r}") from None
+        raise AssertionError(f"no HTTP response, connection closed after {exc.partial!r}") from None
     lines = head.decode("latin-1").split("\r\n")
     version, status, *reason = lines[0].split(" ", 2)
     assert version.startswith("HTTP/1."), lines[0]
@@ -91,8 +99,9 @@ async def read_http_head(reader: asyncio.StreamReader, timeout: float = 10.0) ->
     return HttpReply(int(status), reason[0] if reason else "", headers, head)
 
 
-async def open_tcp(port: int, *, rcvbuf: int | None = None, sndbuf: int | None = None,
-                   limit: int = 1 << 20) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+async def open_tcp(
+    port: int, *, rcvbuf: int | None = None, sndbuf: int | None = None, limit: int = 1 << 20
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """Connect to 127.0.0.1:port; socket buffer sizes are set before connecting so they stick."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
@@ -108,8 +117,13 @@ async def open_tcp(port: int, *, rcvbuf: int | None = None, sndbuf: int | None =
         raise
 
 
-def upgrade_request(port: int, path: str, key: str | None, version: str | None = "13",
-                    extra: dict[str, str] | None = None) -> bytes:
+def upgrade_request(
+    port: int,
+    path: str,
+    key: str | None,
+    version: str | None = "13",
+    extra: dict[str, str] | None = None,
+) -> bytes:
     lines = [
         f"GET {path} HTTP/1.1",
         f"Host: 127.0.0.1:{port}",
@@ -127,17 +141,27 @@ def upgrade_request(port: int, path: str, key: str | None, version: str | None =
 class RawWebSocket:
     """A connected, upgraded socket. Use `async with await RawWebSocket.connect(...)`."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 reply: HttpReply) -> None:
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, reply: HttpReply
+    ) -> None:
         self.reader = reader
         self.writer = writer
         self.reply = reply
 
     @classmethod
-    async def connect(cls, port: int, path: str = "/ws", *, rcvbuf: int | None = None,
-                      sndbuf: int | None = None, headers: dict[str, str] | None = None,
-                      ) -> RawWebSocket:
-        reader, writer = await open_tcp(port, rcvbuf=rcvbuf, sndbuf=sndbuf)
+    async def connect(
+        cls,
+        port: int,
+        path: str = "/ws",
+        *,
+        rcvbuf: int | None = None,
+        sndbuf: int | None = None,
+        headers: dict[str, str] | None = None,
+        limit: int = 1 << 20,
+    ) -> RawWebSocket:
+        """`limit` bounds what asyncio reads ahead into user space (it buffers up to 2 x limit
+        before it stops reading the socket)."""
+        reader, writer = await open_tcp(port, rcvbuf=rcvbuf, sndbuf=sndbuf, limit=limit)
         try:
             key = base64.b64encode(os.urandom(16)).decode()
             writer.write(upgrade_request(port, path, key, extra=headers))
@@ -153,17 +177,16 @@ class RawWebSocket:
     async def __aenter__(self) -> RawWebSocket:
         return self
 
-    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
         await self.aclose()
 
     async def aclose(self) -> None:
         """Drop the TCP connection (no Close frame)."""
         self.writer.close()
-        try:
+        with contextlib.suppress(TimeoutError, OSError):
             await asyncio.wait_for(self.writer.wait_closed(), 5)
-        except (OSError, asyncio.TimeoutError):
-            pass
 
     def abort(self) -> None:
         """Drop the TCP connection immediately, discarding anything unsent."""
@@ -182,8 +205,11 @@ class RawWebSocket:
         else:
             await self.send_frame(OP_BINARY, message)
 
-    async def recv_frame(self, timeout: float = 10.0) -> Frame:
-        return await asyncio.wait_for(self._recv_frame(), timeout)
+    async def recv_frame(self, within: float = 10.0) -> Frame:
+        try:
+            return await asyncio.wait_for(self._recv_frame(), within)
+        except TimeoutError:
+            raise AssertionError(f"no frame from the server within {within} s") from None
 
     async def _recv_frame(self) -> Frame:
         b0, b1 = await self.reader.readexactly(2)
@@ -196,13 +222,13 @@ class RawWebSocket:
         payload = await self.reader.readexactly(n) if n else b""
         return Frame(bool(b0 & 0x80), (b0 >> 4) & 0x7, b0 & 0x0F, payload)
 
-    async def recv_message(self, timeout: float = 10.0) -> str | bytes:
+    async def recv_message(self, within: float = 10.0) -> str | bytes:
         """Next whole data message (reassembling fragments); control frames other than close are
         skipped. A close frame raises AssertionError."""
         parts: list[bytes] = []
         opcode = None
         while True:
-            frame = await self.recv_frame(timeout)
+            frame = await self.recv_frame(within)
             if frame.opcode in (OP_PING, OP_PONG):
                 continue
             assert frame.opcode != OP_CLOSE, f"got close {parse_close(frame.payload)}"
@@ -213,11 +239,11 @@ class RawWebSocket:
                 data = b"".join(parts)
                 return data.decode() if opcode == OP_TEXT else data
 
-    async def recv_close(self, timeout: float = 10.0) -> tuple[int | None, str]:
+    async def recv_close(self, within: float = 10.0) -> tuple[int | None, str]:
         """Skip data frames until the server's Close frame; returns (code, reason)."""
         try:
             while True:
-                frame = await self.recv_frame(timeout)
+                frame = await self.recv_frame(within)
                 if frame.opcode == OP_CLOSE:
                     return parse_close(frame.payload)
         except asyncio.IncompleteReadError as exc:
@@ -225,10 +251,10 @@ class RawWebSocket:
                 f"connection ended without a Close frame (after {len(exc.partial)} bytes)"
             ) from None
 
-    async def wait_eof(self, timeout: float = 10.0) -> bytes:
+    async def wait_eof(self, within: float = 10.0) -> bytes:
         """Read until the server closes the TCP connection; returns what came before EOF."""
         chunks = []
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(within):
             while True:
                 try:
                     chunk = await self.reader.read(65536)

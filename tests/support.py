@@ -52,8 +52,16 @@ class ServerProcess:
         self.app = app
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.argv = [
-            sys.executable, "-m", "sockworker", "serve", app,
-            "--host", "127.0.0.1", "--port", "0", *extra,
+            sys.executable,
+            "-m",
+            "sockworker",
+            "serve",
+            app,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            *extra,
         ]
         self.proc = subprocess.Popen(
             self.argv,
@@ -100,8 +108,9 @@ class ServerProcess:
         with self._cond:
             return "\n".join(self.lines[-n:])
 
-    def wait_for_log(self, pattern: str | re.Pattern[str], timeout: float = 10.0,
-                     start: int = 0) -> re.Match[str]:
+    def wait_for_log(
+        self, pattern: str | re.Pattern[str], timeout: float = 10.0, start: int = 0
+    ) -> re.Match[str]:
         """Block until a log line (from index `start` on) matches `pattern`; fail with the log."""
         regex = re.compile(pattern) if isinstance(pattern, str) else pattern
         deadline = time.monotonic() + timeout
@@ -128,9 +137,10 @@ class ServerProcess:
         with self._cond:
             return len(self.lines)
 
-    async def wait_for_log_async(self, pattern: str, timeout: float = 10.0,
-                                 start: int = 0) -> re.Match[str]:
-        return await asyncio.to_thread(self.wait_for_log, pattern, timeout, start)
+    async def wait_for_log_async(
+        self, pattern: str, within: float = 10.0, start: int = 0
+    ) -> re.Match[str]:
+        return await asyncio.to_thread(self.wait_for_log, pattern, within, start)
 
     def rss_kib(self) -> int:
         """Resident set size of the server process (VmRSS from /proc), in KiB."""
@@ -139,7 +149,7 @@ class ServerProcess:
         assert match, status
         return int(match.group(1))
 
-    def signal(self, signum: int) -> None:
+    def send_signal(self, signum: int) -> None:
         self.proc.send_signal(signum)
 
     def wait_exit(self, timeout: float) -> int | None:
@@ -149,7 +159,7 @@ class ServerProcess:
             return None
 
     def stop(self, signum: int = signal.SIGTERM, timeout: float = 15.0) -> int | None:
-        """Signal the server and wait for it; returns its exit status (None if it had to be killed)."""
+        """Signal the server and wait; returns its exit status (None if it had to be killed)."""
         rc: int | None
         if self.proc.poll() is None:
             self.proc.send_signal(signum)
@@ -181,16 +191,21 @@ async def get_json(url: str) -> Any:
         return json.loads(body)
 
 
-async def wait_until(predicate: Callable[[], Awaitable[T]], *, timeout: float,
-                     interval: float = 0.02, what: str = "condition") -> T:
+async def wait_until(
+    predicate: Callable[[], Awaitable[T]],
+    *,
+    within: float,
+    interval: float = 0.02,
+    what: str = "condition",
+) -> T:
     """Poll an external observable until it is truthy, with a hard deadline."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within
     while True:
         value = await predicate()
         if value:
             return value
         if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {value!r}")
+            raise AssertionError(f"timed out after {within}s waiting for {what}; last: {value!r}")
         await asyncio.sleep(interval)
 
 
@@ -204,8 +219,10 @@ async def healthy_client(server: ServerProcess) -> AsyncIterator[Any]:
         yield ws
         await ws.send("after")
         assert await asyncio.wait_for(ws.recv(), 10) == "after"
-    async with aiohttp.ClientSession() as session:
-        async with session.ws_connect(f"{server.ws}/ws?id=fresh-{uuid.uuid4().hex}") as fresh:
-            await fresh.send_str("fresh")
-            msg = await fresh.receive(timeout=10)
-            assert (msg.type, msg.data) == (aiohttp.WSMsgType.TEXT, "fresh")
+    async with (
+        aiohttp.ClientSession() as session,
+        session.ws_connect(f"{server.ws}/ws?id=fresh-{uuid.uuid4().hex}") as fresh,
+    ):
+        await fresh.send_str("fresh")
+        msg = await fresh.receive(timeout=10)
+        assert (msg.type, msg.data) == (aiohttp.WSMsgType.TEXT, "fresh")

@@ -15,16 +15,19 @@ from tests.support import ServerProcess, get_json, healthy_client, run_async
 
 
 @run_async
-async def test_get_reaches_worker_with_method_path_query_headers(echo_server: ServerProcess) -> None:
-    async with aiohttp.ClientSession() as session:
-        async with session.get(
+async def test_get_reaches_worker_with_method_path_query_headers(
+    echo_server: ServerProcess,
+) -> None:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(
             f"{echo_server.http}/inspect?a=1&b=two&a=3", headers={"X-Test": "Hello There"}
-        ) as resp:
-            local_port = resp.connection.transport.get_extra_info("sockname")[1]  # type: ignore[union-attr]
-            assert resp.status == 200
-            assert resp.headers["X-Reply"] == "ok"
-            assert resp.headers["Content-Type"].startswith("application/json")
-            seen = json.loads(await resp.text())
+        ) as resp,
+    ):
+        assert resp.status == 200
+        assert resp.headers["X-Reply"] == "ok"
+        assert resp.headers["Content-Type"].startswith("application/json")
+        seen = json.loads(await resp.text())
 
     assert seen["method"] == "GET"
     assert seen["path"] == "/inspect"
@@ -33,19 +36,52 @@ async def test_get_reaches_worker_with_method_path_query_headers(echo_server: Se
     assert seen["x_test_lower"] == seen["x_test_upper"] == "Hello There"
     assert seen["missing_header"] == "default"
     assert seen["body_len"] == 0 and seen["text"] == ""
-    assert seen["client"] == f"127.0.0.1:{local_port}"
+    host, _, port = seen["client"].rpartition(":")
+    assert host == "127.0.0.1" and 0 < int(port) < 65536 and int(port) != echo_server.port
+
+
+def _dechunk(data: bytes) -> bytes:
+    out = b""
+    while True:
+        size_line, _, data = data.partition(b"\r\n")
+        size = int(size_line.split(b";")[0], 16)
+        if size == 0:
+            return out
+        out, data = out + data[:size], data[size + 2 :]
+
+
+@run_async
+async def test_request_client_is_the_peer_address(echo_server: ServerProcess) -> None:
+    reader, writer = await open_tcp(echo_server.port)
+    try:
+        local_port = writer.get_extra_info("sockname")[1]
+        writer.write(b"GET /inspect HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        reply = await read_http_head(reader)
+        body = await asyncio.wait_for(reader.read(), 10)  # until the server closes
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    assert reply.status == 200, reply.raw
+    if "chunked" in reply.headers.get("transfer-encoding", ""):
+        body = _dechunk(body)
+    elif "content-length" in reply.headers:
+        body = body[: int(reply.headers["content-length"])]
+    assert json.loads(body)["client"] == f"127.0.0.1:{local_port}"
 
 
 @run_async
 async def test_post_reaches_worker_with_body(echo_server: ServerProcess) -> None:
     body = ("héllo wörld \u2603 " * 2000).encode()
-    async with aiohttp.ClientSession() as session:
-        async with session.post(
-            f"{echo_server.http}/inspect?kind=bytes", data=body,
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"{echo_server.http}/inspect?kind=bytes",
+            data=body,
             headers={"X-Test": "posted", "Content-Type": "text/plain; charset=utf-8"},
-        ) as resp:
-            assert resp.status == 200
-            seen = await resp.json()
+        ) as resp,
+    ):
+        assert resp.status == 200
+        seen = await resp.json()
 
     assert seen["method"] == "POST"
     assert seen["path"] == "/inspect"
@@ -59,10 +95,12 @@ async def test_post_reaches_worker_with_body(echo_server: ServerProcess) -> None
 @run_async
 async def test_post_large_binary_body_arrives_whole(echo_server: ServerProcess) -> None:
     body = os.urandom(300_000).hex().encode()  # 600 kB, ASCII so request.text() works too
-    async with aiohttp.ClientSession() as session:
-        async with session.post(f"{echo_server.http}/inspect", data=body) as resp:
-            assert resp.status == 200
-            seen = await resp.json()
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{echo_server.http}/inspect", data=body) as resp,
+    ):
+        assert resp.status == 200
+        seen = await resp.json()
     assert seen["body_len"] == len(body)
     assert bytes.fromhex(seen["body_hex"]) == body
 
@@ -70,20 +108,24 @@ async def test_post_large_binary_body_arrives_whole(echo_server: ServerProcess) 
 @run_async
 async def test_post_json_body(echo_server: ServerProcess) -> None:
     payload = {"k": [1, 2, "é"], "nested": {"ok": True}}
-    async with aiohttp.ClientSession() as session:
-        async with session.post(f"{echo_server.http}/inspect", json=payload) as resp:
-            assert resp.status == 200
-            seen = await resp.json()
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{echo_server.http}/inspect", json=payload) as resp,
+    ):
+        assert resp.status == 200
+        seen = await resp.json()
     assert seen["method"] == "POST"
     assert seen["json"] == payload
 
 
 @run_async
 async def test_unknown_path_is_the_apps_404(echo_server: ServerProcess) -> None:
-    async with aiohttp.ClientSession() as session:
-        async with session.get(f"{echo_server.http}/definitely/not/here") as resp:
-            assert resp.status == 404
-            assert await resp.text() == "not found"
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{echo_server.http}/definitely/not/here") as resp,
+    ):
+        assert resp.status == 404
+        assert await resp.text() == "not found"
 
 
 @run_async
@@ -91,10 +133,12 @@ async def test_handler_exception_is_a_bare_500_and_logged_with_traceback(
     echo_server: ServerProcess,
 ) -> None:
     mark = echo_server.log_mark()
-    async with aiohttp.ClientSession() as session:
-        async with session.get(f"{echo_server.http}/boom") as resp:
-            assert resp.status == 500
-            body = await resp.text()
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{echo_server.http}/boom") as resp,
+    ):
+        assert resp.status == 500
+        body = await resp.text()
     assert "secret-detail-http-500" not in body
     assert "Traceback" not in body and "RuntimeError" not in body
 
@@ -157,7 +201,9 @@ async def test_upgrade_with_bad_key_gets_400(echo_server: ServerProcess, key: st
 
 @pytest.mark.parametrize("version", ["8", "14"])
 @run_async
-async def test_upgrade_with_wrong_version_gets_426(echo_server: ServerProcess, version: str) -> None:
+async def test_upgrade_with_wrong_version_gets_426(
+    echo_server: ServerProcess, version: str
+) -> None:
     async with healthy_client(echo_server):
         reader, writer = await open_tcp(echo_server.port)
         try:

@@ -47,14 +47,15 @@ async def test_echo_sizes_websockets(echo_server: ServerProcess, kind: str, size
 @run_async
 async def test_echo_sizes_aiohttp(echo_server: ServerProcess, kind: str, size: int) -> None:
     message = _payload(kind, size)
-    async with aiohttp.ClientSession() as session:
-        async with session.ws_connect(f"{echo_server.ws}/ws?id={_id()}",
-                                      max_msg_size=4 << 20) as ws:
-            if isinstance(message, str):
-                await ws.send_str(message)
-            else:
-                await ws.send_bytes(message)
-            msg = await ws.receive(timeout=20)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.ws_connect(f"{echo_server.ws}/ws?id={_id()}", max_msg_size=4 << 20) as ws,
+    ):
+        if isinstance(message, str):
+            await ws.send_str(message)
+        else:
+            await ws.send_bytes(message)
+        msg = await ws.receive(timeout=20)
     expected = aiohttp.WSMsgType.TEXT if kind == "text" else aiohttp.WSMsgType.BINARY
     assert msg.type == expected, msg
     assert len(msg.data) == size
@@ -113,8 +114,9 @@ async def test_every_reading_style_echoes_in_order(echo_server: ServerProcess, r
 
 @run_async
 async def test_subprotocol_selected_by_the_worker(echo_server: ServerProcess) -> None:
-    async with connect(f"{echo_server.ws}/ws?id={_id()}",
-                       subprotocols=["superchat", "chat"], compression=None) as ws:  # type: ignore[list-item]
+    async with connect(
+        f"{echo_server.ws}/ws?id={_id()}", subprotocols=["superchat", "chat"], compression=None
+    ) as ws:  # type: ignore[list-item]
         assert ws.subprotocol == "chat"
         await ws.send("!info")
         info = json.loads(await asyncio.wait_for(ws.recv(), 10))
@@ -124,10 +126,11 @@ async def test_subprotocol_selected_by_the_worker(echo_server: ServerProcess) ->
     assert "/ws" in info["url"]
     assert info["buffered_amount"] == 0
 
-    async with aiohttp.ClientSession() as session:
-        async with session.ws_connect(f"{echo_server.ws}/ws?id={_id()}",
-                                      protocols=("chat",)) as ws2:
-            assert ws2.protocol == "chat"
+    async with (
+        aiohttp.ClientSession() as session,
+        session.ws_connect(f"{echo_server.ws}/ws?id={_id()}", protocols=("chat",)) as ws2,
+    ):
+        assert ws2.protocol == "chat"
 
 
 @run_async

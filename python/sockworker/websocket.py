@@ -170,8 +170,10 @@ class WebSocket:
         """Queues a message (str: text, bytes: binary) and returns at once."""
         handle = self._handle
         if handle is not None and self._ready_state == WebSocket.OPEN:
-            if handle.send(data) == 2:
-                # The queue passed max_buffered_bytes: the core is closing the socket with 1008.
+            if handle.send(data):
+                # Not queued: the connection is closing or gone (1), or the queue passed
+                # max_buffered_bytes and the core is closing it with 1008 (2). The close event
+                # follows; until then the socket is CLOSING and further sends raise.
                 self._ready_state = WebSocket.CLOSING
             return
         if self._ready_state >= WebSocket.CLOSING:
@@ -183,8 +185,12 @@ class WebSocket:
         self._pending.append(data if isinstance(data, str) else bytes(data))
 
     async def send_async(self, data: str | bytes) -> None:
-        """Queues a message, then waits while the queue is above the high-water mark."""
+        """Queues a message, then waits while the queue is above the high-water mark.
+        Raises ``ConnectionClosed`` when the socket is closing or closed, so a sending loop
+        ends instead of spinning on a dead connection."""
         self.send(data)
+        if self._ready_state != WebSocket.OPEN:
+            raise ConnectionClosed("the WebSocket closed while sending")
         handle = self._handle
         while (
             handle is not None

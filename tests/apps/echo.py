@@ -32,18 +32,23 @@ MAX_MESSAGE = 2 << 20
 
 
 def _json(value: Any, status: int = 200) -> sw.Response:
-    return sw.Response(json.dumps(value), status=status,
-                       headers={"content-type": "application/json", "x-reply": "ok"})
+    return sw.Response(
+        json.dumps(value),
+        status=status,
+        headers={"content-type": "application/json", "x-reply": "ok"},
+    )
 
 
 def _info(server: Any) -> str:
-    return json.dumps({
-        "ready_state": server.ready_state,
-        "url": server.url,
-        "protocol": server.protocol,
-        "extensions": server.extensions,
-        "buffered_amount": server.buffered_amount,
-    })
+    return json.dumps(
+        {
+            "ready_state": server.ready_state,
+            "url": server.url,
+            "protocol": server.protocol,
+            "extensions": server.extensions,
+            "buffered_amount": server.buffered_amount,
+        }
+    )
 
 
 def _command(server: Any, conn_id: str, data: str | bytes) -> bool:
@@ -98,6 +103,7 @@ def _open_echo(request: sw.Request, mode: str) -> sw.Response:
     server.accept()
 
     if mode == "sync":
+
         def on_message(event: Any) -> None:
             COUNTS["message"] += 1
             if not _command(server, conn_id, event.data):
@@ -105,6 +111,7 @@ def _open_echo(request: sw.Request, mode: str) -> sw.Response:
 
         server.add_event_listener("message", on_message)
     elif mode == "async":
+
         async def on_message_async(event: Any) -> None:
             COUNTS["message"] += 1
             await asyncio.sleep(0)
@@ -113,6 +120,7 @@ def _open_echo(request: sw.Request, mode: str) -> sw.Response:
 
         server.on("message", on_message_async)
     else:
+
         async def pull() -> None:
             async for message in server:
                 COUNTS["message"] += 1
@@ -152,20 +160,22 @@ async def fetch(request: sw.Request, env: Any, ctx: Any) -> sw.Response:
         parsed = None
         if request.headers.get("content-type", "").startswith("application/json"):
             parsed = await request.json()
-        return _json({
-            "method": request.method,
-            "url": request.url,
-            "path": request.path,
-            "query": dict(request.query),
-            "x_test_lower": request.headers.get("x-test"),
-            "x_test_upper": request.headers.get("X-TEST"),
-            "missing_header": request.headers.get("x-not-sent", "default"),
-            "body_hex": bytes(body).hex(),
-            "body_len": len(body),
-            "text": text,
-            "json": parsed,
-            "client": request.client,
-        })
+        return _json(
+            {
+                "method": request.method,
+                "url": request.url,
+                "path": request.path,
+                "query": dict(request.query),
+                "x_test_lower": request.headers.get("x-test"),
+                "x_test_upper": request.headers.get("X-TEST"),
+                "missing_header": request.headers.get("x-not-sent", "default"),
+                "body_hex": bytes(body).hex(),
+                "body_len": len(body),
+                "text": text,
+                "json": parsed,
+                "client": request.client,
+            }
+        )
     if path == "/boom":
         await asyncio.sleep(0)
         raise RuntimeError("secret-detail-http-500")

@@ -32,14 +32,25 @@ TASKS: set[asyncio.Task[None]] = set()
 
 
 def _state(conn_id: str) -> dict[str, Any]:
-    return STATE.setdefault(conn_id, {
-        # sender side
-        "sent": 0, "chunks": 0, "max_buffered": 0, "done": False, "stop": None,
-        # reader side
-        "received": 0, "received_bytes": 0, "in_order": True, "paused": False, "ended": False,
-        # both
-        "close": None,
-    })
+    return STATE.setdefault(
+        conn_id,
+        {
+            # sender side
+            "sent": 0,
+            "chunks": 0,
+            "max_buffered": 0,
+            "done": False,
+            "stop": None,
+            # reader side
+            "received": 0,
+            "received_bytes": 0,
+            "in_order": True,
+            "paused": False,
+            "ended": False,
+            # both
+            "close": None,
+        },
+    )
 
 
 def _spawn(coro: Any) -> None:
@@ -67,7 +78,7 @@ async def _send_fast(server: Any, st: dict[str, Any], size: int, total: int) -> 
                 await asyncio.sleep(0)  # let other events (e.g. /stats) run
         else:
             st["stop"] = "total reached"
-    except Exception as exc:  # noqa: BLE001 - the test wants to see what happened
+    except Exception as exc:
         st["stop"] = f"send raised {type(exc).__name__}: {exc}"
     finally:
         st["done"] = True
@@ -77,13 +88,17 @@ async def _send_paced(server: Any, st: dict[str, Any], size: int, total: int) ->
     """Same stream, but every send waits for the queue to drain below the high-water mark."""
     try:
         while st["sent"] < total:
+            if server.ready_state != sw.WebSocket.OPEN:
+                st["stop"] = f"ready_state {server.ready_state}"
+                break
             await server.send_async(_chunk(st["chunks"], size))
             st["chunks"] += 1
             st["sent"] += size
             st["max_buffered"] = max(st["max_buffered"], server.buffered_amount)
-        st["stop"] = "total reached"
-        server.close(1000, "done")
-    except Exception as exc:  # noqa: BLE001
+        else:
+            st["stop"] = "total reached"
+            server.close(1000, "done")
+    except Exception as exc:
         st["stop"] = f"send_async raised {type(exc).__name__}: {exc}"
     finally:
         st["done"] = True
@@ -146,12 +161,14 @@ def _open_pull(request: sw.Request) -> sw.Response:
 def fetch(request: sw.Request, env: Any, ctx: Any) -> sw.Response:
     path = request.path
     if path == "/stats":
-        return sw.Response(json.dumps(_state(request.query["id"])),
-                           headers={"content-type": "application/json"})
+        return sw.Response(
+            json.dumps(_state(request.query["id"])), headers={"content-type": "application/json"}
+        )
     if path == "/resume":
         RESUME.setdefault(request.query["id"], asyncio.Event()).set()
-        return sw.Response(json.dumps({"resumed": True}),
-                           headers={"content-type": "application/json"})
+        return sw.Response(
+            json.dumps({"resumed": True}), headers={"content-type": "application/json"}
+        )
     if path == "/flood":
         return _open_flood(request)
     if path == "/pull":
