@@ -6,9 +6,19 @@ Everything a user needs is importable from here; ``sockworker._native`` is priva
 from __future__ import annotations
 
 from .app import App, Env, ExecutionContext
+from .durable import (
+    AutoResponse,
+    DurableObject,
+    DurableObjectId,
+    DurableObjectNamespace,
+    DurableObjectState,
+    DurableObjectStub,
+    now,
+)
 from .errors import (
     ConnectionClosed,
     InvalidArgument,
+    LimitExceeded,
     ProtocolError,
     ResponseError,
     ServerStartError,
@@ -20,13 +30,20 @@ from .websocket import CloseEvent, ErrorEvent, MessageEvent, WebSocket, WebSocke
 
 __all__ = [
     "App",
+    "AutoResponse",
     "CloseEvent",
     "ConnectionClosed",
+    "DurableObject",
+    "DurableObjectId",
+    "DurableObjectNamespace",
+    "DurableObjectState",
+    "DurableObjectStub",
     "Env",
     "ErrorEvent",
     "ExecutionContext",
     "Headers",
     "InvalidArgument",
+    "LimitExceeded",
     "Limits",
     "MessageEvent",
     "ProtocolError",
@@ -37,4 +54,5 @@ __all__ = [
     "SockworkerError",
     "WebSocket",
     "WebSocketPair",
+    "now",
 ]

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from . import _native
+from .durable import DurableObjectNamespace, _ObjectHost
 from .errors import ResponseError
 from .http import Request, Response
 from .limits import Limits
@@ -71,13 +72,16 @@ class App:
         env: Mapping[str, Any] | None = None,
         durable_objects: Mapping[str, type] | None = None,
     ) -> None:
-        if durable_objects:
-            raise NotImplementedError(
-                "Durable Objects are not available yet in this version of sockworker"
-            )
         self.fetch = fetch
         self.limits = limits or Limits()
-        self.env = Env(env)
+        self.namespaces = {
+            binding: DurableObjectNamespace(binding, cls, self.limits)
+            for binding, cls in (durable_objects or {}).items()
+        }
+        clash = set(self.namespaces) & set(env or {})
+        if clash:
+            raise ValueError(f"env and durable_objects both bind {sorted(clash)}")
+        self.env = Env({**(env or {}), **self.namespaces})
 
     def run(self, host: str = "127.0.0.1", port: int = 8787, *, io_threads: int = 1) -> None:
         """Serves until SIGINT or SIGTERM, then closes every socket with 1001 and returns."""
@@ -123,6 +127,10 @@ class _Runtime:
         )
         self.ctx = ExecutionContext(self)
         self.sockets: dict[int, WebSocket] = {}
+        # Durable Objects by the key the core gives their sockets' events.
+        self.objects: dict[int, _ObjectHost] = {}
+        for namespace in app.namespaces.values():
+            namespace._runtime = self
         self.tasks: set[asyncio.Task[Any]] = set()
         self.loop = asyncio.get_running_loop()
         self.stopped = self.loop.create_future()
@@ -152,7 +160,7 @@ class _Runtime:
         if self.shutting_down or self.stopped.done():
             return
         self.shutting_down = True
-        logger.info("shutting down: closing %d sockets with 1001", len(self.sockets))
+        logger.info("shutting down: closing %d sockets with 1001", self.server.open_sockets)
         self.server.shutdown(1001, "server shutting down")
         self.loop.call_later(SHUTDOWN_GRACE, self._stop)
 
@@ -167,17 +175,19 @@ class _Runtime:
         for event in self.server.drain():
             kind = event[0]
             if kind == _EV_MESSAGE:
-                socket = sockets.get(event[1])
+                socket = sockets.get(event[1]) or self.revive(event[1])
                 if socket is not None:
                     socket._on_message(event[2])
             elif kind == _EV_REQUEST:
                 self.on_request(*event[1:])
             elif kind == _EV_CLOSE:
                 socket = sockets.pop(event[1], None)
+                if socket is None and event[5] is not None:
+                    socket = self.revive_closed(event[5])
                 if socket is not None:
                     socket._on_close(event[2], event[3], event[4])
             elif kind == _EV_ERROR:
-                socket = sockets.get(event[1])
+                socket = sockets.get(event[1]) or self.revive(event[1])
                 if socket is not None:
                     socket._on_error(event[2])
             elif kind == _EV_DRAINED:
@@ -186,6 +196,21 @@ class _Runtime:
                     socket._on_drained()
             elif kind == _EV_ALL_CLOSED:
                 self._stop()
+
+    def revive(self, socket_id: int) -> WebSocket | None:
+        """The socket of a hibernated object: a new Python object for it (the object itself
+        is rebuilt by the handler call that follows)."""
+        handle = self.server.socket(socket_id)
+        key = handle.object_key if handle is not None else None
+        host = self.objects.get(key) if key is not None else None
+        if host is None or handle is None:
+            return None
+        return host.revive(handle)
+
+    def revive_closed(self, handle: _native.SocketHandle) -> WebSocket | None:
+        key = handle.object_key
+        host = self.objects.get(key) if key is not None else None
+        return WebSocket._revive(handle, self, host) if host is not None else None
 
     def spawn(self, awaitable: Awaitable[Any], what: str) -> None:
         task = self.loop.create_task(_as_coroutine(awaitable))
@@ -273,6 +298,8 @@ class _Runtime:
         url = "ws" + request.url.removeprefix("http")
         self.sockets[handle.id] = server
         server._bind(handle, self, url, headers.get("sec-websocket-protocol", ""))
+        if isinstance(server._object, _ObjectHost):
+            server._object.adopt(server, handle)
 
 
 async def _as_coroutine(awaitable: Awaitable[Any]) -> Any:

@@ -6,6 +6,7 @@ and ``except ConnectionError`` keep working::
     SockworkerError(Exception)
      ├── InvalidArgument(SockworkerError, ValueError)   a value out of range (close code, reason)
      ├── ResponseError(SockworkerError, RuntimeError)   a handler's answer cannot be sent
+     ├── LimitExceeded(SockworkerError)   a configured limit would be passed (sockets per object)
      ├── ConnectionClosed(SockworkerError, ConnectionError)   the WebSocket is closing or closed
      ├── ProtocolError(SockworkerError, ConnectionError)   the peer broke RFC 6455 (event.error)
      └── ServerStartError(SockworkerError, OSError)   the server could not bind or start
@@ -16,6 +17,7 @@ from __future__ import annotations
 __all__ = [
     "ConnectionClosed",
     "InvalidArgument",
+    "LimitExceeded",
     "ProtocolError",
     "ResponseError",
     "ServerStartError",
@@ -33,6 +35,10 @@ class InvalidArgument(SockworkerError, ValueError):
 
 class ResponseError(SockworkerError, RuntimeError):
     """A handler's answer cannot be sent (answered twice, or a WebSocket for a plain request)."""
+
+
+class LimitExceeded(SockworkerError):
+    """A configured limit would be passed (for example hibernatable sockets per object)."""
 
 
 class ConnectionClosed(SockworkerError, ConnectionError):

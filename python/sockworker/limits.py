@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 __all__ = ["Limits"]
 
@@ -46,3 +46,14 @@ class Limits:
                 raise ValueError(f"Limits.{name} must be a number of seconds >= 0, not {value!r}")
         if self.handshake_timeout == 0:
             raise ValueError("Limits.handshake_timeout must be > 0")
+
+    def over(self, base: Limits) -> Limits:
+        """These limits laid over ``base``: a field left at its default takes ``base``'s value
+        (how a Durable Object class's ``limits`` overrides the app's)."""
+        default = Limits()
+        changed = {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if getattr(self, f.name) != getattr(default, f.name)
+        }
+        return replace(base, **changed)

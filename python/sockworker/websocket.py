@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import pickle
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -30,6 +31,7 @@ Listener = Callable[[Any], Awaitable[None] | None]
 INBOX_HIGH = 64
 INBOX_LOW = 16
 MAX_REASON_BYTES = 123
+MAX_ATTACHMENT_BYTES = 16 * 1024
 
 
 def check_close(code: int, reason: str) -> None:
@@ -68,6 +70,14 @@ class ErrorEvent:
         self.error = error
 
 
+class ObjectEvents(Protocol):
+    """Where the events of a hibernatable socket go: its Durable Object's host."""
+
+    def socket_message(self, ws: WebSocket, data: str | bytes) -> None: ...
+    def socket_close(self, ws: WebSocket, code: int, reason: str, was_clean: bool) -> None: ...
+    def socket_error(self, ws: WebSocket, error: BaseException) -> None: ...
+
+
 class _Host(Protocol):
     """What a socket needs from the runtime that dispatches its events."""
 
@@ -85,6 +95,7 @@ class WebSocket:
     __slots__ = (
         "__weakref__",
         "_accepted",
+        "_attachment",
         "_close_request",
         "_drain_waiters",
         "_handle",
@@ -92,11 +103,13 @@ class WebSocket:
         "_inbox",
         "_is_client_end",
         "_listeners",
+        "_object",
         "_paused",
         "_peer",
         "_pending",
         "_reader",
         "_ready_state",
+        "_tags",
         "extensions",
         "protocol",
         "url",
@@ -110,6 +123,10 @@ class WebSocket:
         self._is_client_end = _client_end
         # The client end carries the server end it was paired with, for the runtime to bind.
         self._peer: WebSocket | None = None
+        # The Durable Object host of a hibernatable socket (events go to its handlers).
+        self._object: ObjectEvents | None = None
+        self._tags: list[str] = []
+        self._attachment: bytes | None = None
         self._listeners: dict[str, list[tuple[Listener, bool]]] = {
             "message": [],
             "close": [],
@@ -214,6 +231,28 @@ class WebSocket:
         else:
             self._close_request = (code, reason)
 
+    # -- attachment ------------------------------------------------------------------------------
+
+    def serialize_attachment(self, value: Any) -> None:
+        """Keeps ``value`` (pickled, at most 16 KiB) with the socket, in the core: it survives
+        hibernation. ``deserialize_attachment()`` returns a copy."""
+        data = pickle.dumps(value)
+        if len(data) > MAX_ATTACHMENT_BYTES:
+            raise InvalidArgument(
+                f"a serialized attachment is at most {MAX_ATTACHMENT_BYTES} bytes, not {len(data)}"
+            )
+        if self._handle is not None:
+            self._handle.set_attachment(data)
+        else:
+            self._attachment = data
+
+    def deserialize_attachment(self) -> Any:
+        data = self._handle.attachment if self._handle is not None else self._attachment
+        return None if data is None else pickle.loads(data)
+
+    serializeAttachment = serialize_attachment
+    deserializeAttachment = deserialize_attachment
+
     # -- pull API --------------------------------------------------------------------------------
 
     def __aiter__(self) -> WebSocket:
@@ -251,13 +290,32 @@ class WebSocket:
         self._host = host
         self.url = url
         self.protocol = protocol
+        if self._attachment is not None:
+            handle.set_attachment(self._attachment)
+            self._attachment = None
         for message in self._pending:
             handle.send(message)
         self._pending.clear()
         if self._close_request is not None:
             handle.close(*self._close_request)
 
+    @classmethod
+    def _revive(cls, handle: SocketHandle, host: _Host, events: ObjectEvents) -> WebSocket:
+        """A new object for a hibernatable socket that lives on in the core."""
+        ws = cls()
+        ws._handle = handle
+        ws._host = host
+        ws._object = events
+        ws._accepted = True
+        ws._ready_state = WebSocket.OPEN
+        ws.url = handle.url
+        ws.protocol = handle.protocol
+        return ws
+
     def _on_message(self, data: str | bytes) -> None:
+        if self._object is not None:
+            self._object.socket_message(self, data)
+            return
         listeners = self._listeners["message"]
         if not listeners:
             if self._inbox is None:
@@ -277,6 +335,9 @@ class WebSocket:
 
     def _on_close(self, code: int, reason: str, was_clean: bool) -> None:
         self._ready_state = WebSocket.CLOSED
+        if self._object is not None:
+            self._object.socket_close(self, code, reason, was_clean)
+            return
         if self._reader is not None and not self._reader.done():
             self._reader.set_result(None)
         self._on_drained()
@@ -285,6 +346,9 @@ class WebSocket:
             self._call(listener, is_async, event, "close")
 
     def _on_error(self, message: str) -> None:
+        if self._object is not None:
+            self._object.socket_error(self, ProtocolError(message))
+            return
         event = ErrorEvent(ProtocolError(message))
         for listener, is_async in self._listeners["error"]:
             self._call(listener, is_async, event, "error")

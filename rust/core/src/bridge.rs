@@ -32,6 +32,8 @@ pub enum Event {
         code: u16,
         reason: String,
         was_clean: bool,
+        /// The socket itself when it belonged to a Durable Object.
+        object_socket: Option<std::sync::Arc<crate::socket::SocketShared>>,
     },
     /// Something went wrong on the socket (a protocol violation, an I/O error); a Close follows.
     Error {

@@ -222,7 +222,12 @@ impl Connection {
         match unit {
             Incoming::Message(data) => {
                 if self.phase == Phase::Open {
-                    self.events.push(Event::Message { socket: self.socket.id(), data });
+                    if let Some(answer) = self.socket.auto_response(&data) {
+                        // Answered here: a hibernated object stays asleep.
+                        self.queue(answer);
+                    } else {
+                        self.events.push(Event::Message { socket: self.socket.id(), data });
+                    }
                 }
             }
             Incoming::Ping(data) => self.queue(frame::encode_pong(&data)),

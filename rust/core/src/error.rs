@@ -14,13 +14,15 @@ pub enum CoreError {
     NotAnUpgrade,
     /// The operation needs an open socket.
     SocketClosed,
+    /// A configured limit would be passed (hibernatable sockets per object).
+    LimitExceeded(String),
 }
 
 impl fmt::Display for CoreError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Io(e) => write!(f, "{e}"),
-            Self::InvalidArgument(msg) => f.write_str(msg),
+            Self::InvalidArgument(msg) | Self::LimitExceeded(msg) => f.write_str(msg),
             Self::AlreadyAnswered => f.write_str("this request has already been answered"),
             Self::NotAnUpgrade => f.write_str(
                 "a WebSocket can only be returned with status 101 for a WebSocket upgrade request",

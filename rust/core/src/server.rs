@@ -43,6 +43,10 @@ impl ServerCtx {
         self.sockets.lock().len()
     }
 
+    fn socket(&self, id: u64) -> Option<Arc<SocketShared>> {
+        self.sockets.lock().get(&id).cloned()
+    }
+
     fn new_socket(&self) -> Arc<SocketShared> {
         let id = self.next_socket.fetch_add(1, Ordering::Relaxed);
         let socket = Arc::new(SocketShared::new(id, &self.limits));
@@ -52,12 +56,17 @@ impl ServerCtx {
 
     /// Forgets a socket and reports its Close event (the last event of a socket).
     pub(crate) fn finish_socket(&self, id: u64, code: u16, reason: String, was_clean: bool) {
-        let remaining = {
+        let (socket, remaining) = {
             let mut sockets = self.sockets.lock();
-            sockets.remove(&id);
-            sockets.len()
+            (sockets.remove(&id), sockets.len())
         };
-        self.events.push(Event::Close { socket: id, code, reason, was_clean });
+        // A socket of an object travels with its Close event: the application may have no
+        // object of its own for it (hibernated) and needs its tags and attachment.
+        let socket = socket.filter(|socket| {
+            let object = socket.meta_if_any().and_then(|meta| meta.object.clone());
+            object.inspect(|object| object.forget(id)).is_some()
+        });
+        self.events.push(Event::Close { socket: id, code, reason, was_clean, object_socket: socket });
         if remaining == 0 && self.shutting_down.load(Ordering::Acquire) {
             self.events.push(Event::AllClosed);
         }
@@ -331,6 +340,12 @@ impl Server {
     #[must_use]
     pub fn open_sockets(&self) -> usize {
         self.ctx.open_sockets()
+    }
+
+    /// The open socket with this id, if any.
+    #[must_use]
+    pub fn socket(&self, id: u64) -> Option<Arc<SocketShared>> {
+        self.ctx.socket(id)
     }
 
     /// Stops accepting, refuses new upgrades, and starts closing every socket with `code`.

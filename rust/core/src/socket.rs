@@ -10,6 +10,7 @@ use tokio::sync::Notify;
 
 use crate::config::Limits;
 use crate::frame::{self, close_code};
+use crate::object::SocketMeta;
 
 /// What became of a frame given to [`SocketShared::send`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,6 +21,13 @@ pub enum SendOutcome {
     /// The queue passed `max_buffered_bytes`: everything unsent was dropped and the socket is
     /// being closed with 1008.
     Overflow,
+}
+
+impl SendOutcome {
+    #[must_use]
+    pub fn is_queued(self) -> bool {
+        self == Self::Queued
+    }
 }
 
 /// A close the application (or the server) asked for.
@@ -51,6 +59,8 @@ pub struct SocketShared {
     max_buffered: usize,
     high_water: usize,
     low_water: usize,
+    /// Tags, attachment, object: boxed, and absent for a socket that never needed them.
+    meta: Mutex<Option<Box<SocketMeta>>>,
 }
 
 impl std::fmt::Debug for SocketShared {
@@ -72,6 +82,7 @@ impl SocketShared {
             max_buffered: limits.max_buffered_bytes,
             high_water: limits.send_high_water(),
             low_water: limits.send_low_water(),
+            meta: Mutex::new(None),
         }
     }
 
@@ -134,6 +145,22 @@ impl SocketShared {
         let mut outbox = self.outbox.lock();
         out.extend(outbox.frames.drain(..));
         outbox.close.take()
+    }
+
+    /// The state that survives hibernation, made on first use.
+    pub fn meta(&self) -> parking_lot::MappedMutexGuard<'_, SocketMeta> {
+        parking_lot::MutexGuard::map(self.meta.lock(), |meta| &mut **meta.get_or_insert_with(Box::default))
+    }
+
+    /// The state that survives hibernation, if any was ever set.
+    pub fn meta_if_any(&self) -> Option<parking_lot::MappedMutexGuard<'_, SocketMeta>> {
+        parking_lot::MutexGuard::try_map(self.meta.lock(), |meta| meta.as_deref_mut()).ok()
+    }
+
+    /// The connection is open and no close has been queued.
+    #[must_use]
+    pub fn is_open(&self) -> bool {
+        !self.outbox.lock().closing
     }
 
     /// No more frames will be written (the connection is closing or gone).

@@ -2,7 +2,7 @@
 //! Tuple shapes (the first item is the kind):
 //!   (REQUEST, reply, method, target, headers: list[(str, bytes)], body, peer)
 //!   (MESSAGE, socket_id, str | bytes)
-//!   (CLOSE, socket_id, code, reason, was_clean)
+//!   (CLOSE, socket_id, code, reason, was_clean, SocketHandle of an object's socket | None)
 //!   (ERROR, socket_id, message)
 //!   (DRAINED, socket_id)
 //!   (ALL_CLOSED,)
@@ -12,6 +12,7 @@ use pyo3::types::{PyBytes, PyList, PyString};
 use sockworker_core::{Event, Payload};
 
 use crate::server::PendingReply;
+use crate::socket::SocketHandle;
 
 const REQUEST: u8 = 0;
 const MESSAGE: u8 = 1;
@@ -67,8 +68,9 @@ pub fn events_to_list(py: Python<'_>, events: Vec<Event>) -> PyResult<Bound<'_, 
                     .into_pyobject(py)?
                     .into_any()
             }
-            Event::Close { socket, code, reason, was_clean } => {
-                (CLOSE, socket, code, reason, was_clean).into_pyobject(py)?.into_any()
+            Event::Close { socket, code, reason, was_clean, object_socket } => {
+                let handle = object_socket.map(|socket| SocketHandle { socket });
+                (CLOSE, socket, code, reason, was_clean, handle).into_pyobject(py)?.into_any()
             }
             Event::Error { socket, message } => (ERROR, socket, message).into_pyobject(py)?.into_any(),
             Event::Drained { socket } => (DRAINED, socket).into_pyobject(py)?.into_any(),

@@ -36,5 +36,6 @@ pub fn to_pyerr(py: Python<'_>, error: CoreError) -> PyErr {
         CoreError::InvalidArgument(_) => raise!(py, "InvalidArgument", message),
         CoreError::AlreadyAnswered | CoreError::NotAnUpgrade => raise!(py, "ResponseError", message),
         CoreError::SocketClosed => raise!(py, "ConnectionClosed", message),
+        CoreError::LimitExceeded(_) => raise!(py, "LimitExceeded", message),
     }
 }

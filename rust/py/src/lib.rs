@@ -3,6 +3,7 @@
 
 mod convert;
 mod errors;
+mod object;
 mod server;
 mod socket;
 
@@ -13,6 +14,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<server::Server>()?;
     m.add_class::<server::PendingReply>()?;
     m.add_class::<socket::SocketHandle>()?;
+    m.add_class::<object::ObjectState>()?;
     convert::add_event_kinds(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

@@ -85,6 +85,11 @@ impl Server {
         events_to_list(py, events)
     }
 
+    /// The open socket with this id (used to wake the object of a hibernated socket).
+    fn socket(&self, id: u64) -> Option<SocketHandle> {
+        self.inner.lock().as_ref()?.socket(id).map(|socket| SocketHandle { socket })
+    }
+
     #[getter]
     fn open_sockets(&self) -> usize {
         self.inner.lock().as_ref().map_or(0, sockworker_core::Server::open_sockets)

@@ -7,6 +7,8 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyString};
 use sockworker_core::{SendOutcome, SocketShared};
 
+use crate::errors::to_pyerr;
+
 #[pyclass(frozen, module = "sockworker._native")]
 pub struct SocketHandle {
     pub(crate) socket: Arc<SocketShared>,
@@ -59,6 +61,50 @@ impl SocketHandle {
 
     fn set_paused(&self, paused: bool) {
         self.socket.set_paused(paused);
+    }
+
+    /// The key of the Durable Object that accepted this socket, if any.
+    #[getter]
+    fn object_key(&self) -> Option<u64> {
+        self.socket.meta_if_any()?.object.as_ref().map(|object| object.key())
+    }
+
+    #[getter]
+    fn tags(&self) -> Vec<String> {
+        self.socket.meta_if_any().map(|meta| meta.tags.clone()).unwrap_or_default()
+    }
+
+    #[getter]
+    fn url(&self) -> String {
+        self.socket.meta_if_any().map(|meta| meta.url.clone()).unwrap_or_default()
+    }
+
+    #[getter]
+    fn protocol(&self) -> String {
+        self.socket.meta_if_any().map(|meta| meta.protocol.clone()).unwrap_or_default()
+    }
+
+    /// Records what the application sees of the handshake, so it survives hibernation.
+    fn set_origin(&self, url: String, protocol: String) {
+        let mut meta = self.socket.meta();
+        meta.url = url;
+        meta.protocol = protocol;
+    }
+
+    #[getter]
+    fn attachment<'py>(&self, py: Python<'py>) -> Option<Bound<'py, PyBytes>> {
+        let meta = self.socket.meta_if_any()?;
+        meta.attachment.as_ref().map(|bytes| PyBytes::new(py, bytes))
+    }
+
+    fn set_attachment(&self, py: Python<'_>, attachment: Option<Vec<u8>>) -> PyResult<()> {
+        self.socket.set_attachment(attachment.map(bytes::Bytes::from)).map_err(|e| to_pyerr(py, e))
+    }
+
+    /// Seconds since the epoch of the last auto-response the core sent on this socket.
+    #[getter]
+    fn auto_response_timestamp(&self) -> Option<f64> {
+        self.socket.meta_if_any()?.auto_response_at
     }
 
     /// Asks for a DRAINED event; false when the queue is already low (no event will come).

@@ -1,0 +1,89 @@
+//! `ObjectState`: a Durable Object's core-side state (hibernatable sockets, auto-responses).
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyString};
+use sockworker_core::{ObjectShared, Payload};
+
+use crate::errors::to_pyerr;
+use crate::socket::SocketHandle;
+
+/// A message as the core holds it: str is text, bytes-like is binary.
+pub fn to_payload(data: &Bound<'_, PyAny>) -> PyResult<Payload> {
+    if let Ok(text) = data.cast::<PyString>() {
+        return Ok(Payload::Text(Bytes::copy_from_slice(text.to_str()?.as_bytes())));
+    }
+    if let Ok(bytes) = data.cast::<PyBytes>() {
+        return Ok(Payload::Binary(Bytes::copy_from_slice(bytes.as_bytes())));
+    }
+    let bytes: Vec<u8> = data
+        .extract()
+        .map_err(|_| pyo3::exceptions::PyTypeError::new_err("a WebSocket message is str or bytes"))?;
+    Ok(Payload::Binary(Bytes::from(bytes)))
+}
+
+#[pyclass(frozen, module = "sockworker._native")]
+pub struct ObjectState {
+    object: Arc<ObjectShared>,
+}
+
+fn handles(sockets: Vec<Arc<sockworker_core::SocketShared>>) -> Vec<SocketHandle> {
+    sockets.into_iter().map(|socket| SocketHandle { socket }).collect()
+}
+
+#[pymethods]
+impl ObjectState {
+    #[new]
+    fn new(max_sockets: usize) -> Self {
+        Self { object: Arc::new(ObjectShared::new(max_sockets)) }
+    }
+
+    #[getter]
+    fn key(&self) -> u64 {
+        self.object.key()
+    }
+
+    /// Raises when `more` sockets with these tags could not be accepted.
+    fn check_accept(&self, py: Python<'_>, more: usize, tags: Vec<String>) -> PyResult<()> {
+        self.object.check_accept(more, &tags).map_err(|e| to_pyerr(py, e))
+    }
+
+    fn adopt(&self, py: Python<'_>, handle: &SocketHandle, tags: Vec<String>) -> PyResult<()> {
+        self.object.adopt(&handle.socket, tags).map_err(|e| to_pyerr(py, e))
+    }
+
+    #[pyo3(signature = (tag=None))]
+    fn sockets(&self, tag: Option<&str>) -> Vec<SocketHandle> {
+        handles(self.object.sockets(tag))
+    }
+
+    #[pyo3(signature = (tag=None))]
+    fn count(&self, tag: Option<&str>) -> usize {
+        self.object.count(tag)
+    }
+
+    #[pyo3(signature = (message, tag=None, exclude=None))]
+    fn broadcast(
+        &self,
+        message: &Bound<'_, PyAny>,
+        tag: Option<&str>,
+        exclude: Option<u64>,
+    ) -> PyResult<usize> {
+        let sent = match to_payload(message)? {
+            Payload::Text(data) => self.object.broadcast(true, &data, tag, exclude),
+            Payload::Binary(data) => self.object.broadcast(false, &data, tag, exclude),
+        };
+        Ok(sent)
+    }
+
+    fn set_auto_responses(&self, pairs: Vec<(Bound<'_, PyAny>, Bound<'_, PyAny>)>) -> PyResult<()> {
+        let pairs = pairs
+            .iter()
+            .map(|(request, response)| Ok((to_payload(request)?, to_payload(response)?)))
+            .collect::<PyResult<Vec<_>>>()?;
+        self.object.set_auto_responses(pairs);
+        Ok(())
+    }
+}
