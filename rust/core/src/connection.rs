@@ -4,6 +4,7 @@
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
+use std::future::poll_fn;
 use std::io::{self, IoSlice};
 use std::sync::Arc;
 use std::time::Duration;
@@ -99,6 +100,10 @@ pub(crate) async fn run(stream: TcpStream, leftover: Bytes, socket: Arc<SocketSh
 
 impl Connection {
     async fn drive(&mut self) {
+        // Readiness is polled (`poll_*_ready`) rather than awaited (`readable()`): polling takes
+        // over the stream's single waker slot, which still holds hyper's waker from the
+        // handshake and would otherwise keep hyper's finished task (~900 bytes) alive for the
+        // life of the socket. It is also smaller than a readiness future.
         loop {
             if let Some(request) = self.socket.take_queued(&mut self.out) {
                 self.begin_close(request);
@@ -124,10 +129,10 @@ impl Connection {
             tokio::select! {
                 biased;
                 () = self.socket.wake.notified() => {}
-                ready = self.stream.writable(), if writing => {
+                ready = poll_fn(|cx| self.stream.poll_write_ready(cx)), if writing => {
                     if ready.is_err() { return; }
                 }
-                ready = self.stream.readable(), if reading => {
+                ready = poll_fn(|cx| self.stream.poll_read_ready(cx)), if reading => {
                     if ready.is_err() || self.read_ready().is_err() {
                         return;
                     }
@@ -328,7 +333,7 @@ impl Connection {
         let until = Instant::now() + LINGER;
         loop {
             tokio::select! {
-                ready = self.stream.readable() => {
+                ready = poll_fn(|cx| self.stream.poll_read_ready(cx)) => {
                     if ready.is_err() { return; }
                     let mut sink = [0u8; 512];
                     match self.stream.try_read(&mut sink) {

@@ -225,7 +225,7 @@ async fn handle(
                 unreachable!("Reply::accept_websocket refuses plain requests")
             };
             let upgrade_ctx = ctx.clone();
-            runtime::spawn(async move {
+            let task = async move {
                 let id = socket.id();
                 match on_upgrade.await.map(hyper::upgrade::Upgraded::downcast::<TokioIo<TcpStream>>) {
                     Ok(Ok(parts)) => {
@@ -238,7 +238,8 @@ async fn handle(
                         false,
                     ),
                 }
-            });
+            };
+            runtime::spawn(task);
             let mut response = Response::new(Full::new(Bytes::new()));
             *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
             let h = response.headers_mut();
@@ -340,6 +341,12 @@ impl Server {
     #[must_use]
     pub fn open_sockets(&self) -> usize {
         self.ctx.open_sockets()
+    }
+
+    /// Tasks alive on the I/O runtime (one per open socket, plus the accept loop).
+    #[must_use]
+    pub fn alive_tasks(&self) -> usize {
+        self.runtime.as_ref().map_or(0, |runtime| runtime.metrics().num_alive_tasks())
     }
 
     /// The open socket with this id, if any.
