@@ -11,7 +11,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 RUST_SOURCES := $(shell find rust -name '*.rs' -o -name Cargo.toml) Cargo.toml pyproject.toml
 
-.PHONY: help build demo test test-rust test-python lint fmt clean
+.PHONY: help build demo demo-echo test test-rust test-python lint fmt clean browser-deps
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -20,7 +20,7 @@ $(VENV)/.deps: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet "maturin>=1.7,<2" "pytest>=8" "pytest-timeout>=2.3" "pytest-asyncio>=0.24" \
-		"websockets>=14" "aiohttp>=3.10" "ruff>=0.8" "mypy>=1.13"
+		"websockets>=14" "aiohttp>=3.10" "selenium>=4.20" "ruff>=0.8" "mypy>=1.13"
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps $(RUST_SOURCES)
@@ -29,7 +29,11 @@ $(VENV)/.built: $(VENV)/.deps $(RUST_SOURCES)
 
 build: $(VENV)/.built ## create .venv and build the extension in release mode (sockworker lands in .venv/bin)
 
-demo: build ## build, then serve examples/echo.py on 127.0.0.1:8787
+demo: build ## build, then serve the chat example (examples/chat.py) on 127.0.0.1:8787
+	@echo "sockworker chat demo: open http://127.0.0.1:8787/room/lobby in two browser tabs; Ctrl-C stops it."
+	$(VENV)/bin/sockworker serve examples.chat:app --host 127.0.0.1 --port 8787
+
+demo-echo: build ## build, then serve examples/echo.py (echoes every message) on 127.0.0.1:8787
 	@echo "sockworker echo demo: ws://127.0.0.1:8787/ echoes every message; Ctrl-C stops it."
 	@echo "  try: $(PY) -m websockets ws://127.0.0.1:8787/"
 	$(VENV)/bin/sockworker serve examples.echo:app --host 127.0.0.1 --port 8787
@@ -41,6 +45,10 @@ test-rust:
 
 test-python: build
 	$(PY) -m pytest tests
+
+browser-deps: ## install Debian's chromium and chromium-driver for the browser test (needs root)
+	@command -v chromedriver >/dev/null && command -v chromium >/dev/null || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; }
 
 lint: $(VENV)/.deps ## rustfmt --check, clippy -D warnings, ruff, mypy --strict
 	$(CARGO) fmt --all -- --check

@@ -2,7 +2,7 @@
 
 Each room is a Durable Object holding hibernatable sockets; ``ctx.broadcast`` has the core encode
 the frame once and queue it on every socket, with no Python loop and no Python object per socket.
-Serve it with ``sockworker serve examples.broadcast:app``; the benchmark's broadcast scenario uses it.
+Serve it with ``sockworker serve examples.broadcast:app``; the broadcast benchmark uses it.
 """
 
 import sockworker as sw

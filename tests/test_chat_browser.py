@@ -1,0 +1,101 @@
+"""The chat example in a real browser: headless Chromium (Debian's chromium and chromium-driver,
+installed by `make browser-deps`, which CI runs) driven with Selenium. Two people join one room,
+talk, and leave, through the page the worker serves and the browser's own WebSocket."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+
+import pytest
+
+from tests.support import ServerProcess
+
+CHROMEDRIVER = shutil.which("chromedriver")
+CHROMIUM = shutil.which("chromium")
+
+pytestmark = pytest.mark.skipif(
+    CHROMEDRIVER is None or CHROMIUM is None,
+    reason="needs chromium and chromium-driver: run `make browser-deps`",
+)
+
+if CHROMEDRIVER is not None:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.remote.webdriver import WebDriver
+    from selenium.webdriver.support.ui import WebDriverWait
+
+WAIT = 15.0
+
+
+@pytest.fixture(scope="module")
+def chat() -> Iterator[ServerProcess]:
+    server = ServerProcess("examples.chat:app")
+    yield server
+    assert server.stop() == 0
+
+
+def _browser() -> WebDriver:
+    options = Options()
+    options.binary_location = CHROMIUM or ""
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(CHROMEDRIVER or ""), options=options)
+
+
+@pytest.fixture
+def two_browsers() -> Iterator[tuple[WebDriver, WebDriver]]:
+    first, second = _browser(), _browser()
+    try:
+        yield first, second
+    finally:
+        first.quit()
+        second.quit()
+
+
+def _log(driver: WebDriver) -> str:
+    return str(driver.find_element(By.ID, "log").text)
+
+
+def _wait_log(driver: WebDriver, text: str) -> None:
+    WebDriverWait(driver, WAIT).until(lambda d: text in _log(d), f"{text!r} never appeared")
+
+
+def _join(driver: WebDriver, url: str, name: str) -> None:
+    driver.get(url)
+    driver.find_element(By.ID, "user").send_keys(name)
+    driver.find_element(By.CSS_SELECTOR, "#join button").click()
+    _wait_log(driver, f"connected as {name}")
+
+
+@pytest.mark.timeout(90)
+def test_two_people_chat_in_the_browser(
+    chat: ServerProcess, two_browsers: tuple[WebDriver, WebDriver]
+) -> None:
+    ann, bob = two_browsers
+    url = f"{chat.http}/room/browser-test"
+    _join(ann, url, "ann")
+    _join(bob, url, "bob")
+    _wait_log(ann, "bob joined")
+
+    ann.find_element(By.ID, "text").send_keys("hello from ann")
+    ann.find_element(By.CSS_SELECTOR, "#say button").click()
+    _wait_log(bob, "ann: hello from ann")
+    _wait_log(ann, "ann: hello from ann")
+
+    # The page's keep-alive: "ping" is answered "pong" by the core's auto-response.
+    pong = bob.execute_async_script(
+        """
+        const done = arguments[arguments.length - 1];
+        const ws = new WebSocket(location.href.replace(/^http/, "ws") + "?user=probe");
+        ws.onopen = () => ws.send("ping");
+        ws.onmessage = (event) => { if (event.data === "pong") { ws.close(); done(event.data); } };
+        """
+    )
+    assert pong == "pong"
+
+    bob.execute_script("ws.close(1000)")  # what closing the tab does (no bfcache questions)
+    _wait_log(ann, "bob left")
+    assert "bob: " not in _log(ann)
