@@ -39,6 +39,10 @@ class Env:
     def __init__(self, values: Mapping[str, Any] | None = None) -> None:
         self.__dict__.update(values or {})
 
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for a name that is not bound: says so (and types env.NAME as Any).
+        raise AttributeError(f"env has no binding {name!r}")
+
     def __repr__(self) -> str:
         return f"Env({', '.join(sorted(self.__dict__))})"
 
