@@ -175,8 +175,15 @@ class _Runtime:
     # -- the hot path: one call per batch of core events -----------------------------------------
 
     def dispatch(self) -> None:
+        try:
+            self._dispatch(self.server.drain())
+        finally:
+            # Writes what the batch's handlers sent, in as few system calls as it can.
+            self.server.flush()
+
+    def _dispatch(self, events: list[tuple[Any, ...]]) -> None:
         sockets = self.sockets
-        for event in self.server.drain():
+        for event in events:
             kind = event[0]
             if kind == _EV_MESSAGE:
                 socket = sockets.get(event[1]) or self.revive(event[1])

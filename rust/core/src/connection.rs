@@ -6,6 +6,7 @@ use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::io::{self, IoSlice};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -87,8 +88,10 @@ pub(crate) async fn run(stream: TcpStream, leftover: Bytes, socket: Arc<SocketSh
     }
     // Even empty, `leftover` may share hyper's whole read buffer: let it go before idling.
     drop(leftover);
+    conn.socket.set_fd(Some(conn.stream.as_raw_fd()));
     conn.drive().await;
     conn.socket.mark_closing();
+    conn.socket.set_fd(None);
     let outcome = conn.outcome.take().unwrap_or(Outcome {
         code: close_code::ABNORMAL,
         reason: "connection lost".into(),
@@ -108,8 +111,12 @@ impl Connection {
             if let Some(request) = self.socket.take_queued(&mut self.out) {
                 self.begin_close(request);
             }
+            let had_output = !self.out.is_empty();
             if self.write_queued().is_err() {
                 return;
+            }
+            if had_output && self.out.is_empty() && self.phase == Phase::Open {
+                self.socket.set_task_idle();
             }
             if self.socket.take_drained() {
                 self.ctx.events.push(Event::Drained { socket: self.socket.id() });
@@ -284,6 +291,9 @@ impl Connection {
     }
 
     fn queue(&mut self, frame: Bytes) {
+        if self.out.is_empty() {
+            self.socket.set_task_busy();
+        }
         self.socket.add_buffered(frame.len());
         self.out.push_back(frame);
     }

@@ -1,10 +1,14 @@
 //! The state of one WebSocket shared between the application (which queues frames and close
 //! requests without blocking) and the connection task (which writes them).
 
+use std::cell::RefCell;
 use std::collections::VecDeque;
+use std::io::IoSlice;
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
@@ -39,12 +43,67 @@ pub struct CloseRequest {
     pub discard_unsent: bool,
 }
 
-#[derive(Default)]
 struct Outbox {
     frames: Vec<Bytes>,
     close: Option<CloseRequest>,
     /// Set once a close is queued or the connection ended: later sends are dropped.
     closing: bool,
+    /// The connection's descriptor while its task runs (-1 otherwise), for direct writes.
+    fd: RawFd,
+    /// The connection task has nothing of its own to write: the application thread may write
+    /// queued frames to `fd` itself (under this lock) without breaking the order of frames.
+    task_idle: bool,
+}
+
+impl Default for Outbox {
+    fn default() -> Self {
+        Self { frames: Vec::new(), close: None, closing: false, fd: -1, task_idle: false }
+    }
+}
+
+/// A batch flushes directly only when it touched at most this many sockets; past it the
+/// connection tasks write (on the I/O threads, in parallel with the application thread).
+const DIRECT_FLUSH_MAX_SOCKETS: usize = 8;
+
+thread_local! {
+    /// Sockets that got frames during the application's current batch of events, or `None`
+    /// outside a batch (then every first frame wakes its connection task at once).
+    static BATCH: RefCell<Option<Vec<Arc<SocketShared>>>> = const { RefCell::new(None) };
+}
+
+/// Starts deferring wake-ups on this thread: frames queued until [`end_batch`] are written by
+/// this thread when few sockets were touched, saving a wake-up of an I/O thread per message.
+pub fn begin_batch() {
+    BATCH.with(|batch| {
+        let mut batch = batch.borrow_mut();
+        if batch.is_none() {
+            *batch = Some(Vec::new());
+        }
+    });
+}
+
+/// Ends the batch: writes the frames of the sockets it touched, or wakes their tasks.
+pub fn end_batch() {
+    let Some(touched) = BATCH.with(|batch| batch.borrow_mut().take()) else {
+        return;
+    };
+    let direct = touched.len() <= DIRECT_FLUSH_MAX_SOCKETS;
+    for socket in touched {
+        if !(direct && socket.write_directly()) {
+            socket.wake.notify_one();
+        }
+    }
+}
+
+/// Defers the wake-up of `socket` to the end of the current batch; false outside a batch.
+fn defer(socket: &Arc<SocketShared>) -> bool {
+    BATCH.with(|batch| match batch.borrow_mut().as_mut() {
+        Some(touched) => {
+            touched.push(socket.clone());
+            true
+        }
+        None => false,
+    })
 }
 
 pub struct SocketShared {
@@ -92,12 +151,12 @@ impl SocketShared {
     }
 
     /// Queues one message; never blocks on I/O.
-    pub fn send(&self, text: bool, data: &[u8]) -> SendOutcome {
+    pub fn send(self: &Arc<Self>, text: bool, data: &[u8]) -> SendOutcome {
         self.send_frame(frame::encode_message(text, data))
     }
 
     /// Queues an encoded frame (one encoding may be queued on many sockets).
-    pub fn send_frame(&self, frame: Bytes) -> SendOutcome {
+    pub fn send_frame(self: &Arc<Self>, frame: Bytes) -> SendOutcome {
         let len = frame.len();
         let mut outbox = self.outbox.lock();
         if outbox.closing {
@@ -121,7 +180,7 @@ impl SocketShared {
         outbox.frames.push(frame);
         drop(outbox);
         // The task takes the whole outbox at once, so only the first frame needs a wake-up.
-        if was_empty {
+        if was_empty && !defer(self) {
             self.wake.notify_one();
         }
         SendOutcome::Queued
@@ -144,7 +203,71 @@ impl SocketShared {
     pub(crate) fn take_queued(&self, out: &mut VecDeque<Bytes>) -> Option<CloseRequest> {
         let mut outbox = self.outbox.lock();
         out.extend(outbox.frames.drain(..));
+        outbox.task_idle = out.is_empty();
         outbox.close.take()
+    }
+
+    /// The connection task has frames of its own to write (a pong, a close): no direct writes
+    /// until it is idle again.
+    pub(crate) fn set_task_busy(&self) {
+        self.outbox.lock().task_idle = false;
+    }
+
+    /// The connection task has written everything it had.
+    pub(crate) fn set_task_idle(&self) {
+        let mut outbox = self.outbox.lock();
+        outbox.task_idle = outbox.frames.is_empty();
+    }
+
+    /// Lets the application thread write to `fd` while the task is idle (`None`: never again,
+    /// before the descriptor is closed).
+    pub(crate) fn set_fd(&self, fd: Option<RawFd>) {
+        let mut outbox = self.outbox.lock();
+        outbox.fd = fd.unwrap_or(-1);
+        outbox.task_idle = fd.is_some() && outbox.frames.is_empty();
+    }
+
+    /// Writes the queued frames from this thread when the task is idle. Returns false when the
+    /// task must be woken (it is busy, a close is pending, or the kernel did not take it all).
+    fn write_directly(&self) -> bool {
+        let mut outbox = self.outbox.lock();
+        if !outbox.task_idle || outbox.fd < 0 || outbox.closing || outbox.frames.is_empty() {
+            return outbox.frames.is_empty() && outbox.close.is_none();
+        }
+        let slices: Vec<IoSlice<'_>> = outbox.frames.iter().take(64).map(|f| IoSlice::new(f)).collect();
+        let iov_count = i32::try_from(slices.len()).expect("at most 64 slices");
+        // SAFETY: `fd` is the open descriptor of the connection: it is reset to -1 under this
+        // lock before the task closes it. IoSlice has the layout of iovec. MSG_DONTWAIT makes
+        // this never block; MSG_NOSIGNAL turns a dead peer into EPIPE instead of SIGPIPE.
+        let written = unsafe {
+            let header = libc::msghdr {
+                msg_name: std::ptr::null_mut(),
+                msg_namelen: 0,
+                msg_iov: slices.as_ptr().cast_mut().cast(),
+                msg_iovlen: iov_count as _,
+                msg_control: std::ptr::null_mut(),
+                msg_controllen: 0,
+                msg_flags: 0,
+            };
+            libc::sendmsg(outbox.fd, &raw const header, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+        };
+        drop(slices);
+        let Ok(mut written) = usize::try_from(written) else {
+            return false; // EAGAIN or an error: the task finds out and handles it
+        };
+        self.sub_buffered(written);
+        let mut done = 0;
+        for frame in &mut outbox.frames {
+            if written >= frame.len() {
+                written -= frame.len();
+                done += 1;
+            } else {
+                frame.advance(written);
+                break;
+            }
+        }
+        outbox.frames.drain(..done);
+        outbox.frames.is_empty()
     }
 
     /// The state that survives hibernation, made on first use.
@@ -225,7 +348,7 @@ mod tests {
 
     #[test]
     fn overflow_discards_unsent_and_closes_with_1008() {
-        let socket = SocketShared::new(1, &limits(100));
+        let socket = Arc::new(SocketShared::new(1, &limits(100)));
         assert_eq!(socket.send(false, &[0; 40]), SendOutcome::Queued);
         assert_eq!(socket.buffered_amount(), 42);
         assert_eq!(socket.send(false, &[0; 40]), SendOutcome::Queued);
@@ -240,7 +363,7 @@ mod tests {
 
     #[test]
     fn close_is_taken_once_and_stops_sends() {
-        let socket = SocketShared::new(1, &limits(1000));
+        let socket = Arc::new(SocketShared::new(1, &limits(1000)));
         assert_eq!(socket.send(true, b"a"), SendOutcome::Queued);
         assert!(socket.close(1000, "bye"));
         assert!(!socket.close(1001, "again"));

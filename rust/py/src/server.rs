@@ -82,7 +82,14 @@ impl Server {
             Some(server) => server.events().drain(),
             None => Vec::new(),
         };
+        sockworker_core::socket::begin_batch();
         events_to_list(py, events)
+    }
+
+    /// Ends the batch `drain` began: writes what the handlers sent (from this thread when few
+    /// sockets were touched, else through their I/O tasks). Call it after every `drain`.
+    fn flush(&self) {
+        sockworker_core::socket::end_batch();
     }
 
     /// The open socket with this id (used to wake the object of a hibernated socket).
