@@ -63,7 +63,7 @@ impl Default for Outbox {
 
 /// A batch flushes directly only when it touched at most this many sockets; past it the
 /// connection tasks write (on the I/O threads, in parallel with the application thread).
-const DIRECT_FLUSH_MAX_SOCKETS: usize = 8;
+const DIRECT_FLUSH_MAX_SOCKETS: usize = 64;
 
 thread_local! {
     /// Sockets that got frames during the application's current batch of events, or `None`
