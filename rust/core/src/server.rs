@@ -227,17 +227,14 @@ async fn handle(
             let upgrade_ctx = ctx.clone();
             let task = async move {
                 let id = socket.id();
-                match on_upgrade.await.map(hyper::upgrade::Upgraded::downcast::<TokioIo<TcpStream>>) {
-                    Ok(Ok(parts)) => {
-                        connection::run(parts.io.into_inner(), parts.read_buf, socket, upgrade_ctx).await
-                    }
-                    _ => upgrade_ctx.finish_socket(
-                        id,
-                        crate::frame::close_code::ABNORMAL,
-                        "upgrade failed".into(),
-                        false,
-                    ),
-                }
+                // Bound first, so the upgrade's result is not kept in the task for its whole life.
+                let upgraded = on_upgrade.await.ok().and_then(|u| u.downcast::<TokioIo<TcpStream>>().ok());
+                let Some(parts) = upgraded else {
+                    let reason = "upgrade failed".into();
+                    upgrade_ctx.finish_socket(id, crate::frame::close_code::ABNORMAL, reason, false);
+                    return;
+                };
+                connection::run(parts.io.into_inner(), parts.read_buf, socket, upgrade_ctx).await;
             };
             runtime::spawn(task);
             let mut response = Response::new(Full::new(Bytes::new()));
