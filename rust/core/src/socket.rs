@@ -207,6 +207,12 @@ impl SocketShared {
         outbox.close.take()
     }
 
+    /// [`Self::take_queued`] for the benchmarks, which run outside the crate.
+    #[doc(hidden)]
+    pub fn take_queued_for_bench(&self, out: &mut VecDeque<Bytes>) -> Option<CloseRequest> {
+        self.take_queued(out)
+    }
+
     /// The connection task has frames of its own to write (a pong, a close): no direct writes
     /// until it is idle again.
     pub(crate) fn set_task_busy(&self) {
