@@ -20,16 +20,14 @@ pub struct Target {
 impl Target {
     /// Parse `ws://HOST:PORT/PATH`; refuse anything outside 127.0.0.0/8.
     pub fn parse(url: &str) -> Result<Self, String> {
-        let rest = url
-            .strip_prefix("ws://")
-            .ok_or_else(|| format!("{url}: only ws:// URLs are supported"))?;
+        let rest =
+            url.strip_prefix("ws://").ok_or_else(|| format!("{url}: only ws:// URLs are supported"))?;
         let (hostport, path) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, "/"),
         };
-        let (host, port) = hostport
-            .rsplit_once(':')
-            .ok_or_else(|| format!("{url}: the URL needs an explicit port"))?;
+        let (host, port) =
+            hostport.rsplit_once(':').ok_or_else(|| format!("{url}: the URL needs an explicit port"))?;
         let ip: Ipv4Addr = if host == "localhost" {
             Ipv4Addr::LOCALHOST
         } else {
@@ -40,11 +38,6 @@ impl Target {
         }
         let port: u16 = port.parse().map_err(|_| format!("{url}: bad port"))?;
         Ok(Self { addr: SocketAddrV4::new(ip, port), url: format!("ws://{ip}:{port}{path}") })
-    }
-
-    /// The same server, another path.
-    pub fn with_path(&self, path: &str) -> Self {
-        Self { addr: self.addr, url: format!("ws://{}{}", self.addr, path) }
     }
 }
 
@@ -83,8 +76,7 @@ pub async fn connect(
         let sock = TcpSocket::new_v4().map_err(|e| format!("socket: {e}"))?;
         if let Some(ip) = source {
             bind_address_no_port(&sock);
-            sock.bind(SocketAddr::V4(SocketAddrV4::new(ip, 0)))
-                .map_err(|e| format!("bind {ip}: {e}"))?;
+            sock.bind(SocketAddr::V4(SocketAddrV4::new(ip, 0))).map_err(|e| format!("bind {ip}: {e}"))?;
         }
         let stream = sock
             .connect(SocketAddr::V4(target.addr))
@@ -103,16 +95,21 @@ pub async fn connect(
     }
 }
 
-/// Client configuration: messages up to 64 MiB; a small read buffer when many sockets sit idle.
-pub fn client_config(small_buffers: bool) -> WebSocketConfig {
-    let config = WebSocketConfig::default()
+/// Client configuration: messages up to 64 MiB, and a read buffer of `read_buffer` bytes.
+///
+/// tungstenite zeroes the whole spare read buffer before every read (128 KiB by default), which
+/// would make the client, not the server, the bottleneck with many small messages; so the buffer
+/// is sized to what one read is expected to bring.
+pub fn client_config(read_buffer: usize) -> WebSocketConfig {
+    WebSocketConfig::default()
         .max_message_size(Some(64 << 20))
-        .max_frame_size(Some(64 << 20));
-    if small_buffers {
-        config.read_buffer_size(4096).write_buffer_size(0)
-    } else {
-        config
-    }
+        .max_frame_size(Some(64 << 20))
+        .read_buffer_size(read_buffer.clamp(4 << 10, 64 << 10))
+}
+
+/// The read buffer for messages of `size` bytes, `window` of them in flight.
+pub fn read_buffer_for(size: usize, window: usize) -> usize {
+    (size + 14).saturating_mul(window.max(1)).clamp(4 << 10, 64 << 10)
 }
 
 #[cfg(test)]

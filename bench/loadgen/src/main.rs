@@ -120,9 +120,9 @@ fn main() -> ExitCode {
         Scenario::Pipeline => 16,
         _ => 1,
     });
-    let spread = cli.spread_sources.unwrap_or(
-        matches!(cli.scenario, Scenario::Idle | Scenario::Handshake) || cli.connections > 1000,
-    );
+    let spread = cli
+        .spread_sources
+        .unwrap_or(matches!(cli.scenario, Scenario::Idle | Scenario::Handshake) || cli.connections > 1000);
     let p = Params {
         target,
         connections: cli.connections.clamp(1, 1_000_000),
@@ -136,7 +136,8 @@ fn main() -> ExitCode {
         spread_sources: spread,
         server_pids: cli.server_pid.map(procfs::process_tree).unwrap_or_default(),
     };
-    if matches!(cli.scenario, Scenario::Pingpong | Scenario::Pipeline | Scenario::Broadcast | Scenario::Large) {
+    if matches!(cli.scenario, Scenario::Pingpong | Scenario::Pipeline | Scenario::Broadcast | Scenario::Large)
+    {
         procfs::raise_nofile_limit(p.connections as u64 + 1024);
     }
     // The load generator is pinned to one core: one thread does all the work.

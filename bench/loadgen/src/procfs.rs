@@ -82,6 +82,16 @@ pub fn self_cpu_us() -> u64 {
         .unwrap_or(0)
 }
 
+/// Busy time of all CPUs together (/proc/stat: everything but idle and iowait), in microseconds.
+pub fn system_busy_us() -> Option<u64> {
+    let text = fs::read_to_string("/proc/stat").ok()?;
+    let line = text.lines().find(|l| l.starts_with("cpu "))?;
+    let f: Vec<u64> = line.split_ascii_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
+    // user nice system idle iowait irq softirq steal (guest time is already in user).
+    let busy = f.first()? + f.get(1)? + f.get(2)? + f.get(5)? + f.get(6)? + f.get(7).unwrap_or(&0);
+    Some(busy * 1_000_000 / clock_ticks_per_sec())
+}
+
 /// VmRSS of these processes (a tree from [`process_tree`]), in KiB.
 pub fn tree_rss_kib(pids: &[u32]) -> Option<u64> {
     let mut total = 0u64;
@@ -131,6 +141,13 @@ pub fn sockstat() -> SockStat {
         }
     }
     s
+}
+
+/// The kernel's slab memory (/proc/meminfo `Slab:`), in KiB: socket structures live there.
+pub fn slab_kib() -> Option<u64> {
+    let text = fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("Slab:"))?;
+    line.split_ascii_whitespace().nth(1)?.parse().ok()
 }
 
 pub fn page_size() -> u64 {
@@ -185,5 +202,7 @@ mod tests {
         assert!(tree_rss_kib(&tree).unwrap_or(0) > 0);
         assert!(tree_cpu_us(&tree).is_some());
         assert!(sockstat().tcp_inuse < u64::MAX);
+        assert!(slab_kib().unwrap_or(0) > 0);
+        assert!(system_busy_us().is_some());
     }
 }

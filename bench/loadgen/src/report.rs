@@ -1,6 +1,7 @@
 //! Latency histograms, per-connection tallies and the one-line JSON result.
 
 use std::fmt::Write as _;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
@@ -47,25 +48,49 @@ impl Window {
     }
 }
 
-/// What one connection (or worker) saw.
+/// One latency histogram shared by every connection of a run (a histogram is hundreds of KiB,
+/// too much to give each of thousands of connections its own). The runtime has one thread, so
+/// the lock is never contended.
+#[derive(Clone)]
+pub struct Latencies(Arc<Mutex<Histogram<u64>>>);
+
+impl Latencies {
+    pub fn new() -> Self {
+        Self(Arc::new(Mutex::new(new_hist())))
+    }
+
+    /// Record `done - sent` if the message falls in the window; say whether it did.
+    pub fn record_in(&self, w: &Window, sent: Instant, done: Instant) -> bool {
+        if !w.counts(sent, done) {
+            return false;
+        }
+        if let Ok(mut h) = self.0.lock() {
+            h.saturating_record((done - sent).as_nanos().max(1) as u64);
+        }
+        true
+    }
+
+    pub fn snapshot(&self) -> Histogram<u64> {
+        self.0.lock().map(|h| h.clone()).unwrap_or_else(|_| new_hist())
+    }
+}
+
+/// What one connection (or worker) saw: its latencies go to the run's shared histogram.
 pub struct Tally {
-    pub hist: Histogram<u64>,
+    pub lat: Latencies,
     pub messages: u64,
     pub errors: u64,
     pub first_error: Option<String>,
 }
 
-impl Default for Tally {
-    fn default() -> Self {
-        Self { hist: new_hist(), messages: 0, errors: 0, first_error: None }
-    }
-}
-
 impl Tally {
+    pub fn new(lat: &Latencies) -> Self {
+        Self { lat: lat.clone(), messages: 0, errors: 0, first_error: None }
+    }
+
     pub fn record(&mut self, w: &Window, sent: Instant, done: Instant) {
-        if w.counts(sent, done) {
+        if self.lat.record_in(w, sent, done) {
             self.messages += 1;
-            self.hist.saturating_record((done - sent).as_nanos().max(1) as u64);
         }
     }
 
@@ -76,8 +101,8 @@ impl Tally {
         }
     }
 
+    /// Add another tally's counts (both record into the same histogram).
     pub fn merge(&mut self, other: Tally) {
-        self.hist.add(&other.hist).expect("histograms with the same bounds");
         self.messages += other.messages;
         self.errors += other.errors;
         if self.first_error.is_none() {
@@ -187,9 +212,16 @@ mod tests {
         assert!(w.counts(w.start, w.end));
         assert!(!w.counts(w.start, w.end + Duration::from_nanos(1)));
         assert_eq!(w.instant(w.stamp(w.start)), w.start);
-        let mut t = Tally::default();
+        let lat = Latencies::new();
+        let mut t = Tally::new(&lat);
         t.record(&w, w.start, w.start + Duration::from_micros(5));
-        assert_eq!(t.messages, 1);
-        assert_eq!(t.hist.value_at_quantile(0.5) / 1000, 5);
+        t.record(&w, w.t0, w.start);
+        let mut u = Tally::new(&lat);
+        u.record(&w, w.start, w.start + Duration::from_micros(7));
+        t.merge(u);
+        assert_eq!(t.messages, 2);
+        let h = lat.snapshot();
+        assert_eq!(h.len(), 2);
+        assert_eq!(h.value_at_quantile(0.25) / 1000, 5);
     }
 }
