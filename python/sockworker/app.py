@@ -183,30 +183,42 @@ class _Runtime:
 
     def _dispatch(self, events: list[tuple[Any, ...]]) -> None:
         sockets = self.sockets
-        for event in events:
-            kind = event[0]
-            if kind == _EV_MESSAGE:
-                socket = sockets.get(event[1]) or self.revive(event[1])
-                if socket is not None:
-                    socket._on_message(event[2])
-            elif kind == _EV_REQUEST:
-                self.on_request(*event[1:])
-            elif kind == _EV_CLOSE:
-                socket = sockets.pop(event[1], None)
-                if socket is None and event[5] is not None:
-                    socket = self.revive_closed(event[5])
-                if socket is not None:
-                    socket._on_close(event[2], event[3], event[4])
-            elif kind == _EV_ERROR:
-                socket = sockets.get(event[1]) or self.revive(event[1])
-                if socket is not None:
-                    socket._on_error(event[2])
-            elif kind == _EV_DRAINED:
-                socket = sockets.get(event[1])
-                if socket is not None:
-                    socket._on_drained()
-            elif kind == _EV_ALL_CLOSED:
-                self._stop()
+        start = 0
+        while start < len(events):
+            index = start
+            # One try around the loop (free in CPython 3.11) rather than one per event: a bug of
+            # ours in one event is logged and must not cost the rest of the batch. Handlers' own
+            # exceptions are handled where they run.
+            try:
+                for index in range(start, len(events)):
+                    event = events[index]
+                    kind = event[0]
+                    if kind == _EV_MESSAGE:
+                        socket = sockets.get(event[1]) or self.revive(event[1])
+                        if socket is not None:
+                            socket._on_message(event[2])
+                    elif kind == _EV_REQUEST:
+                        self.on_request(*event[1:])
+                    elif kind == _EV_CLOSE:
+                        socket = sockets.pop(event[1], None)
+                        if socket is None and event[5] is not None:
+                            socket = self.revive_closed(event[5])
+                        if socket is not None:
+                            socket._on_close(event[2], event[3], event[4])
+                    elif kind == _EV_ERROR:
+                        socket = sockets.get(event[1]) or self.revive(event[1])
+                        if socket is not None:
+                            socket._on_error(event[2])
+                    elif kind == _EV_DRAINED:
+                        socket = sockets.get(event[1])
+                        if socket is not None:
+                            socket._on_drained()
+                    elif kind == _EV_ALL_CLOSED:
+                        self._stop()
+                return
+            except Exception:
+                logger.exception("internal error dispatching event %r", events[index][:2])
+                start = index + 1
 
     def revive(self, socket_id: int) -> WebSocket | None:
         """The socket of a hibernated object: a new Python object for it (the object itself

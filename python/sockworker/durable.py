@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from . import _native
 from .errors import InvalidArgument, ResponseError
-from .http import Request, Response
+from .http import Headers, Request, Response
 from .limits import Limits
 from .websocket import WebSocket
 
@@ -335,7 +335,11 @@ class _ObjectHost:
     def run(self, name: str, *args: Any) -> None:
         """Runs a handler for an event that returns nothing (socket events, alarm)."""
         self.touch()
-        handler = self.handler(name)
+        try:
+            handler = self.handler(name)  # may run the constructor
+        except Exception:
+            self.reset(f"the constructor (for {name})")
+            return
         if handler is None:
             return
         self.in_flight += 1
@@ -365,13 +369,12 @@ class _ObjectHost:
         """Runs a handler whose result the caller awaits (fetch, RPC); exceptions propagate to
         the caller after resetting the instance."""
         self.touch()
+        method = self.handler(name) if name in HANDLER_NAMES else getattr(self.awake(), name, None)
+        if method is None or not callable(method):
+            # The caller's mistake, not the object's: no reset.
+            raise AttributeError(f"{self.cls.__name__} has no method {name!r}")
         self.in_flight += 1
         try:
-            method = (
-                self.handler(name) if name in HANDLER_NAMES else getattr(self.awake(), name, None)
-            )
-            if method is None or not callable(method):
-                raise AttributeError(f"{self.cls.__name__} has no method {name!r}")
             result = method(*args, **kwargs)
             if inspect.isawaitable(result):
                 result = await result
@@ -429,8 +432,6 @@ class DurableObjectStub:
         self, request: Request | str, *, method: str = "GET", headers: Any = None, body: bytes = b""
     ) -> Response:
         if isinstance(request, str):
-            from .http import Headers
-
             request = Request(method, request, Headers(headers), body)
         host = self._namespace._host(self.id)
         response = await host.call("fetch", request)
