@@ -89,7 +89,9 @@ pub fn end_batch() {
     };
     let direct = touched.len() <= DIRECT_FLUSH_MAX_SOCKETS;
     for socket in touched {
-        if !(direct && socket.write_directly()) {
+        // The task is woken also after a complete direct write when someone waits for the
+        // queue to drain: the task is what reports it.
+        if !(direct && socket.write_directly()) || socket.want_drain.load(Ordering::Acquire) {
             socket.wake.notify_one();
         }
     }
