@@ -231,11 +231,11 @@ impl Connection {
     }
 
     fn on_bytes(&mut self, data: &[u8]) {
-        let mut units = Vec::new();
-        let result = self.decoder.feed(data, &mut |unit| units.push(unit));
-        for unit in units {
-            self.on_incoming(unit);
-        }
+        // The decoder is lent out for the call so each unit goes straight to `on_incoming`,
+        // without collecting them in a vector per read (an empty decoder allocates nothing).
+        let mut decoder = std::mem::replace(&mut self.decoder, MessageDecoder::new(0));
+        let result = decoder.feed(data, &mut |unit| self.on_incoming(unit));
+        self.decoder = decoder;
         if let Err(violation) = result {
             if self.phase == Phase::Open {
                 self.events.push(Event::Error { socket: self.socket.id(), message: violation.reason.into() });
