@@ -6,6 +6,7 @@ Everything a user needs is importable from here; ``sockworker._native`` is priva
 from __future__ import annotations
 
 from .app import App, Env, ExecutionContext
+from .billing import BillingHook, Meter, Pricing, UsageRecord
 from .durable import (
     AutoResponse,
     DurableObject,
@@ -17,6 +18,7 @@ from .durable import (
 )
 from .errors import (
     ConnectionClosed,
+    CpuLimitExceeded,
     InvalidArgument,
     LimitExceeded,
     ProtocolError,
@@ -31,8 +33,10 @@ from .websocket import CloseEvent, ErrorEvent, MessageEvent, WebSocket, WebSocke
 __all__ = [
     "App",
     "AutoResponse",
+    "BillingHook",
     "CloseEvent",
     "ConnectionClosed",
+    "CpuLimitExceeded",
     "DurableObject",
     "DurableObjectId",
     "DurableObjectNamespace",
@@ -46,12 +50,15 @@ __all__ = [
     "LimitExceeded",
     "Limits",
     "MessageEvent",
+    "Meter",
+    "Pricing",
     "ProtocolError",
     "Request",
     "Response",
     "ResponseError",
     "ServerStartError",
     "SockworkerError",
+    "UsageRecord",
     "WebSocket",
     "WebSocketPair",
     "now",

@@ -11,9 +11,10 @@ import signal
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from . import _native
+from . import _native, cpu
+from .billing import BillingHook, Meter, Pricing
 from .durable import DurableObjectNamespace, _ObjectHost
-from .errors import ResponseError
+from .errors import CpuLimitExceeded, ResponseError
 from .http import Request, Response
 from .limits import Limits
 from .websocket import WebSocket
@@ -23,6 +24,9 @@ __all__ = ["App", "Env", "ExecutionContext"]
 logger = logging.getLogger("sockworker")
 
 FetchHandler = Callable[[Request, "Env", "ExecutionContext"], Awaitable[Response] | Response]
+AccountOf = Callable[[Request], str]
+_REQUESTS = _native.UNIT_REQUESTS
+_PLAIN = [("content-type", b"text/plain; charset=utf-8")]
 
 SHUTDOWN_GRACE = 10.0
 _EV_REQUEST = _native.EV_REQUEST
@@ -75,9 +79,24 @@ class App:
         limits: Limits | None = None,
         env: Mapping[str, Any] | None = None,
         durable_objects: Mapping[str, type] | None = None,
+        account: AccountOf | None = None,
+        billing: BillingHook | None = None,
+        pricing: Pricing | None = None,
+        metrics_path: str | None = None,
+        metering: bool = True,
     ) -> None:
+        """``account(request)`` labels what a request costs (default ``"default"``);
+        ``billing`` receives usage records and may refuse requests (``admit``); ``pricing``
+        sets the ratios; ``metrics_path`` (off by default) serves the totals as Prometheus
+        text; ``metering=False`` turns CPU accounting, CPU limits and the meter off."""
         self.fetch = fetch
         self.limits = limits or Limits()
+        self.account = account
+        self.billing = billing
+        self.pricing = pricing or Pricing()
+        self.meter = Meter(self.pricing)
+        self.metrics_path = metrics_path
+        self.metering = metering
         self.namespaces = {
             binding: DurableObjectNamespace(binding, cls, self.limits)
             for binding, cls in (durable_objects or {}).items()
@@ -128,8 +147,15 @@ class _Runtime:
             idle_timeout=float(limits.idle_timeout),
             max_connections=limits.max_connections,
             max_body_size=limits.max_body_size,
+            metering=app.metering,
         )
         self.ctx = ExecutionContext(self)
+        self.meter = app.meter
+        # The Worker's slot per account.
+        self.worker_slots: dict[str, _native.Slot] = {}
+        # Objects resident and billed for duration now.
+        self.billing_hosts: set[_ObjectHost] = set()
+        self.flush_timer: asyncio.TimerHandle | None = None
         self.sockets: dict[int, WebSocket] = {}
         # Durable Objects by the key the core gives their sockets' events.
         self.objects: dict[int, _ObjectHost] = {}
@@ -147,6 +173,11 @@ class _Runtime:
         loop.add_reader(self.server.fileno(), self.dispatch)
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.shutdown)
+        previous_factory = loop.get_task_factory()
+        if self.app.metering:
+            cpu._server = self.server
+            loop.set_task_factory(cpu.task_factory(self.server))
+            self._schedule_flush()
         logger.info("listening on http://%s:%d", shown, port)
         try:
             await self.stopped
@@ -157,6 +188,15 @@ class _Runtime:
             self.server.stop()
             for task in list(self.tasks):
                 task.cancel()
+            if self.flush_timer is not None:
+                self.flush_timer.cancel()
+            if self.app.metering:
+                loop.set_task_factory(previous_factory)
+                cpu._server = None
+                # Every object stops accruing duration; the hook gets the last records.
+                for resident in list(self.billing_hosts):
+                    resident.settle(force=True)
+                self.meter._deliver(self.app.billing)
             logger.info("stopped")
 
     def shutdown(self) -> None:
@@ -172,26 +212,53 @@ class _Runtime:
         if not self.stopped.done():
             self.stopped.set_result(None)
 
+    # -- the meter -------------------------------------------------------------------------------
+
+    def _schedule_flush(self) -> None:
+        hook = self.app.billing
+        interval = hook.flush_interval if hook is not None else BillingHook.flush_interval
+        self.flush_timer = self.loop.call_later(interval, self._flush)
+
+    def _flush(self) -> None:
+        """Brings every resident object's duration up to now, then gives the hook its records."""
+        for resident in list(self.billing_hosts):
+            resident.settle()
+        self.meter._deliver(self.app.billing)
+        self._schedule_flush()
+
+    def worker_slot(self, account: str) -> _native.Slot:
+        slot = self.worker_slots.get(account)
+        if slot is None:
+            slot = self.meter._native.slot(account, None, None, self.app.limits.cpu_ms)
+            self.worker_slots[account] = slot
+        return slot
+
+    def current_account(self) -> str:
+        """The account of the code running now (the caller of a stub, say)."""
+        slot = self.server.current_slot() if self.app.metering else None
+        return slot.account if slot is not None else "default"
+
     # -- the hot path: one call per batch of core events -----------------------------------------
 
     def dispatch(self) -> None:
         try:
             self._dispatch(self.server.drain())
         finally:
-            # Writes what the batch's handlers sent, in as few system calls as it can.
+            # Charges the batch's CPU time, and writes what its handlers sent in as few system
+            # calls as it can.
             self.server.flush()
 
-    def _dispatch(self, events: list[tuple[Any, ...]]) -> None:
+    def _dispatch(self, events: _native.Batch) -> None:
         sockets = self.sockets
-        start = 0
-        while start < len(events):
-            index = start
+        done = False
+        while not done:
+            event: tuple[Any, ...] = ()
             # One try around the loop (free in CPython 3.11) rather than one per event: a bug of
             # ours in one event is logged and must not cost the rest of the batch. Handlers' own
-            # exceptions are handled where they run.
+            # exceptions are handled where they run. Iterating the batch tells the core which
+            # event runs (CPU accounting, the CPU-limit watchdog).
             try:
-                for index in range(start, len(events)):
-                    event = events[index]
+                for event in events:
                     kind = event[0]
                     if kind == _EV_MESSAGE:
                         socket = sockets.get(event[1]) or self.revive(event[1])
@@ -215,10 +282,9 @@ class _Runtime:
                             socket._on_drained()
                     elif kind == _EV_ALL_CLOSED:
                         self._stop()
-                return
+                done = True
             except Exception:
-                logger.exception("internal error dispatching event %r", events[index][:2])
-                start = index + 1
+                logger.exception("internal error dispatching event %r", event[:2])
 
     def revive(self, socket_id: int) -> WebSocket | None:
         """The socket of a hibernated object: a new Python object for it (the object itself
@@ -257,37 +323,92 @@ class _Runtime:
         peer: str,
     ) -> None:
         request = Request._from_core(method, target, headers, body, peer)
-        handler = self.app.fetch
+        app = self.app
+        if app.metrics_path is not None and request.path == app.metrics_path:
+            # The operator's endpoint: not billed, not admitted.
+            text = app.meter._prometheus().encode()
+            reply.respond(200, [("content-type", b"text/plain; version=0.0.4")], text)
+            return
+        slot: _native.Slot | None = None
+        if app.metering:
+            try:
+                account = app.account(request) if app.account is not None else "default"
+                if not isinstance(account, str):
+                    raise TypeError(f"App(account=...) must return a str, not {account!r}")
+                refusal = app.billing.admit(request, account) if app.billing is not None else None
+            except Exception:
+                logger.exception("exception labelling or admitting %s %s", method, request.url)
+                reply.respond(500, _PLAIN, b"Internal Server Error")
+                return
+            if refusal is not None:
+                # Refused before anything is counted: no request, no connection.
+                self._answer(reply, request, refusal, None)
+                return
+            slot = self.worker_slot(account)
+            self.server.relabel(slot)
+        handler = app.fetch
         if handler is None:
-            reply.respond(404, [("content-type", b"text/plain; charset=utf-8")], b"Not Found")
+            self._count(slot, None)
+            reply.respond(404, _PLAIN, b"Not Found")
             return
         try:
-            result = handler(request, self.app.env, self.ctx)
-        except Exception:
-            self._fail(reply, request)
+            result = handler(request, app.env, self.ctx)
+        except Exception as error:
+            self._fail(reply, request, slot, error)
             return
         if inspect.isawaitable(result):
-            self.spawn(self._answer_later(reply, request, result), "fetch")
+            self.spawn(self._answer_later(reply, request, result, slot), "fetch")
         else:
-            self._answer(reply, request, result)
+            self._answer(reply, request, result, slot)
 
     async def _answer_later(
-        self, reply: _native.PendingReply, request: Request, result: Awaitable[Response]
+        self,
+        reply: _native.PendingReply,
+        request: Request,
+        result: Awaitable[Response],
+        slot: _native.Slot | None,
     ) -> None:
         try:
             response = await result
-        except Exception:
-            self._fail(reply, request)
+        except Exception as error:
+            self._fail(reply, request, slot, error)
             return
-        self._answer(reply, request, response)
+        self._answer(reply, request, response, slot)
 
-    def _fail(self, reply: _native.PendingReply, request: Request) -> None:
-        logger.exception("exception in fetch for %s %s", request.method, request.url)
-        reply.respond(
-            500, [("content-type", b"text/plain; charset=utf-8")], b"Internal Server Error"
-        )
+    @staticmethod
+    def _count(slot: _native.Slot | None, response: object) -> None:
+        """One request for the Worker, unless it answered with a socket it accepted itself
+        (that is one connection, counted by the core when the 101 goes out)."""
+        if slot is None:
+            return
+        if isinstance(response, Response) and response.websocket is not None:
+            server = response.websocket._peer
+            if server is not None and server._slot == slot:
+                return
+        slot.add(_REQUESTS, 1)
 
-    def _answer(self, reply: _native.PendingReply, request: Request, response: object) -> None:
+    def _fail(
+        self,
+        reply: _native.PendingReply,
+        request: Request,
+        slot: _native.Slot | None,
+        error: BaseException,
+    ) -> None:
+        self._count(slot, None)
+        if isinstance(error, CpuLimitExceeded):
+            logger.error("fetch for %s %s exceeded its CPU limit", request.method, request.url)
+            reply.respond(503, _PLAIN, b"Service Unavailable: CPU limit exceeded")
+            return
+        logger.error("exception in fetch for %s %s", request.method, request.url, exc_info=error)
+        reply.respond(500, _PLAIN, b"Internal Server Error")
+
+    def _answer(
+        self,
+        reply: _native.PendingReply,
+        request: Request,
+        response: object,
+        slot: _native.Slot | None,
+    ) -> None:
         try:
             if not isinstance(response, Response):
                 raise ResponseError(
@@ -295,10 +416,12 @@ class _Runtime:
                 )
             if response.websocket is None:
                 reply.respond(response.status, response.headers.raw(), response.body)
-                return
-            self._upgrade(reply, request, response)
-        except Exception:
-            self._fail(reply, request)
+            else:
+                self._upgrade(reply, request, response)
+        except Exception as error:
+            self._fail(reply, request, slot, error)
+            return
+        self._count(slot, response)
 
     def _upgrade(self, reply: _native.PendingReply, request: Request, response: Response) -> None:
         client = response.websocket
@@ -317,7 +440,7 @@ class _Runtime:
                 "status 101 with a websocket answers only a WebSocket upgrade request"
             )
         headers = response.headers
-        handle = reply.accept_websocket(headers.raw())
+        handle = reply.accept_websocket(headers.raw(), server._slot)
         url = "ws" + request.url.removeprefix("http")
         self.sockets[handle.id] = server
         server._bind(handle, self, url, headers.get("sec-websocket-protocol", ""))

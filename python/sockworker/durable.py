@@ -19,7 +19,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from . import _native
+from . import _native, cpu
 from .errors import InvalidArgument, ResponseError
 from .http import Headers, Request, Response
 from .limits import Limits
@@ -149,6 +149,7 @@ class DurableObjectState:
             raise ResponseError("this WebSocket was already accepted")
         host = self._host
         host.native.check_accept(host.pending_accepts + 1, tags)
+        ws._slot = cpu.current_slot()
         ws._accepted = True
         ws._ready_state = WebSocket.OPEN
         ws._object = host
@@ -253,6 +254,57 @@ class _ObjectHost:
         self.last_event = 0.0
         self.timer: asyncio.TimerHandle | None = None
         self.hibernate_after = float(namespace.limits.hibernate_after)
+        # The meter: a slot per account, and the open interval of billable duration.
+        self.slots: dict[str, _native.Slot] = {}
+        self.billed_since: float | None = None
+        self.bill_slot: _native.Slot | None = None
+
+    # -- the meter ------------------------------------------------------------------------------
+
+    def slot(self, account: str) -> _native.Slot:
+        slot = self.slots.get(account)
+        if slot is None:
+            slot = self.runtime.meter._native.slot(
+                account, self.namespace.binding, str(self.id), self.namespace.limits.cpu_ms
+            )
+            self.slots[account] = slot
+        return slot
+
+    def idle_hibernatable(self) -> bool:
+        """Idle and holding only hibernatable sockets: not billed for duration (SPEC §4)."""
+        return not (
+            self.in_flight
+            or self.tasks
+            or self.pending_accepts
+            or any(ws.ready_state != WebSocket.CLOSED for ws in self.standard_sockets)
+        )
+
+    def bill(self) -> None:
+        """The object is (still) active: its duration accrues from now if it did not."""
+        if self.billed_since is not None or not self.runtime.app.metering:
+            return
+        self.billed_since = self.runtime.loop.time()
+        current = cpu.current_slot()
+        self.bill_slot = (
+            current
+            if current is not None and current.object_id == str(self.id)
+            else self.slot(self.runtime.current_account())
+        )
+        self.runtime.billing_hosts.add(self)
+
+    def settle(self, force: bool = False) -> None:
+        """Accrues the duration up to now; the interval ends if the object is idle and
+        hibernatable, or gone (or ``force``, at shutdown)."""
+        since, slot = self.billed_since, self.bill_slot
+        if since is None or slot is None:
+            return
+        now = self.runtime.loop.time()
+        slot.add(_native.UNIT_DURATION_US, int((now - since) * 1e6))
+        if force or self.instance is None or self.idle_hibernatable():
+            self.billed_since = None
+            self.runtime.billing_hosts.discard(self)
+        else:
+            self.billed_since = now
 
     # -- instance lifecycle ---------------------------------------------------------------------
 
@@ -283,6 +335,7 @@ class _ObjectHost:
 
     def hibernate(self) -> None:
         """Drops the instance and every Python object of its sockets; the core keeps them."""
+        self.settle(force=True)
         for socket_id in self.sockets:
             self.runtime.sockets.pop(socket_id, None)
         self.sockets.clear()
@@ -304,6 +357,7 @@ class _ObjectHost:
     # -- hibernation clock ----------------------------------------------------------------------
 
     def touch(self) -> None:
+        self.settle()
         self.last_event = self.runtime.loop.time()
         if self.timer is None:
             self.timer = self.runtime.loop.call_later(self.hibernate_after, self._check_idle)
@@ -334,26 +388,30 @@ class _ObjectHost:
 
     def run(self, name: str, *args: Any) -> None:
         """Runs a handler for an event that returns nothing (socket events, alarm)."""
-        self.touch()
-        try:
-            handler = self.handler(name)  # may run the constructor
-        except Exception:
-            self.reset(f"the constructor (for {name})")
-            return
-        if handler is None:
-            return
+        self.bill()
         self.in_flight += 1
         try:
-            result = handler(*args)
-        except Exception:
+            try:
+                handler = self.handler(name)  # may run the constructor
+            except Exception:
+                self.reset(f"the constructor (for {name})")
+                return
+            if handler is None:
+                return
+            try:
+                result = handler(*args)
+            except Exception:
+                self.reset(name)
+                return
+            if inspect.isawaitable(result):
+                timeout = (
+                    self.event_timeout / 1000 if self.event_timeout and name != "alarm" else None
+                )
+                self.in_flight += 1  # until _finish ends
+                self.runtime.spawn(self._finish(name, result, timeout), name)
+        finally:
             self.in_flight -= 1
-            self.reset(name)
-            return
-        if not inspect.isawaitable(result):
-            self.in_flight -= 1
-            return
-        timeout = self.event_timeout / 1000 if self.event_timeout and name != "alarm" else None
-        self.runtime.spawn(self._finish(name, result, timeout), name)
+            self.touch()
 
     async def _finish(self, name: str, result: Awaitable[Any], seconds: float | None) -> None:
         try:
@@ -367,13 +425,26 @@ class _ObjectHost:
 
     async def call(self, name: str, *args: Any, **kwargs: Any) -> Any:
         """Runs a handler whose result the caller awaits (fetch, RPC); exceptions propagate to
-        the caller after resetting the instance."""
+        the caller after resetting the instance. It runs as a task of its own, so its CPU is
+        charged to this object (for the caller's account), not to the caller."""
+        runtime = self.runtime
+        if not runtime.app.metering:
+            return await self._invoke(None, name, args, kwargs)
+        slot = self.slot(runtime.current_account())
+        coro = cpu.Metered(self._invoke(slot, name, args, kwargs), slot, runtime.server)
+        return await asyncio.Task(coro, loop=runtime.loop)
+
+    async def _invoke(
+        self, slot: _native.Slot | None, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        self.bill()
         self.touch()
         method = self.handler(name) if name in HANDLER_NAMES else getattr(self.awake(), name, None)
         if method is None or not callable(method):
             # The caller's mistake, not the object's: no reset.
             raise AttributeError(f"{self.cls.__name__} has no method {name!r}")
         self.in_flight += 1
+        result: Any = None
         try:
             result = method(*args, **kwargs)
             if inspect.isawaitable(result):
@@ -383,6 +454,8 @@ class _ObjectHost:
             raise
         finally:
             self.in_flight -= 1
+            if slot is not None and not _accepted_here(result, slot):
+                slot.add(_native.UNIT_REQUESTS, 1)
             self.touch()
         return result
 
@@ -417,6 +490,14 @@ class _ObjectHost:
         self.run("websocket_error", ws, error)
 
 
+def _accepted_here(result: Any, slot: _native.Slot) -> bool:
+    """The fetch answered with a socket it accepted itself: a connection, not a request."""
+    if not isinstance(result, Response) or result.websocket is None:
+        return False
+    server = result.websocket._peer
+    return server is not None and server._slot == slot
+
+
 class DurableObjectStub:
     """The way to one object: ``await stub.fetch(request)`` and ``await stub.method(*args)``
     (arguments and results are passed by value: pickled)."""
@@ -440,6 +521,7 @@ class DurableObjectStub:
         server = response.websocket._peer if response.websocket is not None else None
         if server is not None and server._object is None and server._accepted:
             host.standard_sockets.append(server)
+            host.bill()  # a standard-API socket keeps the object billed while it is open
         return response
 
     def __getattr__(self, name: str) -> Callable[..., Awaitable[Any]]:

@@ -7,6 +7,7 @@ and ``except ConnectionError`` keep working::
      ├── InvalidArgument(SockworkerError, ValueError)   a value out of range (close code, reason)
      ├── ResponseError(SockworkerError, RuntimeError)   a handler's answer cannot be sent
      ├── LimitExceeded(SockworkerError)   a configured limit would be passed (sockets per object)
+     │    └── CpuLimitExceeded   an event used more CPU than Limits.cpu_ms (raised inside it)
      ├── ConnectionClosed(SockworkerError, ConnectionError)   the WebSocket is closing or closed
      ├── ProtocolError(SockworkerError, ConnectionError)   the peer broke RFC 6455 (event.error)
      └── ServerStartError(SockworkerError, OSError)   the server could not bind or start
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 __all__ = [
     "ConnectionClosed",
+    "CpuLimitExceeded",
     "InvalidArgument",
     "LimitExceeded",
     "ProtocolError",
@@ -39,6 +41,15 @@ class ResponseError(SockworkerError, RuntimeError):
 
 class LimitExceeded(SockworkerError):
     """A configured limit would be passed (for example hibernatable sockets per object)."""
+
+
+class CpuLimitExceeded(LimitExceeded):
+    """An event used more CPU time than ``Limits.cpu_ms``. The core's watchdog raises it inside
+    the running handler (also in a loop that never awaits); the instance is then reset, and an
+    HTTP event answers 503."""
+
+    def __init__(self, message: str = "the event used more CPU time than Limits.cpu_ms") -> None:
+        super().__init__(message)
 
 
 class ConnectionClosed(SockworkerError, ConnectionError):

@@ -17,7 +17,9 @@ class Limits:
     - ``idle_timeout``: no frame at all from the peer for this long closes with 1001 (0 = off).
     - ``max_connections``: open WebSockets in the whole server; an upgrade past it gets 503.
     - ``max_body_size``: a larger HTTP request body gets 413.
-    - ``hibernate_after`` and ``cpu_ms`` are accepted for Durable Objects and CPU limits.
+    - ``cpu_ms``: CPU one event may use; past it ``CpuLimitExceeded`` is raised inside the
+      handler, the object resets and an HTTP event answers 503.
+    - ``hibernate_after``: an idle Durable Object drops its instance after this long.
     """
 
     cpu_ms: int = 30_000

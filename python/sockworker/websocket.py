@@ -14,10 +14,11 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+from . import cpu
 from .errors import ConnectionClosed, InvalidArgument, ProtocolError, ResponseError
 
 if TYPE_CHECKING:
-    from ._native import SocketHandle
+    from ._native import Slot, SocketHandle
 
 __all__ = ["CloseEvent", "ErrorEvent", "MessageEvent", "WebSocket", "WebSocketPair"]
 
@@ -109,6 +110,7 @@ class WebSocket:
         "_pending",
         "_reader",
         "_ready_state",
+        "_slot",
         "_tags",
         "extensions",
         "protocol",
@@ -126,6 +128,8 @@ class WebSocket:
         # The Durable Object host of a hibernatable socket (events go to its handlers).
         self._object: ObjectEvents | None = None
         self._tags: list[str] = []
+        # The meter slot billed for the connection and its traffic: whoever accepted it.
+        self._slot: Slot | None = None
         self._attachment: bytes | None = None
         self._listeners: dict[str, list[tuple[Listener, bool]]] = {
             "message": [],
@@ -164,6 +168,7 @@ class WebSocket:
             raise ResponseError("accept() was already called on this WebSocket")
         self._accepted = True
         self._ready_state = WebSocket.OPEN
+        self._slot = cpu.current_slot()
 
     # -- listeners -----------------------------------------------------------------------------
 

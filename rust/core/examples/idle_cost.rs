@@ -37,7 +37,7 @@ fn main() {
             let mut answered = false;
             for event in server.events().drain() {
                 if let Event::Request(pending) = event {
-                    pending.reply.accept_websocket(Vec::new()).unwrap();
+                    pending.reply.accept_websocket(Vec::new(), None).unwrap();
                     answered = true;
                 }
             }

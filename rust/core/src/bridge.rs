@@ -25,6 +25,9 @@ pub enum Event {
     Message {
         socket: u64,
         data: Payload,
+        /// The address of the socket's meter slot (0: none): tells runs of events of one slot
+        /// apart without touching the slot's reference count on the I/O thread.
+        slot: usize,
     },
     /// The socket is closed; always the last event of a socket, sent exactly once.
     Close {
@@ -34,16 +37,12 @@ pub enum Event {
         was_clean: bool,
         /// The socket itself when it belonged to a Durable Object.
         object_socket: Option<std::sync::Arc<crate::socket::SocketShared>>,
+        slot: Option<std::sync::Arc<crate::meter::Slot>>,
     },
     /// Something went wrong on the socket (a protocol violation, an I/O error); a Close follows.
-    Error {
-        socket: u64,
-        message: String,
-    },
+    Error { socket: u64, message: String, slot: Option<std::sync::Arc<crate::meter::Slot>> },
     /// The send queue fell below the low-water mark after `SocketShared::request_drain`.
-    Drained {
-        socket: u64,
-    },
+    Drained { socket: u64 },
     /// During shutdown, the last socket has closed.
     AllClosed,
 }

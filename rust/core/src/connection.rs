@@ -18,6 +18,7 @@ use tokio::time::{sleep_until, Instant, Sleep};
 
 use crate::bridge::Event;
 use crate::frame::{self, close_code, Incoming, MessageDecoder};
+use crate::meter::Unit;
 use crate::server::ServerCtx;
 use crate::socket::{CloseRequest, SocketShared};
 
@@ -216,6 +217,9 @@ impl Connection {
                 match self.stream.try_read(&mut scratch) {
                     Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
                     Ok(n) => {
+                        if let Some(slot) = self.socket.slot() {
+                            slot.add_io(Unit::BytesIn, n as u64);
+                        }
                         self.last_frame = Instant::now();
                         self.on_bytes(&scratch[..n]);
                         if n < scratch.len() || self.phase == Phase::Finishing {
@@ -238,7 +242,11 @@ impl Connection {
         self.decoder = decoder;
         if let Err(violation) = result {
             if self.phase == Phase::Open {
-                self.events.push(Event::Error { socket: self.socket.id(), message: violation.reason.into() });
+                self.events.push(Event::Error {
+                    socket: self.socket.id(),
+                    message: violation.reason.into(),
+                    slot: self.socket.slot().cloned(),
+                });
                 self.fail(violation.code, violation.reason);
             } else {
                 self.phase = Phase::Finishing;
@@ -253,11 +261,17 @@ impl Connection {
         match unit {
             Incoming::Message(data) => {
                 if self.phase == Phase::Open {
-                    if let Some(answer) = self.socket.auto_response(&data) {
+                    let answer = self.socket.auto_response(&data);
+                    let slot = self.socket.slot();
+                    if let Some(slot) = slot {
+                        slot.add_io(if answer.is_some() { Unit::AutoResponses } else { Unit::MessagesIn }, 1);
+                    }
+                    let key = slot.map_or(0, |slot| Arc::as_ptr(slot) as usize);
+                    if let Some(answer) = answer {
                         // Answered here: a hibernated object stays asleep.
                         self.queue(answer);
                     } else {
-                        self.events.push(Event::Message { socket: self.socket.id(), data });
+                        self.events.push(Event::Message { socket: self.socket.id(), data, slot: key });
                     }
                 }
             }
@@ -330,6 +344,9 @@ impl Connection {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(mut written) => {
                     self.socket.sub_buffered(written);
+                    if let Some(slot) = self.socket.slot() {
+                        slot.add_io(Unit::BytesOut, written as u64);
+                    }
                     while written > 0 {
                         let front = self.out.front_mut().expect("written bytes come from the queue");
                         if written >= front.len() {
@@ -443,7 +460,9 @@ mod tests {
         client.write_all(&masked(0x88, &[0x0F, 0xA1, b'x'])).await.unwrap();
         assert_eq!(read_exact(&mut client, 5).await, [0x88, 3, 0x0F, 0xA1, b'x'], "close echoed");
         let got = events(&ctx, 2).await;
-        assert!(matches!(&got[0], Event::Message { socket: 7, data: Payload::Text(t) } if &t[..] == b"hi"));
+        assert!(
+            matches!(&got[0], Event::Message { socket: 7, data: Payload::Text(t), .. } if &t[..] == b"hi")
+        );
         assert!(matches!(&got[1], Event::Close { socket: 7, code: 4001, was_clean: true, .. }));
     }
 

@@ -7,14 +7,17 @@ pub mod connection;
 pub mod error;
 pub mod frame;
 pub mod handshake;
+pub mod meter;
 pub mod object;
 pub mod runtime;
 pub mod server;
 pub mod socket;
+pub mod watchdog;
 
 pub use bridge::{Event, EventQueue, Payload};
 pub use config::{Limits, ServerConfig};
 pub use error::CoreError;
+pub use meter::{Label, Meter, Slot, Unit};
 pub use object::{ObjectShared, SocketMeta};
 pub use server::{Answer, PendingRequest, Reply, Server};
 pub use socket::{SendOutcome, SocketShared};

@@ -25,6 +25,7 @@ use crate::config::{Limits, ServerConfig};
 use crate::connection;
 use crate::error::CoreError;
 use crate::handshake::{self, Upgrade};
+use crate::meter::{Slot, Unit};
 use crate::runtime;
 use crate::socket::SocketShared;
 
@@ -60,13 +61,14 @@ impl ServerCtx {
             let mut sockets = self.sockets.lock();
             (sockets.remove(&id), sockets.len())
         };
+        let slot = socket.as_ref().and_then(|socket| socket.slot().cloned());
         // A socket of an object travels with its Close event: the application may have no
         // object of its own for it (hibernated) and needs its tags and attachment.
         let socket = socket.filter(|socket| {
             let object = socket.meta_if_any().and_then(|meta| meta.object.clone());
             object.inspect(|object| object.forget(id)).is_some()
         });
-        self.events.push(Event::Close { socket: id, code, reason, was_clean, object_socket: socket });
+        self.events.push(Event::Close { socket: id, code, reason, was_clean, object_socket: socket, slot });
         if remaining == 0 && self.shutting_down.load(Ordering::Acquire) {
             self.events.push(Event::AllClosed);
         }
@@ -116,25 +118,32 @@ impl Reply {
         let _ = self.tx.send(Answer::Http { status, headers, body });
     }
 
-    /// Answers 101 and returns the socket the connection will become.
+    /// Answers 101 and returns the socket the connection will become; `slot` is billed the
+    /// connection and then the socket's traffic.
     ///
     /// # Errors
     /// `NotAnUpgrade` (with the reply given back) when the request is not a WebSocket upgrade.
     pub fn accept_websocket(
         self,
         headers: Vec<(String, Bytes)>,
+        slot: Option<Arc<Slot>>,
     ) -> Result<Arc<SocketShared>, (Self, CoreError)> {
         if !self.websocket {
             return Err((self, CoreError::NotAnUpgrade));
         }
         let socket = self.ctx.new_socket();
         let id = socket.id();
+        if let Some(slot) = slot {
+            socket.set_slot(slot);
+        }
         if self.ctx.shutting_down.load(Ordering::Acquire) {
             socket.close(crate::frame::close_code::GOING_AWAY, "server shutting down");
         }
         if self.tx.send(Answer::Upgrade { headers, socket: socket.clone() }).is_err() {
-            // The client went away before the answer: the socket never opened.
+            // The client went away before the answer: the socket never opened (nor is billed).
             self.ctx.finish_socket(id, crate::frame::close_code::ABNORMAL, "connection lost".into(), false);
+        } else if let Some(slot) = socket.slot() {
+            slot.add(Unit::Connections, 1);
         }
         Ok(socket)
     }

@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 use std::io::IoSlice;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use bytes::{Buf, Bytes};
 use parking_lot::Mutex;
@@ -14,6 +14,7 @@ use tokio::sync::Notify;
 
 use crate::config::Limits;
 use crate::frame::{self, close_code};
+use crate::meter::{Slot, Unit};
 use crate::object::SocketMeta;
 
 /// What became of a frame given to [`SocketShared::send`].
@@ -122,6 +123,8 @@ pub struct SocketShared {
     low_water: usize,
     /// Tags, attachment, object: boxed, and absent for a socket that never needed them.
     meta: Mutex<Option<Box<SocketMeta>>>,
+    /// Who is billed for this socket's messages and bytes; set once, before the upgrade.
+    slot: OnceLock<Arc<Slot>>,
 }
 
 impl std::fmt::Debug for SocketShared {
@@ -144,7 +147,19 @@ impl SocketShared {
             high_water: limits.send_high_water(),
             low_water: limits.send_low_water(),
             meta: Mutex::new(None),
+            slot: OnceLock::new(),
         }
+    }
+
+    /// Bills this socket's traffic to `slot` from now on (once; later calls are ignored).
+    pub fn set_slot(&self, slot: Arc<Slot>) {
+        let _ = self.slot.set(slot);
+    }
+
+    /// The slot billed for this socket, if any.
+    #[must_use]
+    pub fn slot(&self) -> Option<&Arc<Slot>> {
+        self.slot.get()
     }
 
     #[must_use]
@@ -181,6 +196,9 @@ impl SocketShared {
         let was_empty = outbox.frames.is_empty();
         outbox.frames.push(frame);
         drop(outbox);
+        if let Some(slot) = self.slot.get() {
+            slot.add(Unit::MessagesOut, 1);
+        }
         // The task takes the whole outbox at once, so only the first frame needs a wake-up.
         if was_empty && !defer(self) {
             self.wake.notify_one();
@@ -264,6 +282,9 @@ impl SocketShared {
             return false; // EAGAIN or an error: the task finds out and handles it
         };
         self.sub_buffered(written);
+        if let Some(slot) = self.slot.get() {
+            slot.add(Unit::BytesOut, written as u64);
+        }
         let mut done = 0;
         for frame in &mut outbox.frames {
             if written >= frame.len() {

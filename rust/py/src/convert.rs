@@ -7,9 +7,11 @@
 //!   (DRAINED, socket_id)
 //!   (ALL_CLOSED,)
 
+use std::sync::Arc;
+
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyString};
-use sockworker_core::{Event, Payload};
+use sockworker_core::{Event, Payload, Slot};
 
 use crate::server::PendingReply;
 use crate::socket::SocketHandle;
@@ -43,11 +45,39 @@ fn payload<'py>(py: Python<'py>, data: &Payload) -> Bound<'py, PyAny> {
     }
 }
 
-pub fn events_to_list(py: Python<'_>, events: Vec<Event>) -> PyResult<Bound<'_, PyList>> {
-    let list = PyList::empty(py);
+/// The events as tuples, each with the meter slot it is billed to (`slot_of` finds a socket's
+/// slot, asked once per run of messages of one slot).
+pub fn events_to_vec(
+    py: Python<'_>,
+    events: Vec<Event>,
+    slot_of: impl Fn(u64) -> Option<Arc<Slot>>,
+) -> Vec<(Py<PyAny>, Option<Arc<Slot>>)> {
+    let mut out = Vec::with_capacity(events.len());
+    let mut last: (usize, Option<Arc<Slot>>) = (0, None);
     for event in events {
-        let item = match event {
-            Event::Message { socket, data } => {
+        let slot = match &event {
+            Event::Message { socket, slot: key, .. } if *key != 0 => {
+                if last.0 != *key {
+                    last = (*key, slot_of(*socket));
+                }
+                last.1.clone()
+            }
+            Event::Close { slot, .. } | Event::Error { slot, .. } => slot.clone(),
+            _ => None,
+        };
+        match event_tuple(py, event) {
+            Ok(tuple) => out.push((tuple.unbind(), slot)),
+            // Only a failed allocation gets here: the event is lost, and said so.
+            Err(error) => error.print(py),
+        }
+    }
+    out
+}
+
+fn event_tuple(py: Python<'_>, event: Event) -> PyResult<Bound<'_, PyAny>> {
+    Ok({
+        match event {
+            Event::Message { socket, data, .. } => {
                 (MESSAGE, socket, payload(py, &data)).into_pyobject(py)?.into_any()
             }
             Event::Request(request) => {
@@ -68,15 +98,13 @@ pub fn events_to_list(py: Python<'_>, events: Vec<Event>) -> PyResult<Bound<'_, 
                     .into_pyobject(py)?
                     .into_any()
             }
-            Event::Close { socket, code, reason, was_clean, object_socket } => {
+            Event::Close { socket, code, reason, was_clean, object_socket, .. } => {
                 let handle = object_socket.map(|socket| SocketHandle { socket });
                 (CLOSE, socket, code, reason, was_clean, handle).into_pyobject(py)?.into_any()
             }
-            Event::Error { socket, message } => (ERROR, socket, message).into_pyobject(py)?.into_any(),
+            Event::Error { socket, message, .. } => (ERROR, socket, message).into_pyobject(py)?.into_any(),
             Event::Drained { socket } => (DRAINED, socket).into_pyobject(py)?.into_any(),
             Event::AllClosed => (ALL_CLOSED,).into_pyobject(py)?.into_any(),
-        };
-        list.append(item)?;
-    }
-    Ok(list)
+        }
+    })
 }

@@ -39,3 +39,9 @@ pub fn to_pyerr(py: Python<'_>, error: CoreError) -> PyErr {
         CoreError::LimitExceeded(_) => raise!(py, "LimitExceeded", message),
     }
 }
+
+/// `sockworker.errors.CpuLimitExceeded`, for the watchdog.
+pub fn cpu_limit_exceeded(py: Python<'_>) -> PyResult<Bound<'_, PyType>> {
+    static CLASS: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+    exception_class(py, &CLASS, "CpuLimitExceeded")
+}

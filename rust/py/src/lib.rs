@@ -3,6 +3,7 @@
 
 mod convert;
 mod errors;
+mod meter;
 mod object;
 mod server;
 mod socket;
@@ -13,6 +14,10 @@ use pyo3::prelude::*;
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<server::Server>()?;
     m.add_class::<server::PendingReply>()?;
+    m.add_class::<server::Batch>()?;
+    m.add_class::<meter::Meter>()?;
+    m.add_class::<meter::Slot>()?;
+    meter::add_units(m)?;
     m.add_class::<socket::SocketHandle>()?;
     m.add_class::<object::ObjectState>()?;
     convert::add_event_kinds(m)?;

@@ -1,23 +1,60 @@
 //! `Server` and `PendingReply`: start and stop the core, take event batches, answer requests.
 
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
 use pyo3::prelude::*;
-use pyo3::types::PyList;
-use sockworker_core::{CoreError, Limits, Reply, ServerConfig};
+use sockworker_core::meter::{thread_cpu_clock, thread_cpu_ns, BatchClock};
+use sockworker_core::watchdog::{current_thread_ident, Watch, Watchdog};
+use sockworker_core::{CoreError, Limits, Reply, ServerConfig, Slot as CoreSlot, Unit};
 
-use crate::convert::events_to_list;
-use crate::errors::to_pyerr;
+use crate::convert::events_to_vec;
+use crate::errors::{cpu_limit_exceeded, to_pyerr};
+use crate::meter::Slot;
 use crate::socket::SocketHandle;
+
+/// What the application thread is running, for CPU accounting and the watchdog.
+#[derive(Default)]
+struct Dispatch {
+    clock: BatchClock,
+    in_batch: bool,
+    /// The async step running now: its slot, the CPU clock at its start, its event number.
+    step: Option<(Arc<CoreSlot>, u64, u64)>,
+}
 
 #[pyclass(frozen, module = "sockworker._native")]
 pub struct Server {
     inner: Mutex<Option<sockworker_core::Server>>,
     fd: i32,
     address: SocketAddr,
+    dispatch: Arc<Mutex<Dispatch>>,
+    watch: Arc<Watch>,
+    watchdog: Mutex<Option<Watchdog>>,
+    /// CPU accounting and limits are on.
+    metering: bool,
+}
+
+/// Starts the watchdog of the calling thread (the application thread): an event over its CPU
+/// budget gets `CpuLimitExceeded` raised in it, at the next bytecode the thread runs.
+fn start_watchdog(watch: &Arc<Watch>) -> std::io::Result<Watchdog> {
+    let ident = current_thread_ident() as std::ffi::c_long;
+    let seen = watch.clone();
+    Watchdog::start(watch.clone(), thread_cpu_clock(), move |progress| {
+        Python::attach(|py| {
+            // Under the GIL the application thread stands still: the event is still the same.
+            if !seen.is_running(progress) {
+                return;
+            }
+            if let Ok(class) = cpu_limit_exceeded(py) {
+                // SAFETY: the GIL is held; the class is a live exception type.
+                unsafe { pyo3::ffi::PyThreadState_SetAsyncExc(ident, class.as_ptr()) };
+                seen.mark_interrupted(progress);
+            }
+        });
+    })
 }
 
 fn seconds(value: f64, name: &str) -> Result<Duration, CoreError> {
@@ -28,7 +65,7 @@ fn seconds(value: f64, name: &str) -> Result<Duration, CoreError> {
 #[pymethods]
 impl Server {
     #[new]
-    #[pyo3(signature = (host, port, *, io_threads, max_message_size, max_buffered_bytes, handshake_timeout, idle_timeout, max_connections, max_body_size))]
+    #[pyo3(signature = (host, port, *, io_threads, max_message_size, max_buffered_bytes, handshake_timeout, idle_timeout, max_connections, max_body_size, metering=true))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -41,6 +78,7 @@ impl Server {
         idle_timeout: f64,
         max_connections: usize,
         max_body_size: usize,
+        metering: bool,
     ) -> PyResult<Self> {
         let build = || -> Result<sockworker_core::Server, CoreError> {
             let addr = (host, port)
@@ -62,7 +100,18 @@ impl Server {
             sockworker_core::Server::start(ServerConfig { addr, io_threads, limits })
         };
         let server = py.detach(build).map_err(|e| to_pyerr(py, e))?;
-        Ok(Self { fd: server.events().fd(), address: server.local_addr(), inner: Mutex::new(Some(server)) })
+        let watch = Arc::new(Watch::default());
+        let watchdog =
+            if metering { Some(start_watchdog(&watch).map_err(|e| to_pyerr(py, e.into()))?) } else { None };
+        Ok(Self {
+            fd: server.events().fd(),
+            address: server.local_addr(),
+            inner: Mutex::new(Some(server)),
+            dispatch: Arc::default(),
+            watch,
+            watchdog: Mutex::new(watchdog),
+            metering,
+        })
     }
 
     /// The bound (host, port); the port is the real one when 0 was asked for.
@@ -76,20 +125,83 @@ impl Server {
         self.fd
     }
 
-    /// Every waiting event, as tuples (see the module `convert`), in arrival order.
-    fn drain<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
-        let events = match &*self.inner.lock() {
-            Some(server) => server.events().drain(),
-            None => Vec::new(),
-        };
+    /// Every waiting event, as tuples (see the module `convert`), in arrival order. Iterating
+    /// the batch tells the meter and the watchdog which event runs.
+    fn drain(&self, py: Python<'_>) -> Batch {
+        let guard = self.inner.lock();
+        let events = guard.as_ref().map(|server| server.events().drain()).unwrap_or_default();
         sockworker_core::socket::begin_batch();
-        events_to_list(py, events)
+        let dispatch = if self.metering {
+            let cpu = thread_cpu_ns();
+            let mut state = self.dispatch.lock();
+            state.clock.begin(cpu);
+            state.in_batch = true;
+            Some((self.dispatch.clone(), cpu))
+        } else {
+            None
+        };
+        let events = events_to_vec(py, events, |id| guard.as_ref()?.socket(id)?.slot().cloned());
+        Batch { events: events.into_iter(), dispatch, watch: self.watch.clone() }
     }
 
-    /// Ends the batch `drain` began: writes what the handlers sent (from this thread when few
-    /// sockets were touched, else through their I/O tasks). Call it after every `drain`.
+    /// Ends the batch `drain` began: charges its CPU time, and writes what the handlers sent
+    /// (from this thread when few sockets were touched, else through their I/O tasks). Call it
+    /// after every `drain`.
     fn flush(&self) {
+        let mut dispatch = self.dispatch.lock();
+        if dispatch.in_batch {
+            dispatch.in_batch = false;
+            dispatch.clock.end(thread_cpu_ns());
+        }
+        drop(dispatch);
+        self.watch.leave();
         sockworker_core::socket::end_batch();
+    }
+
+    /// The slot billed for the code running now (an event of the batch, or an async step).
+    fn current_slot(&self) -> Option<Slot> {
+        let dispatch = self.dispatch.lock();
+        let slot = match &dispatch.step {
+            Some((slot, _, _)) => Some(slot),
+            None if dispatch.in_batch => dispatch.clock.current(),
+            None => None,
+        };
+        slot.map(|slot| Slot { inner: slot.clone() })
+    }
+
+    /// Bills the running event of the batch to `slot` (a request, once its account is known).
+    fn relabel(&self, slot: &Slot) {
+        let mut dispatch = self.dispatch.lock();
+        if dispatch.in_batch {
+            dispatch.clock.relabel(&slot.inner);
+            self.watch.set_budget(slot.inner.cpu_limit_ns());
+        }
+    }
+
+    /// An async step of an event of `slot` begins, with `budget_ns` of CPU left (None: no
+    /// limit). Returns false, and measures nothing, inside another step or a batch.
+    #[pyo3(signature = (slot, budget_ns))]
+    fn step_begin(&self, slot: &Slot, budget_ns: Option<u64>) -> bool {
+        let mut dispatch = self.dispatch.lock();
+        if dispatch.step.is_some() || dispatch.in_batch {
+            return false;
+        }
+        let cpu = thread_cpu_ns();
+        let progress = self.watch.enter(budget_ns.unwrap_or(u64::MAX), Some(cpu));
+        dispatch.step = Some((slot.inner.clone(), cpu, progress));
+        true
+    }
+
+    /// Ends the step `step_begin` began: charges its CPU. Returns (CPU ns used, whether the
+    /// watchdog interrupted it).
+    fn step_end(&self) -> (u64, bool) {
+        let Some((slot, started, progress)) = self.dispatch.lock().step.take() else {
+            return (0, false);
+        };
+        let used = thread_cpu_ns().saturating_sub(started);
+        slot.add(Unit::CpuNs, used);
+        self.watch.leave();
+        (used, self.watch.was_interrupted(progress))
     }
 
     /// The open socket with this id (used to wake the object of a hibernated socket).
@@ -109,10 +221,48 @@ impl Server {
         }
     }
 
-    /// Stops the I/O threads. Open connections are dropped.
+    /// Stops the I/O threads and the watchdog. Open connections are dropped.
     fn stop(&self, py: Python<'_>) {
         let server = self.inner.lock().take();
-        py.detach(move || drop(server));
+        let watchdog = self.watchdog.lock().take();
+        py.detach(move || {
+            drop(watchdog);
+            drop(server);
+        });
+    }
+}
+
+/// One batch of events; iterate it once, then call `Server.flush`.
+#[pyclass(module = "sockworker._native")]
+pub struct Batch {
+    events: std::vec::IntoIter<(Py<PyAny>, Option<Arc<CoreSlot>>)>,
+    /// The accounting state and the CPU clock at the batch's start (None: metering is off).
+    dispatch: Option<(Arc<Mutex<Dispatch>>, u64)>,
+    watch: Arc<Watch>,
+}
+
+#[pymethods]
+impl Batch {
+    fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    fn __next__(&mut self) -> Option<Py<PyAny>> {
+        let (event, slot) = self.events.next()?;
+        if let Some((dispatch, started)) = &mut self.dispatch {
+            if dispatch.lock().clock.enter(slot.as_ref()) {
+                let budget = slot.as_ref().map_or(u64::MAX, |slot| slot.cpu_limit_ns());
+                // The first event of the batch started when the batch did.
+                self.watch.enter(budget, Some(std::mem::take(started)).filter(|&cpu| cpu != 0));
+            } else {
+                self.watch.next_event();
+            }
+        }
+        Some(event)
+    }
+
+    fn __len__(&self) -> usize {
+        self.events.len()
     }
 }
 
@@ -156,8 +306,15 @@ impl PendingReply {
         Ok(())
     }
 
-    fn accept_websocket(&self, py: Python<'_>, headers: Vec<(String, Vec<u8>)>) -> PyResult<SocketHandle> {
-        match self.take(py)?.accept_websocket(header_list(headers)) {
+    #[pyo3(signature = (headers, slot=None))]
+    fn accept_websocket(
+        &self,
+        py: Python<'_>,
+        headers: Vec<(String, Vec<u8>)>,
+        slot: Option<&Slot>,
+    ) -> PyResult<SocketHandle> {
+        let slot = slot.map(|slot| slot.inner.clone());
+        match self.take(py)?.accept_websocket(header_list(headers), slot) {
             Ok(socket) => Ok(SocketHandle { socket }),
             Err((reply, error)) => {
                 *self.reply.lock() = Some(reply);

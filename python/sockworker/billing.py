@@ -1,0 +1,191 @@
+"""Metering and billing hooks (SPEC §4): ``Pricing``, ``UsageRecord``, ``BillingHook`` and the
+app's ``Meter``. The counting itself is the core's (``_native.Meter``): sockets count their
+messages, auto-responses and bytes on the I/O threads; this module labels, drains and prices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from . import _native
+
+if TYPE_CHECKING:
+    from .http import Request, Response
+
+__all__ = ["BillingHook", "Meter", "Pricing", "UsageRecord"]
+
+logger = logging.getLogger("sockworker")
+
+# The order of the core's counters (module constants UNIT_*).
+_UNITS = (
+    "requests",
+    "ws_connections",
+    "ws_messages_in",
+    "ws_messages_out",
+    "auto_responses",
+    "cpu_ns",
+    "duration_us",
+    "bytes_in",
+    "bytes_out",
+)
+assert [getattr(_native, f"UNIT_{name}") for name in (
+    "REQUESTS", "CONNECTIONS", "MESSAGES_IN", "MESSAGES_OUT", "AUTO_RESPONSES", "CPU_NS",
+    "DURATION_US", "BYTES_IN", "BYTES_OUT",
+)] == list(range(len(_UNITS)))  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Pricing:
+    """The ratios of SPEC §4: how many incoming messages make one billable request, and the
+    memory allotment of one resident Durable Object (for GB-s)."""
+
+    messages_per_request: int = 20
+    memory_mb: int = 128
+
+    def __post_init__(self) -> None:
+        if self.messages_per_request <= 0:
+            raise ValueError("messages_per_request must be a positive number")
+        if self.memory_mb <= 0:
+            raise ValueError("memory_mb must be a positive number")
+
+
+@dataclass(frozen=True)
+class UsageRecord:
+    """Usage of one (account, namespace, object_id) over ``[start, end]`` (seconds since the
+    epoch). ``namespace`` and ``object_id`` are None for the Worker itself; all three are None
+    in ``app.meter.totals()``."""
+
+    account: str | None
+    namespace: str | None
+    object_id: str | None
+    start: float
+    end: float
+    requests: int = 0
+    ws_connections: int = 0
+    ws_messages_in: int = 0
+    ws_messages_out: int = 0
+    auto_responses: int = 0
+    cpu_ms: float = 0.0
+    duration_gb_s: float = 0.0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    billable_requests: float = 0.0
+
+    @classmethod
+    def _from_units(
+        cls,
+        label: tuple[str | None, str | None, str | None],
+        start: float,
+        end: float,
+        units: Iterable[int],
+        pricing: Pricing,
+    ) -> UsageRecord:
+        counts = dict(zip(_UNITS, units, strict=True))
+        return cls(
+            *label,
+            start=start,
+            end=end,
+            requests=counts["requests"],
+            ws_connections=counts["ws_connections"],
+            ws_messages_in=counts["ws_messages_in"],
+            ws_messages_out=counts["ws_messages_out"],
+            auto_responses=counts["auto_responses"],
+            cpu_ms=counts["cpu_ns"] / 1e6,
+            duration_gb_s=counts["duration_us"] / 1e6 * pricing.memory_mb / 1024,
+            bytes_in=counts["bytes_in"],
+            bytes_out=counts["bytes_out"],
+            billable_requests=counts["requests"]
+            + counts["ws_connections"]
+            + counts["ws_messages_in"] / pricing.messages_per_request,
+        )
+
+    def as_dict(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
+
+
+class BillingHook:
+    """Subclass and give as ``App(billing=...)``. Both methods run on the application thread."""
+
+    #: Seconds between calls of ``on_usage`` (and one more at shutdown).
+    flush_interval: float = 1.0
+
+    def on_usage(self, records: list[UsageRecord]) -> None:
+        """Usage since the previous call, one record per (account, namespace, object id) that
+        used anything. If it raises, the same records are offered again at the next call."""
+
+    def admit(self, request: Request, account: str) -> Response | None:
+        """Called before a request or WebSocket connection is counted; a Response returned is
+        sent instead of running the Worker, and nothing is billed (quotas, rate limits)."""
+        return None
+
+
+class Meter:
+    """``app.meter``: the app's running totals, counted in the core."""
+
+    def __init__(self, pricing: Pricing) -> None:
+        self._native = _native.Meter()
+        self._pricing = pricing
+        self._started = time.time()
+        self._last_drain = self._started
+        self._unsent: list[UsageRecord] = []
+
+    def totals(self) -> UsageRecord:
+        """Everything counted since the app was made, delivered to the hook or not."""
+        return UsageRecord._from_units(
+            (None, None, None), self._started, time.time(), self._native.totals(), self._pricing
+        )
+
+    def _drain(self) -> list[UsageRecord]:
+        """What was counted since the last drain, plus records the hook failed to take."""
+        start, end = self._last_drain, time.time()
+        self._last_drain = end
+        records = self._unsent + [
+            UsageRecord._from_units(
+                (account, namespace, object_id), start, end, units, self._pricing
+            )
+            for account, namespace, object_id, units in self._native.drain()
+        ]
+        self._unsent = []
+        return records
+
+    def _deliver(self, hook: BillingHook | None) -> None:
+        records = self._drain()
+        if hook is None or not records:
+            return
+        try:
+            hook.on_usage(records)
+        except Exception:
+            logger.exception("the billing hook's on_usage raised; its records are kept for later")
+            self._unsent = records
+
+    def _prometheus(self) -> str:
+        """The totals in the Prometheus text exposition format."""
+        totals = self.totals()
+        lines = []
+        for field, kind, help_text in _METRICS:
+            name = f"sockworker_{field}_total"
+            lines += [
+                f"# HELP {name} {help_text}",
+                f"# TYPE {name} {kind}",
+                f"{name} {getattr(totals, field)}",
+            ]
+        return "\n".join(lines) + "\n"
+
+
+_METRICS = (
+    ("requests", "counter", "HTTP requests, RPC calls and alarms handled."),
+    ("ws_connections", "counter", "WebSocket connections accepted."),
+    ("ws_messages_in", "counter", "WebSocket messages received and handled."),
+    ("ws_messages_out", "counter", "WebSocket messages sent."),
+    ("auto_responses", "counter", "Messages answered by an auto-response pair."),
+    ("cpu_ms", "counter", "CPU milliseconds of handlers."),
+    ("duration_gb_s", "counter", "GB-seconds of billable Durable Object residency."),
+    ("bytes_in", "counter", "WebSocket bytes received."),
+    ("bytes_out", "counter", "WebSocket bytes sent."),
+    ("billable_requests", "counter", "Requests as billed, messages at the configured ratio."),
+)

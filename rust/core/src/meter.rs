@@ -1,0 +1,357 @@
+//! The meter (SPEC §4): every billable unit, counted where it happens, per (account, namespace,
+//! object id). A [`Slot`] is one such key; sockets hold theirs, so the I/O threads count
+//! messages, auto-responses and bytes without a lookup. [`Meter::drain`] moves what was counted
+//! since the last drain into records with one atomic swap per counter, so the records partition
+//! the totals exactly: every increment lands in exactly one drain.
+//!
+//! CPU time of the application thread is measured per batch of events ([`BatchClock`]): two
+//! reads of the thread's CPU clock per batch, split over the runs of consecutive events of the
+//! same slot by their share of the batch's wall time. Events of one slot in a row (every socket
+//! of a Worker, say) cost nothing per event.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use parking_lot::Mutex;
+
+/// The units of SPEC §4, as indexes into a slot's counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+pub enum Unit {
+    Requests,
+    Connections,
+    MessagesIn,
+    MessagesOut,
+    AutoResponses,
+    CpuNs,
+    /// Microseconds resident and not idle-hibernatable (times the memory allotment = GB-s).
+    DurationUs,
+    BytesIn,
+    BytesOut,
+}
+
+pub const UNITS: usize = 9;
+
+/// One value per [`Unit`].
+pub type Usage = [u64; UNITS];
+
+/// Counters on a cache line of their own, so the I/O threads and the application thread do
+/// not write to the same line.
+#[repr(align(64))]
+#[derive(Default)]
+struct Counters([AtomicU64; UNITS]);
+
+impl Counters {
+    fn take(&self, into: &mut Usage) {
+        for (sum, counter) in into.iter_mut().zip(&self.0) {
+            *sum += counter.swap(0, Ordering::AcqRel);
+        }
+    }
+
+    fn peek(&self, into: &mut Usage) {
+        for (sum, counter) in into.iter_mut().zip(&self.0) {
+            *sum += counter.load(Ordering::Acquire);
+        }
+    }
+}
+
+/// Who is billed.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Label {
+    pub account: String,
+    /// `None` for the Worker itself.
+    pub namespace: Option<String>,
+    /// `None` for the Worker itself.
+    pub object_id: Option<String>,
+}
+
+/// The counters of one label.
+pub struct Slot {
+    pub label: Label,
+    /// Written by the I/O threads.
+    io: Counters,
+    /// Written by the application thread.
+    app: Counters,
+    /// CPU one event of this slot may use (`u64::MAX`: no limit).
+    cpu_limit_ns: AtomicU64,
+}
+
+impl std::fmt::Debug for Slot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Slot").field("label", &self.label).finish_non_exhaustive()
+    }
+}
+
+impl Slot {
+    fn new(label: Label) -> Self {
+        Self {
+            label,
+            io: Counters::default(),
+            app: Counters::default(),
+            cpu_limit_ns: AtomicU64::new(u64::MAX),
+        }
+    }
+
+    pub fn set_cpu_limit_ns(&self, limit: u64) {
+        self.cpu_limit_ns.store(limit, Ordering::Relaxed);
+    }
+
+    #[must_use]
+    pub fn cpu_limit_ns(&self) -> u64 {
+        self.cpu_limit_ns.load(Ordering::Relaxed)
+    }
+
+    /// Counts from an I/O thread.
+    pub fn add_io(&self, unit: Unit, n: u64) {
+        if n != 0 {
+            self.io.0[unit as usize].fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts from the application thread.
+    pub fn add(&self, unit: Unit, n: u64) {
+        if n != 0 {
+            self.app.0[unit as usize].fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    fn take(&self) -> Usage {
+        let mut usage = [0; UNITS];
+        self.io.take(&mut usage);
+        self.app.take(&mut usage);
+        usage
+    }
+
+    /// What was counted since the last drain.
+    #[must_use]
+    pub fn pending(&self) -> Usage {
+        let mut usage = [0; UNITS];
+        self.io.peek(&mut usage);
+        self.app.peek(&mut usage);
+        usage
+    }
+}
+
+fn add_usage(into: &mut Usage, usage: &Usage) {
+    for (sum, value) in into.iter_mut().zip(usage) {
+        *sum += value;
+    }
+}
+
+#[derive(Default)]
+struct Registry {
+    slots: HashMap<Label, Arc<Slot>>,
+    /// Everything drained so far.
+    drained: Usage,
+}
+
+/// Every slot of one server.
+#[derive(Default)]
+pub struct Meter {
+    registry: Mutex<Registry>,
+}
+
+impl Meter {
+    /// The slot of `label`, made on first use.
+    pub fn slot(&self, label: Label) -> Arc<Slot> {
+        let mut registry = self.registry.lock();
+        if let Some(slot) = registry.slots.get(&label) {
+            return slot.clone();
+        }
+        let slot = Arc::new(Slot::new(label.clone()));
+        registry.slots.insert(label, slot.clone());
+        slot
+    }
+
+    /// What each slot counted since the last drain (slots with nothing are left out). A slot
+    /// nobody holds any more is forgotten once drained.
+    pub fn drain(&self) -> Vec<(Label, Usage)> {
+        let mut registry = self.registry.lock();
+        let mut records = Vec::new();
+        let mut total = [0; UNITS];
+        registry.slots.retain(|label, slot| {
+            let usage = slot.take();
+            if usage.iter().any(|&n| n != 0) {
+                add_usage(&mut total, &usage);
+                records.push((label.clone(), usage));
+            }
+            Arc::strong_count(slot) > 1
+        });
+        add_usage(&mut registry.drained, &total);
+        records
+    }
+
+    /// Everything counted since the start: drained or not.
+    pub fn totals(&self) -> Usage {
+        let registry = self.registry.lock();
+        let mut total = registry.drained;
+        for slot in registry.slots.values() {
+            add_usage(&mut total, &slot.pending());
+        }
+        total
+    }
+}
+
+/// The CPU time this thread has used, in nanoseconds.
+#[must_use]
+pub fn thread_cpu_ns() -> u64 {
+    cpu_clock_ns(libc::CLOCK_THREAD_CPUTIME_ID)
+}
+
+/// The CPU clock of another thread of this process (see [`thread_cpu_clock`]).
+#[must_use]
+pub fn cpu_clock_ns(clock: libc::clockid_t) -> u64 {
+    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `now` is a valid timespec; an invalid clock leaves it zeroed and returns -1.
+    unsafe { libc::clock_gettime(clock, &raw mut now) };
+    u64::try_from(now.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(now.tv_nsec).unwrap_or(0)
+}
+
+/// The CPU clock id of the calling thread, readable from any thread of the process.
+#[must_use]
+pub fn thread_cpu_clock() -> libc::clockid_t {
+    let mut clock: libc::clockid_t = 0;
+    // SAFETY: pthread_self is the calling thread, alive for the call; `clock` is valid.
+    unsafe { libc::pthread_getcpuclockid(libc::pthread_self(), &raw mut clock) };
+    clock
+}
+
+/// Splits one batch's CPU time over its runs of events of the same slot.
+#[derive(Default)]
+pub struct BatchClock {
+    started_cpu: u64,
+    /// (slot, wall nanoseconds) of the closed runs.
+    runs: Vec<(Option<Arc<Slot>>, u64)>,
+    current: Option<Arc<Slot>>,
+    current_since: Option<Instant>,
+}
+
+impl BatchClock {
+    /// Starts a batch at this thread's CPU time `cpu_ns`.
+    pub fn begin(&mut self, cpu_ns: u64) {
+        self.started_cpu = cpu_ns;
+        self.runs.clear();
+        self.current = None;
+        self.current_since = None;
+    }
+
+    /// The CPU time at which the batch began.
+    #[must_use]
+    pub fn started_cpu(&self) -> u64 {
+        self.started_cpu
+    }
+
+    /// The event about to run is `slot`'s: a new run starts (and true is returned) if it is not
+    /// the current run's slot.
+    pub fn enter(&mut self, slot: Option<&Arc<Slot>>) -> bool {
+        let same = match (slot, &self.current) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => self.current_since.is_some(),
+            _ => false,
+        };
+        if same {
+            return false;
+        }
+        let now = Instant::now();
+        self.close_run(now);
+        self.current = slot.cloned();
+        self.current_since = Some(now);
+        true
+    }
+
+    /// Bills the current run to `slot` instead (a request learns its account in its handler).
+    pub fn relabel(&mut self, slot: &Arc<Slot>) {
+        self.current = Some(slot.clone());
+    }
+
+    /// The slot of the event running now, if it has one.
+    #[must_use]
+    pub fn current(&self) -> Option<&Arc<Slot>> {
+        self.current.as_ref()
+    }
+
+    fn close_run(&mut self, now: Instant) {
+        if let Some(since) = self.current_since.take() {
+            let wall = u64::try_from(now.duration_since(since).as_nanos()).unwrap_or(u64::MAX);
+            self.runs.push((self.current.take(), wall));
+        }
+    }
+
+    /// Ends the batch at CPU time `cpu_ns`: charges each run's slot its share of the batch's
+    /// CPU by wall time. Runs of no slot (our own bookkeeping, a request before its account is
+    /// known) are billed to nobody. Returns the CPU used.
+    pub fn end(&mut self, cpu_ns: u64) -> u64 {
+        self.close_run(Instant::now());
+        let used = cpu_ns.saturating_sub(self.started_cpu);
+        let wall: u64 = self.runs.iter().map(|(_, wall)| wall).sum();
+        if wall > 0 {
+            for (slot, run_wall) in &self.runs {
+                if let Some(slot) = slot {
+                    let share = u128::from(used) * u128::from(*run_wall) / u128::from(wall);
+                    slot.add(Unit::CpuNs, u64::try_from(share).unwrap_or(u64::MAX));
+                }
+            }
+        }
+        self.runs.clear();
+        self.current = None;
+        used
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn label(account: &str) -> Label {
+        Label { account: account.into(), namespace: None, object_id: None }
+    }
+
+    #[test]
+    fn drains_partition_the_totals() {
+        let meter = Meter::default();
+        let a = meter.slot(label("a"));
+        assert!(Arc::ptr_eq(&a, &meter.slot(label("a"))));
+        a.add_io(Unit::MessagesIn, 3);
+        a.add(Unit::MessagesOut, 2);
+        let first = meter.drain();
+        assert_eq!(first.len(), 1);
+        assert_eq!(first[0].1[Unit::MessagesIn as usize], 3);
+        a.add_io(Unit::MessagesIn, 4);
+        let totals = meter.totals();
+        assert_eq!(totals[Unit::MessagesIn as usize], 7);
+        assert_eq!(totals[Unit::MessagesOut as usize], 2);
+        let second = meter.drain();
+        assert_eq!(second[0].1[Unit::MessagesIn as usize], 4);
+        assert!(meter.drain().is_empty());
+        assert_eq!(meter.totals(), totals);
+    }
+
+    #[test]
+    fn unheld_slots_are_forgotten_after_their_last_drain() {
+        let meter = Meter::default();
+        meter.slot(label("gone")).add(Unit::Requests, 1);
+        assert_eq!(meter.drain().len(), 1);
+        let again = meter.slot(label("gone"));
+        assert_eq!(again.pending(), [0; UNITS]);
+        assert_eq!(meter.totals()[Unit::Requests as usize], 1);
+    }
+
+    #[test]
+    fn batch_cpu_is_split_by_wall_time() {
+        let meter = Meter::default();
+        let (a, b) = (meter.slot(label("a")), meter.slot(label("b")));
+        let mut clock = BatchClock::default();
+        clock.begin(1_000);
+        assert!(clock.enter(Some(&a)));
+        assert!(!clock.enter(Some(&a)));
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        clock.enter(Some(&b));
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        assert_eq!(clock.end(1_000 + 1_000_000), 1_000_000);
+        let (ca, cb) = (a.pending()[Unit::CpuNs as usize], b.pending()[Unit::CpuNs as usize]);
+        assert!(ca + cb <= 1_000_000 && ca + cb > 990_000, "charged {}", ca + cb);
+        assert!(ca > 2 * cb, "a ran about three times as long as b: {ca} vs {cb}");
+    }
+}

@@ -1,0 +1,122 @@
+//! `Meter` and `Slot`: the core's usage counters, seen from Python (SPEC §4).
+
+use std::sync::Arc;
+
+use pyo3::prelude::*;
+use sockworker_core::meter::{self, UNITS};
+use sockworker_core::{Label, Unit};
+
+const UNIT_NAMES: [(&str, Unit); UNITS] = [
+    ("UNIT_REQUESTS", Unit::Requests),
+    ("UNIT_CONNECTIONS", Unit::Connections),
+    ("UNIT_MESSAGES_IN", Unit::MessagesIn),
+    ("UNIT_MESSAGES_OUT", Unit::MessagesOut),
+    ("UNIT_AUTO_RESPONSES", Unit::AutoResponses),
+    ("UNIT_CPU_NS", Unit::CpuNs),
+    ("UNIT_DURATION_US", Unit::DurationUs),
+    ("UNIT_BYTES_IN", Unit::BytesIn),
+    ("UNIT_BYTES_OUT", Unit::BytesOut),
+];
+
+pub fn add_units(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    for (name, unit) in UNIT_NAMES {
+        m.add(name, unit as usize)?;
+    }
+    Ok(())
+}
+
+/// Every slot of one app; counts survive server restarts of the app.
+#[pyclass(frozen, module = "sockworker._native")]
+#[derive(Default)]
+pub struct Meter {
+    inner: meter::Meter,
+}
+
+type Record = (String, Option<String>, Option<String>, [u64; UNITS]);
+
+#[pymethods]
+impl Meter {
+    #[new]
+    fn new() -> Self {
+        Self::default()
+    }
+
+    /// The slot of (account, namespace, object id); `cpu_limit_ms` bounds each of its events.
+    #[pyo3(signature = (account, namespace, object_id, cpu_limit_ms))]
+    fn slot(
+        &self,
+        account: String,
+        namespace: Option<String>,
+        object_id: Option<String>,
+        cpu_limit_ms: f64,
+    ) -> Slot {
+        let slot = self.inner.slot(Label { account, namespace, object_id });
+        let limit = if cpu_limit_ms > 0.0 { (cpu_limit_ms * 1e6) as u64 } else { u64::MAX };
+        slot.set_cpu_limit_ns(limit);
+        Slot { inner: slot }
+    }
+
+    /// What was counted since the last drain, per slot: (account, namespace, object_id, units).
+    fn drain(&self, py: Python<'_>) -> Vec<Record> {
+        py.detach(|| self.inner.drain())
+            .into_iter()
+            .map(|(label, usage)| (label.account, label.namespace, label.object_id, usage))
+            .collect()
+    }
+
+    /// Everything counted since the meter was made, drained or not.
+    fn totals(&self) -> [u64; UNITS] {
+        self.inner.totals()
+    }
+}
+
+/// One (account, namespace, object id).
+#[pyclass(frozen, module = "sockworker._native")]
+pub struct Slot {
+    pub inner: Arc<sockworker_core::Slot>,
+}
+
+#[pymethods]
+impl Slot {
+    /// Counts `n` of unit number `unit` (one of the module's UNIT_* constants).
+    fn add(&self, unit: usize, n: u64) -> PyResult<()> {
+        let unit =
+            UNIT_NAMES.get(unit).ok_or_else(|| pyo3::exceptions::PyValueError::new_err("no such unit"))?.1;
+        self.inner.add(unit, n);
+        Ok(())
+    }
+
+    #[getter]
+    fn account(&self) -> &str {
+        &self.inner.label.account
+    }
+
+    #[getter]
+    fn namespace(&self) -> Option<&str> {
+        self.inner.label.namespace.as_deref()
+    }
+
+    #[getter]
+    fn object_id(&self) -> Option<&str> {
+        self.inner.label.object_id.as_deref()
+    }
+
+    /// The CPU one event may use, in nanoseconds (None: no limit).
+    #[getter]
+    fn cpu_limit_ns(&self) -> Option<u64> {
+        Some(self.inner.cpu_limit_ns()).filter(|&n| n != u64::MAX)
+    }
+
+    fn __eq__(&self, other: &Bound<'_, PyAny>) -> bool {
+        other.cast::<Slot>().is_ok_and(|other| Arc::ptr_eq(&self.inner, &other.get().inner))
+    }
+
+    fn __hash__(&self) -> u64 {
+        Arc::as_ptr(&self.inner) as u64
+    }
+
+    fn __repr__(&self) -> String {
+        let label = &self.inner.label;
+        format!("Slot({:?}, {:?}, {:?})", label.account, label.namespace, label.object_id)
+    }
+}
