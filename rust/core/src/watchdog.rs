@@ -180,8 +180,8 @@ mod tests {
         let fired = Arc::new(AtomicUsize::new(0));
         let (hits, w) = (fired.clone(), watch.clone());
         let _dog = Watchdog::start(watch.clone(), thread_cpu_clock(), move |progress| {
-            w.mark_interrupted(progress);
             hits.fetch_add(1, Ordering::SeqCst);
+            w.mark_interrupted(progress);
         })
         .unwrap();
         let event = watch.enter(20_000_000, None);
