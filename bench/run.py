@@ -51,7 +51,16 @@ LOADGEN_CPU = "1"
 DISTURBED = 0.2
 README_START = "<!-- bench:latest:start -->"
 README_END = "<!-- bench:latest:end -->"
-ALL_SERVERS = ["sockworker", "picows", "websockets", "aiohttp", "granian", "socketify", "rust-ref"]
+ALL_SERVERS = [
+    "sockworker",
+    "sockworker-nometer",
+    "picows",
+    "websockets",
+    "aiohttp",
+    "granian",
+    "socketify",
+    "rust-ref",
+]
 QUICK_SERVERS = ["sockworker", "picows", "websockets", "rust-ref"]
 
 
@@ -174,6 +183,17 @@ def servers(
             else "not built yet (run `make build`: no .venv/bin/sockworker or _native*.so)",
             {"PYTHONPATH": str(sw_dir)},
         ),
+        # The same, with CPU accounting, CPU limits and the meter off: what metering costs.
+        "sockworker-nometer": Server(
+            "sockworker-nometer",
+            [s.replace("{app}", "examples.echo:app") for s in sw] + ["--no-metering"],
+            None,
+            sw_dir,
+            None
+            if (ROOT / ".venv" / "bin" / "sockworker").exists() and native
+            else "not built yet (run `make build`: no .venv/bin/sockworker or _native*.so)",
+            {"PYTHONPATH": str(sw_dir)},
+        ),
         "rust-ref": Server(
             "rust-ref",
             [str(loadgen_dir / "echo_ref"), "--host", HOST, "--port", port],
@@ -185,7 +205,7 @@ def servers(
         out[name] = Server(name, peer[name], peer_bc.get(name), PEERS)
     for name in wanted:
         s = out[name]
-        if s.missing is None and name not in ("sockworker", "rust-ref"):
+        if s.missing is None and name not in ("sockworker", "sockworker-nometer", "rust-ref"):
             s.missing = has_module(python, name)
     return {name: out[name] for name in wanted}
 
@@ -678,7 +698,7 @@ def main() -> int:
         all_cases = [c for c in all_cases if any(k in c.name for k in keys)]
     snapshot = None
     built = list((ROOT / "python" / "sockworker").glob("_native*.so"))
-    if "sockworker" in wanted and built:
+    if any(name.startswith("sockworker") for name in wanted) and built:
         snapshot = snapshot_sockworker(Path(tempfile.mkdtemp(prefix="sockworker-bench-")))
         atexit.register(shutil.rmtree, snapshot, ignore_errors=True)
     table = servers(args.python, loadgen_dir, wanted, snapshot)

@@ -118,6 +118,20 @@ async def test_an_object_is_charged_for_its_own_events(billing: ServerProcess) -
     assert (obj["ws_messages_in"], obj["ws_messages_out"]) == (2, 2)
 
 
+@run_async
+async def test_auto_responses_are_counted_apart_from_messages(billing: ServerProcess) -> None:
+    who, room = account(), f"auto-{uuid.uuid4().hex[:8]}"
+    async with connect(f"{billing.ws}/room/{room}?account={who}") as ws:
+        assert await ask(ws, "hello") == "hello"
+        for _ in range(3):
+            assert await ask(ws, "ping") == "pong"
+    obj = (await usage(billing, who))[object_key(room)]
+    assert (obj["auto_responses"], obj["ws_messages_in"], obj["ws_messages_out"]) == (3, 1, 1)
+    # 1 connection and 1 message at 20 messages per request.
+    assert obj["billable_requests"] == 1 + 1 / 20
+    assert obj["bytes_in"] > 0 and obj["bytes_out"] > 0
+
+
 # ---------------------------------------------------------------- CPU limit
 
 

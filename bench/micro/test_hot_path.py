@@ -63,7 +63,8 @@ class Bound:
         fd = self.server.fileno()
         while True:
             select.select([fd], [], [], 5.0)
-            events = self.server.drain()
+            events = list(self.server.drain())
+            self.server.flush()
             if events:
                 return events[0]
 

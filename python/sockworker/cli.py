@@ -41,8 +41,15 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--port", type=int, default=8787, help="0 picks a free port (it is logged)")
     serve.add_argument("--io-threads", type=int, default=1, help="tokio threads doing socket I/O")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.add_argument(
+        "--no-metering",
+        action="store_true",
+        help="turn CPU accounting, CPU limits and the meter off (as App(metering=False))",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     app = load_app(args.app)
+    if args.no_metering:
+        app.metering = False
     app.run(args.host, args.port, io_threads=args.io_threads)
     return 0

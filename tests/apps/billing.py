@@ -90,6 +90,7 @@ class Room(sw.DurableObject):
 
     def __init__(self, ctx: sw.DurableObjectState, env: sw.Env) -> None:
         super().__init__(ctx, env)
+        ctx.set_websocket_auto_response(sw.AutoResponse("ping", "pong"))
         name = ctx.id.name or str(ctx.id)
         alive[name] = weakref.ref(self)
         constructed[name] = constructed.get(name, 0) + 1
