@@ -28,6 +28,7 @@ from .errors import (
 )
 from .http import Headers, Request, Response
 from .limits import Limits
+from .outgoing import ConnectError, connect, fetch
 from .websocket import CloseEvent, ErrorEvent, MessageEvent, WebSocket, WebSocketPair
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "AutoResponse",
     "BillingHook",
     "CloseEvent",
+    "ConnectError",
     "ConnectionClosed",
     "CpuLimitExceeded",
     "DurableObject",
@@ -61,5 +63,7 @@ __all__ = [
     "UsageRecord",
     "WebSocket",
     "WebSocketPair",
+    "connect",
+    "fetch",
     "now",
 ]

@@ -9,6 +9,7 @@ EV_CLOSE: Final[int]
 EV_ERROR: Final[int]
 EV_DRAINED: Final[int]
 EV_ALL_CLOSED: Final[int]
+EV_CONNECTED: Final[int]
 
 class SocketHandle:
     @property
@@ -116,6 +117,14 @@ class Server:
     def relabel(self, slot: Slot) -> None: ...
     def step_begin(self, slot: Slot, budget_ns: int | None) -> bool: ...
     def step_end(self) -> tuple[int, bool]: ...
+    def connect(
+        self,
+        url: str,
+        protocols: list[str],
+        headers: list[tuple[str, str]],
+        slot: Slot | None,
+        token: int,
+    ) -> None: ...
     @property
     def open_sockets(self) -> int: ...
     def shutdown(self, code: int, reason: str) -> None: ...

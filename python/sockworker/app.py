@@ -17,6 +17,7 @@ from .durable import DurableObjectNamespace, _ObjectHost
 from .errors import CpuLimitExceeded, ResponseError
 from .http import Request, Response
 from .limits import Limits
+from .outgoing import ConnectError
 from .websocket import WebSocket
 
 __all__ = ["App", "Env", "ExecutionContext"]
@@ -35,6 +36,7 @@ _EV_CLOSE = _native.EV_CLOSE
 _EV_ERROR = _native.EV_ERROR
 _EV_DRAINED = _native.EV_DRAINED
 _EV_ALL_CLOSED = _native.EV_ALL_CLOSED
+_EV_CONNECTED = _native.EV_CONNECTED
 
 
 class Env:
@@ -134,6 +136,9 @@ def _raise_fd_limit() -> None:
 class _Runtime:
     """Owns the native server for one run of an app and dispatches its events."""
 
+    #: The runtime serving now (one per process), for ``sw.connect``.
+    current: _Runtime | None = None
+
     def __init__(self, app: App, host: str, port: int, io_threads: int) -> None:
         limits = app.limits
         self.app = app
@@ -156,6 +161,9 @@ class _Runtime:
         # Objects resident and billed for duration now.
         self.billing_hosts: set[_ObjectHost] = set()
         self.flush_timer: asyncio.TimerHandle | None = None
+        # Outgoing sockets being opened: token -> (future, url, slot, owner, accepted).
+        self.connecting: dict[int, tuple[asyncio.Future[WebSocket], str, Any, Any, bool]] = {}
+        self.next_token = 1
         self.sockets: dict[int, WebSocket] = {}
         # Durable Objects by the key the core gives their sockets' events.
         self.objects: dict[int, _ObjectHost] = {}
@@ -174,6 +182,7 @@ class _Runtime:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.shutdown)
         previous_factory = loop.get_task_factory()
+        _Runtime.current = self
         if self.app.metering:
             cpu._server = self.server
             loop.set_task_factory(cpu.task_factory(self.server))
@@ -190,6 +199,10 @@ class _Runtime:
                 task.cancel()
             if self.flush_timer is not None:
                 self.flush_timer.cancel()
+            _Runtime.current = None
+            for future, *_ in self.connecting.values():
+                if not future.done():
+                    future.set_exception(ConnectError("the server stopped"))
             if self.app.metering:
                 loop.set_task_factory(previous_factory)
                 cpu._server = None
@@ -282,9 +295,61 @@ class _Runtime:
                             socket._on_drained()
                     elif kind == _EV_ALL_CLOSED:
                         self._stop()
+                    elif kind == _EV_CONNECTED:
+                        self.on_connected(*event[1:])
                 done = True
             except Exception:
                 logger.exception("internal error dispatching event %r", event[:2])
+
+    # -- outgoing sockets ------------------------------------------------------------------------
+
+    async def connect(
+        self, url: str, protocols: list[str], headers: list[tuple[str, str]], accepted: bool
+    ) -> WebSocket:
+        """Opens an outgoing socket billed to, and kept by, the code running now."""
+        slot = self.server.current_slot() if self.app.metering else None
+        owner = self.owner_of(slot)
+        token, self.next_token = self.next_token, self.next_token + 1
+        future: asyncio.Future[WebSocket] = self.loop.create_future()
+        self.connecting[token] = (future, url, slot, owner, accepted)
+        self.server.connect(url, protocols, headers, slot, token)
+        return await future
+
+    def owner_of(self, slot: _native.Slot | None) -> _ObjectHost | None:
+        """The Durable Object whose event runs now, if any."""
+        if slot is None or slot.namespace is None or slot.object_id is None:
+            return None
+        namespace = self.app.namespaces.get(slot.namespace)
+        if namespace is None:
+            return None
+        return namespace._hosts.get(namespace.id_from_string(slot.object_id))
+
+    def on_connected(
+        self,
+        token: int,
+        handle: _native.SocketHandle | None,
+        protocol: str,
+        error: str | None,
+    ) -> None:
+        future, url, slot, owner, accepted = self.connecting.pop(token)
+        if handle is None:
+            if not future.done():
+                future.set_exception(ConnectError(error or "connect failed"))
+            return
+        if future.done():  # the caller gave up (cancelled): nobody will use the socket
+            handle.close(1001, "going away")
+            return
+        # Bound now, in the batch that opened it, so no message of it can come unclaimed.
+        ws = WebSocket()
+        ws._slot = slot
+        ws._accepted = accepted
+        ws._ready_state = WebSocket.OPEN
+        self.sockets[handle.id] = ws
+        ws._bind(handle, self, url, protocol)
+        if owner is not None:
+            owner.standard_sockets.append(ws)
+            owner.bill()
+        future.set_result(ws)
 
     def revive(self, socket_id: int) -> WebSocket | None:
         """The socket of a hibernated object: a new Python object for it (the object itself

@@ -178,6 +178,18 @@ class WebSocket:
         if type not in self._listeners:
             raise InvalidArgument(f"event type is 'message', 'close' or 'error', not {type!r}")
         self._listeners[type].append((listener, inspect.iscoroutinefunction(listener)))
+        if type == "message" and self._inbox:
+            # Messages that came before the first listener (an outgoing socket's greeting, read
+            # while `await sw.connect()` returned) go to it, in order, from the loop.
+            asyncio.get_running_loop().call_soon(self._replay_inbox)
+
+    def _replay_inbox(self) -> None:
+        inbox, self._inbox = self._inbox, None
+        if self._paused and self._handle is not None:
+            self._paused = False
+            self._handle.set_paused(False)
+        for data in inbox or ():
+            self._on_message(data)
 
     on = add_event_listener
 

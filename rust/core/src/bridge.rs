@@ -45,6 +45,8 @@ pub enum Event {
     Drained { socket: u64 },
     /// During shutdown, the last socket has closed.
     AllClosed,
+    /// The outcome of `Server::connect`: the new outgoing socket and its subprotocol, or why not.
+    Connected { token: u64, result: Result<(std::sync::Arc<crate::socket::SocketShared>, String), String> },
 }
 
 pub struct EventQueue {

@@ -77,7 +77,11 @@ struct Connection {
 pub(crate) async fn run(stream: TcpStream, leftover: Bytes, socket: Arc<SocketShared>, ctx: Arc<ServerCtx>) {
     let mut conn = Connection {
         stream,
-        decoder: MessageDecoder::new(ctx.limits.max_message_size),
+        decoder: if socket.is_client() {
+            MessageDecoder::for_client(ctx.limits.max_message_size)
+        } else {
+            MessageDecoder::new(ctx.limits.max_message_size)
+        },
         socket,
         ctx,
         out: VecDeque::new(),
@@ -324,6 +328,7 @@ impl Connection {
     }
 
     fn queue(&mut self, frame: Bytes) {
+        let frame = if self.socket.is_client() { frame::mask(&frame) } else { frame };
         if self.out.is_empty() {
             self.socket.set_task_busy();
         }

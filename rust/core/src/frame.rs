@@ -53,12 +53,21 @@ pub struct MessageDecoder {
     /// The opcode and data of a fragmented message in progress.
     fragments: Option<(Data, BytesMut)>,
     max_message_size: usize,
+    /// Decoding what a server sends (our outgoing sockets): frames must not be masked.
+    from_server: bool,
 }
 
 impl MessageDecoder {
+    /// A decoder of frames from a client (masked).
     #[must_use]
     pub fn new(max_message_size: usize) -> Self {
-        Self { pending: BytesMut::new(), fragments: None, max_message_size }
+        Self { pending: BytesMut::new(), fragments: None, max_message_size, from_server: false }
+    }
+
+    /// A decoder of frames from a server (unmasked), for outgoing sockets.
+    #[must_use]
+    pub fn for_client(max_message_size: usize) -> Self {
+        Self { from_server: true, ..Self::new(max_message_size) }
     }
 
     /// Bytes held for incomplete frames and messages (what an idle socket must not hold).
@@ -123,7 +132,10 @@ impl MessageDecoder {
         if header.rsv1 || header.rsv2 || header.rsv3 {
             return Err(violation(close_code::PROTOCOL_ERROR, "reserved bits set"));
         }
-        if header.mask.is_none() {
+        if self.from_server && header.mask.is_some() {
+            return Err(violation(close_code::PROTOCOL_ERROR, "server frames must not be masked"));
+        }
+        if !self.from_server && header.mask.is_none() {
             return Err(violation(close_code::PROTOCOL_ERROR, "client frames must be masked"));
         }
         match header.opcode {
@@ -247,6 +259,28 @@ fn encode(opcode: OpCode, parts: &[&[u8]]) -> Bytes {
     out.freeze()
 }
 
+/// The masked (client-to-server) form of one frame this module encoded.
+#[must_use]
+pub fn mask(frame: &[u8]) -> Bytes {
+    use std::hash::{BuildHasher, Hasher};
+    let mut cursor = Cursor::new(frame);
+    let Ok(Some((mut header, length))) = FrameHeader::parse(&mut cursor) else {
+        unreachable!("mask() is given frames encoded here");
+    };
+    // A fresh random key per frame (RandomState is seeded from the OS, then stepped).
+    let random = std::collections::hash_map::RandomState::new().build_hasher().finish();
+    let key = (random as u32).to_ne_bytes();
+    header.mask = Some(key);
+    #[allow(clippy::cast_possible_truncation)]
+    let start = cursor.position() as usize;
+    let mut out = BytesMut::with_capacity(header.len(length) + frame.len() - start);
+    header.format(length, &mut (&mut out).writer()).expect("writing to memory");
+    let body = out.len();
+    out.extend_from_slice(&frame[start..]);
+    unmask(&mut out[body..], key);
+    out.freeze()
+}
+
 /// One unmasked (server-to-client) frame holding a whole message.
 #[must_use]
 pub fn encode_message(text: bool, data: &[u8]) -> Bytes {
@@ -299,6 +333,18 @@ mod tests {
         let mut out = Vec::new();
         decoder.feed(data, &mut |m| out.push(m))?;
         Ok(out)
+    }
+
+    #[test]
+    fn masked_frames_decode_as_a_server_would() {
+        let framed = mask(&encode_message(true, b"hello"));
+        assert_ne!(&framed[2..], b"hello");
+        let got = decode_all(&mut MessageDecoder::new(100), &framed).unwrap();
+        assert!(matches!(&got[0], Incoming::Message(Payload::Text(t)) if &t[..] == b"hello"));
+        // And a client refuses a masked frame from a server, and reads an unmasked one.
+        assert_eq!(decode_all(&mut MessageDecoder::for_client(100), &framed).unwrap_err().code, 1002);
+        let plain = decode_all(&mut MessageDecoder::for_client(100), &encode_message(true, b"hi")).unwrap();
+        assert!(matches!(&plain[0], Incoming::Message(Payload::Text(t)) if &t[..] == b"hi"));
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! It speaks Rust types only (events out, commands in); the bindings crate turns them into Python.
 
 pub mod bridge;
+pub mod client;
 pub mod config;
 pub mod connection;
 pub mod error;
@@ -15,6 +16,7 @@ pub mod socket;
 pub mod watchdog;
 
 pub use bridge::{Event, EventQueue, Payload};
+pub use client::ConnectRequest;
 pub use config::{Limits, ServerConfig};
 pub use error::CoreError;
 pub use meter::{Label, Meter, Slot, Unit};

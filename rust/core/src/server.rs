@@ -21,6 +21,7 @@ use tokio::runtime::Runtime;
 use tokio::sync::{oneshot, Notify};
 
 use crate::bridge::{Event, EventQueue};
+use crate::client::{self, ConnectRequest};
 use crate::config::{Limits, ServerConfig};
 use crate::connection;
 use crate::error::CoreError;
@@ -53,6 +54,17 @@ impl ServerCtx {
         let socket = Arc::new(SocketShared::new(id, &self.limits));
         self.sockets.lock().insert(id, socket.clone());
         socket
+    }
+
+    pub(crate) fn new_client_socket(&self) -> Arc<SocketShared> {
+        let id = self.next_socket.fetch_add(1, Ordering::Relaxed);
+        let socket = Arc::new(SocketShared::new_client(id, &self.limits));
+        self.sockets.lock().insert(id, socket.clone());
+        socket
+    }
+
+    pub(crate) fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::Acquire)
     }
 
     /// Forgets a socket and reports its Close event (the last event of a socket).
@@ -359,6 +371,20 @@ impl Server {
     #[must_use]
     pub fn socket(&self, id: u64) -> Option<Arc<SocketShared>> {
         self.ctx.socket(id)
+    }
+
+    /// Opens an outgoing WebSocket in the background; an `Event::Connected` with the request's
+    /// token reports the outcome (also when the server is shutting down: an error).
+    pub fn connect(&self, request: ConnectRequest) {
+        if self.ctx.is_shutting_down() {
+            let result = Err("the server is shutting down".to_owned());
+            self.ctx.events.push(Event::Connected { token: request.token, result });
+            return;
+        }
+        if let Some(runtime) = &self.runtime {
+            let _guard = runtime.enter();
+            runtime::spawn(client::connect(self.ctx.clone(), request));
+        }
     }
 
     /// Stops accepting, refuses new upgrades, and starts closing every socket with `code`.

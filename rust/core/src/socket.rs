@@ -125,6 +125,8 @@ pub struct SocketShared {
     meta: Mutex<Option<Box<SocketMeta>>>,
     /// Who is billed for this socket's messages and bytes; set once, before the upgrade.
     slot: OnceLock<Arc<Slot>>,
+    /// An outgoing socket (we are the client): frames we send are masked.
+    client: bool,
 }
 
 impl std::fmt::Debug for SocketShared {
@@ -148,7 +150,19 @@ impl SocketShared {
             low_water: limits.send_low_water(),
             meta: Mutex::new(None),
             slot: OnceLock::new(),
+            client: false,
         }
+    }
+
+    /// An outgoing socket: we are the client.
+    #[must_use]
+    pub fn new_client(id: u64, limits: &Limits) -> Self {
+        Self { client: true, ..Self::new(id, limits) }
+    }
+
+    #[must_use]
+    pub fn is_client(&self) -> bool {
+        self.client
     }
 
     /// Bills this socket's traffic to `slot` from now on (once; later calls are ignored).
@@ -169,7 +183,8 @@ impl SocketShared {
 
     /// Queues one message; never blocks on I/O.
     pub fn send(self: &Arc<Self>, text: bool, data: &[u8]) -> SendOutcome {
-        self.send_frame(frame::encode_message(text, data))
+        let encoded = frame::encode_message(text, data);
+        self.send_frame(if self.client { frame::mask(&encoded) } else { encoded })
     }
 
     /// Queues an encoded frame (one encoding may be queued on many sockets).

@@ -6,6 +6,7 @@
 //!   (ERROR, socket_id, message)
 //!   (DRAINED, socket_id)
 //!   (ALL_CLOSED,)
+//!   (CONNECTED, token, SocketHandle | None, protocol, error message | None)
 
 use std::sync::Arc;
 
@@ -22,6 +23,7 @@ const CLOSE: u8 = 2;
 const ERROR: u8 = 3;
 const DRAINED: u8 = 4;
 const ALL_CLOSED: u8 = 5;
+const CONNECTED: u8 = 6;
 
 pub fn add_event_kinds(m: &Bound<'_, PyModule>) -> PyResult<()> {
     for (name, value) in [
@@ -31,6 +33,7 @@ pub fn add_event_kinds(m: &Bound<'_, PyModule>) -> PyResult<()> {
         ("EV_ERROR", ERROR),
         ("EV_DRAINED", DRAINED),
         ("EV_ALL_CLOSED", ALL_CLOSED),
+        ("EV_CONNECTED", CONNECTED),
     ] {
         m.add(name, value)?;
     }
@@ -105,6 +108,16 @@ fn event_tuple(py: Python<'_>, event: Event) -> PyResult<Bound<'_, PyAny>> {
             Event::Error { socket, message, .. } => (ERROR, socket, message).into_pyobject(py)?.into_any(),
             Event::Drained { socket } => (DRAINED, socket).into_pyobject(py)?.into_any(),
             Event::AllClosed => (ALL_CLOSED,).into_pyobject(py)?.into_any(),
+            Event::Connected { token, result } => match result {
+                Ok((socket, protocol)) => {
+                    (CONNECTED, token, Some(SocketHandle { socket }), protocol, None::<String>)
+                        .into_pyobject(py)?
+                        .into_any()
+                }
+                Err(error) => {
+                    (CONNECTED, token, None::<SocketHandle>, "", Some(error)).into_pyobject(py)?.into_any()
+                }
+            },
         }
     })
 }

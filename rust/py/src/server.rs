@@ -9,7 +9,7 @@ use parking_lot::Mutex;
 use pyo3::prelude::*;
 use sockworker_core::meter::{thread_cpu_clock, thread_cpu_ns, BatchClock};
 use sockworker_core::watchdog::{current_thread_ident, Watch, Watchdog};
-use sockworker_core::{CoreError, Limits, Reply, ServerConfig, Slot as CoreSlot, Unit};
+use sockworker_core::{ConnectRequest, CoreError, Limits, Reply, ServerConfig, Slot as CoreSlot, Unit};
 
 use crate::convert::events_to_vec;
 use crate::errors::{cpu_limit_exceeded, to_pyerr};
@@ -212,6 +212,22 @@ impl Server {
     #[getter]
     fn open_sockets(&self) -> usize {
         self.inner.lock().as_ref().map_or(0, sockworker_core::Server::open_sockets)
+    }
+
+    /// Opens an outgoing WebSocket; a CONNECTED event with `token` reports the outcome.
+    #[pyo3(signature = (url, protocols, headers, slot, token))]
+    fn connect(
+        &self,
+        url: String,
+        protocols: Vec<String>,
+        headers: Vec<(String, String)>,
+        slot: Option<&Slot>,
+        token: u64,
+    ) {
+        let request = ConnectRequest { url, protocols, headers, slot: slot.map(|s| s.inner.clone()), token };
+        if let Some(server) = &*self.inner.lock() {
+            server.connect(request);
+        }
     }
 
     /// Stops accepting and closes every socket with `code`; an ALL_CLOSED event follows.

@@ -1,0 +1,202 @@
+//! Outgoing WebSockets (SPEC §2.3): connect, run the client side of the opening handshake, then
+//! drive the socket with the same connection task as an accepted one (frames we send masked,
+//! frames we receive unmasked). The socket is registered like any other: its events reach the
+//! application through the same queue, and it lives until closed, not until a request ends.
+
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::bridge::Event;
+use crate::connection;
+use crate::meter::Slot;
+use crate::server::ServerCtx;
+
+/// The response head may not be longer than this.
+const MAX_HEAD: usize = 16 * 1024;
+
+/// What to connect to.
+#[derive(Debug, Clone)]
+pub struct ConnectRequest {
+    pub url: String,
+    pub protocols: Vec<String>,
+    pub headers: Vec<(String, String)>,
+    pub slot: Option<Arc<Slot>>,
+    /// Handed back in the [`Event::Connected`] that reports the outcome.
+    pub token: u64,
+}
+
+/// The parts of a `ws://` URL.
+#[derive(Debug, PartialEq, Eq)]
+struct Target {
+    host: String,
+    port: u16,
+    /// Path and query, at least "/".
+    resource: String,
+    /// The Host header value.
+    authority: String,
+}
+
+fn parse_url(url: &str) -> Result<Target, String> {
+    let rest = if let Some(rest) = url.strip_prefix("ws://") {
+        rest
+    } else if url.starts_with("wss://") {
+        return Err("wss:// is not supported yet (TLS for outgoing sockets is not built)".into());
+    } else {
+        return Err(format!("{url:?} is not a ws:// URL"));
+    };
+    let (authority, resource) = match rest.find(['/', '?']) {
+        Some(at) if rest.as_bytes()[at] == b'/' => (&rest[..at], rest[at..].to_owned()),
+        Some(at) => (&rest[..at], format!("/{}", &rest[at..])),
+        None => (rest, "/".to_owned()),
+    };
+    if authority.is_empty() || authority.contains('@') {
+        return Err(format!("{url:?} has no host (or has credentials, which are not supported)"));
+    }
+    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+        let (host, after) = v6.split_once(']').ok_or_else(|| format!("bad IPv6 host in {url:?}"))?;
+        (host.to_owned(), after.strip_prefix(':'))
+    } else {
+        match authority.rsplit_once(':') {
+            Some((host, port)) => (host.to_owned(), Some(port)),
+            None => (authority.to_owned(), None),
+        }
+    };
+    let port = match port {
+        None => 80,
+        Some(port) => port.parse().map_err(|_| format!("bad port in {url:?}"))?,
+    };
+    Ok(Target { host, port, resource, authority: authority.to_owned() })
+}
+
+/// Connects, upgrades, and starts the connection task; the outcome is reported as an
+/// [`Event::Connected`]. Runs on the I/O runtime.
+pub(crate) async fn connect(ctx: Arc<ServerCtx>, request: ConnectRequest) {
+    let timeout = ctx.limits.handshake_timeout;
+    let token = request.token;
+    match tokio::time::timeout(timeout, handshake(&request)).await {
+        Err(_) => ctx.events.push(Event::Connected {
+            token,
+            result: Err(format!("connecting to {} timed out after {timeout:?}", request.url)),
+        }),
+        Ok(Err(message)) => ctx.events.push(Event::Connected { token, result: Err(message) }),
+        Ok(Ok((stream, leftover, protocol))) => {
+            let socket = ctx.new_client_socket();
+            if ctx.is_shutting_down() {
+                socket.close(crate::frame::close_code::GOING_AWAY, "server shutting down");
+            }
+            if let Some(slot) = request.slot {
+                socket.set_slot(slot);
+            }
+            ctx.events.push(Event::Connected { token, result: Ok((socket.clone(), protocol)) });
+            connection::run(stream, leftover, socket, ctx).await;
+        }
+    }
+}
+
+async fn handshake(request: &ConnectRequest) -> Result<(TcpStream, Bytes, String), String> {
+    let url = &request.url;
+    let target = parse_url(url)?;
+    let mut stream = TcpStream::connect((target.host.as_str(), target.port))
+        .await
+        .map_err(|e| format!("cannot connect to {url}: {e}"))?;
+    let _ = stream.set_nodelay(true);
+    let key = tungstenite::handshake::client::generate_key();
+    let mut head = format!(
+        "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n",
+        target.resource, target.authority
+    );
+    if !request.protocols.is_empty() {
+        head += &format!("Sec-WebSocket-Protocol: {}\r\n", request.protocols.join(", "));
+    }
+    for (name, value) in &request.headers {
+        if name.contains(['\r', '\n', ':']) || value.contains(['\r', '\n']) {
+            return Err(format!("header {name:?} is not a valid HTTP header"));
+        }
+        head += &format!("{name}: {value}\r\n");
+    }
+    head += "\r\n";
+    stream.write_all(head.as_bytes()).await.map_err(|e| format!("{url}: {e}"))?;
+
+    let mut buffer = BytesMut::with_capacity(4096);
+    loop {
+        if stream.read_buf(&mut buffer).await.map_err(|e| format!("{url}: {e}"))? == 0 {
+            return Err(format!("{url}: the server closed the connection during the handshake"));
+        }
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut response = httparse::Response::new(&mut headers);
+        match response.parse(&buffer) {
+            Ok(httparse::Status::Partial) if buffer.len() < MAX_HEAD => {}
+            Ok(httparse::Status::Partial) => return Err(format!("{url}: response head too long")),
+            Err(e) => return Err(format!("{url}: bad HTTP response: {e}")),
+            Ok(httparse::Status::Complete(length)) => {
+                let protocol = check_response(url, &response, &key, &request.protocols)?;
+                let leftover = buffer.split_off(length).freeze();
+                return Ok((stream, leftover, protocol));
+            }
+        }
+    }
+}
+
+fn header<'a>(response: &'a httparse::Response<'_, '_>, name: &str) -> Option<&'a str> {
+    response
+        .headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case(name))
+        .and_then(|h| std::str::from_utf8(h.value).ok())
+}
+
+fn check_response(
+    url: &str,
+    response: &httparse::Response<'_, '_>,
+    key: &str,
+    protocols: &[String],
+) -> Result<String, String> {
+    let status = response.code.unwrap_or(0);
+    if status != 101 {
+        return Err(format!("{url}: the server answered HTTP {status} instead of 101"));
+    }
+    let token = |name: &str, want: &str| {
+        header(response, name).is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(want)))
+    };
+    if !token("upgrade", "websocket") || !token("connection", "upgrade") {
+        return Err(format!("{url}: the 101 response does not upgrade to websocket"));
+    }
+    let expected = tungstenite::handshake::derive_accept_key(key.as_bytes());
+    if header(response, "sec-websocket-accept") != Some(expected.as_str()) {
+        return Err(format!("{url}: wrong Sec-WebSocket-Accept in the 101 response"));
+    }
+    let protocol = header(response, "sec-websocket-protocol").unwrap_or("").trim().to_owned();
+    if !protocol.is_empty() && !protocols.contains(&protocol) {
+        return Err(format!("{url}: the server chose subprotocol {protocol:?}, which was not offered"));
+    }
+    Ok(protocol)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_ws_urls() {
+        let t = parse_url("ws://example.com:8080/a/b?x=1").unwrap();
+        assert_eq!(
+            t,
+            Target {
+                host: "example.com".into(),
+                port: 8080,
+                resource: "/a/b?x=1".into(),
+                authority: "example.com:8080".into()
+            }
+        );
+        let t = parse_url("ws://[::1]?q").unwrap();
+        assert_eq!((t.host.as_str(), t.port, t.resource.as_str()), ("::1", 80, "/?q"));
+        assert!(parse_url("http://x/").is_err());
+        assert!(parse_url("ws:///path").is_err());
+        assert!(parse_url("ws://h:99999/").is_err());
+        assert!(parse_url("wss://h/").unwrap_err().contains("not supported"));
+    }
+}
