@@ -106,6 +106,8 @@ class Server:
         max_connections: int,
         max_body_size: int,
         metering: bool = True,
+        certfile: str | None = None,
+        keyfile: str | None = None,
     ) -> None: ...
     @property
     def address(self) -> tuple[str, int]: ...
@@ -124,6 +126,7 @@ class Server:
         headers: list[tuple[str, str]],
         slot: Slot | None,
         token: int,
+        ca_file: str | None = None,
     ) -> None: ...
     @property
     def open_sockets(self) -> int: ...

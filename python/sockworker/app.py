@@ -108,18 +108,35 @@ class App:
             raise ValueError(f"env and durable_objects both bind {sorted(clash)}")
         self.env = Env({**(env or {}), **self.namespaces})
 
-    def run(self, host: str = "127.0.0.1", port: int = 8787, *, io_threads: int = 1) -> None:
-        """Serves until SIGINT or SIGTERM, then closes every socket with 1001 and returns."""
+    def run(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 8787,
+        *,
+        io_threads: int = 1,
+        certfile: str | None = None,
+        keyfile: str | None = None,
+    ) -> None:
+        """Serves until SIGINT or SIGTERM, then closes every socket with 1001 and returns.
+        With ``certfile`` and ``keyfile`` (PEM) it serves https:// and wss://."""
         if not logging.getLogger().handlers:
             logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-        asyncio.run(self.serve(host, port, io_threads=io_threads))
+        asyncio.run(
+            self.serve(host, port, io_threads=io_threads, certfile=certfile, keyfile=keyfile)
+        )
 
     async def serve(
-        self, host: str = "127.0.0.1", port: int = 8787, *, io_threads: int = 1
+        self,
+        host: str = "127.0.0.1",
+        port: int = 8787,
+        *,
+        io_threads: int = 1,
+        certfile: str | None = None,
+        keyfile: str | None = None,
     ) -> None:
         """Serves on the running loop until SIGINT or SIGTERM (or ``stop`` of the runtime)."""
         _raise_fd_limit()
-        runtime = _Runtime(self, host, port, io_threads)
+        runtime = _Runtime(self, host, port, io_threads, certfile, keyfile)
         await runtime.run()
 
 
@@ -139,7 +156,15 @@ class _Runtime:
     #: The runtime serving now (one per process), for ``sw.connect``.
     current: _Runtime | None = None
 
-    def __init__(self, app: App, host: str, port: int, io_threads: int) -> None:
+    def __init__(
+        self,
+        app: App,
+        host: str,
+        port: int,
+        io_threads: int,
+        certfile: str | None = None,
+        keyfile: str | None = None,
+    ) -> None:
         limits = app.limits
         self.app = app
         self.server = _native.Server(
@@ -153,7 +178,10 @@ class _Runtime:
             max_connections=limits.max_connections,
             max_body_size=limits.max_body_size,
             metering=app.metering,
+            certfile=certfile,
+            keyfile=keyfile,
         )
+        self.scheme = "https" if certfile else "http"
         self.ctx = ExecutionContext(self)
         self.meter = app.meter
         # The Worker's slot per account.
@@ -187,7 +215,7 @@ class _Runtime:
             cpu._server = self.server
             loop.set_task_factory(cpu.task_factory(self.server))
             self._schedule_flush()
-        logger.info("listening on http://%s:%d", shown, port)
+        logger.info("listening on %s://%s:%d", self.scheme, shown, port)
         try:
             await self.stopped
         finally:
@@ -304,7 +332,12 @@ class _Runtime:
     # -- outgoing sockets ------------------------------------------------------------------------
 
     async def connect(
-        self, url: str, protocols: list[str], headers: list[tuple[str, str]], accepted: bool
+        self,
+        url: str,
+        protocols: list[str],
+        headers: list[tuple[str, str]],
+        accepted: bool,
+        ca_file: str | None = None,
     ) -> WebSocket:
         """Opens an outgoing socket billed to, and kept by, the code running now."""
         slot = self.server.current_slot() if self.app.metering else None
@@ -312,7 +345,7 @@ class _Runtime:
         token, self.next_token = self.next_token, self.next_token + 1
         future: asyncio.Future[WebSocket] = self.loop.create_future()
         self.connecting[token] = (future, url, slot, owner, accepted)
-        self.server.connect(url, protocols, headers, slot, token)
+        self.server.connect(url, protocols, headers, slot, token, ca_file)
         return await future
 
     def owner_of(self, slot: _native.Slot | None) -> _ObjectHost | None:

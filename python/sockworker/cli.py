@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--port", type=int, default=8787, help="0 picks a free port (it is logged)")
     serve.add_argument("--io-threads", type=int, default=1, help="tokio threads doing socket I/O")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--certfile", help="PEM certificate chain: serve https:// and wss://")
+    serve.add_argument("--keyfile", help="PEM private key of --certfile")
     serve.add_argument(
         "--no-metering",
         action="store_true",
@@ -51,5 +53,13 @@ def main(argv: list[str] | None = None) -> int:
     app = load_app(args.app)
     if args.no_metering:
         app.metering = False
-    app.run(args.host, args.port, io_threads=args.io_threads)
+    if bool(args.certfile) != bool(args.keyfile):
+        parser.error("--certfile and --keyfile go together")
+    app.run(
+        args.host,
+        args.port,
+        io_threads=args.io_threads,
+        certfile=args.certfile,
+        keyfile=args.keyfile,
+    )
     return 0

@@ -8,6 +8,7 @@ object awake (it is not hibernatable) and its traffic and events are metered to 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -43,11 +44,17 @@ def _runtime() -> Any:
 
 
 async def connect(
-    url: str, protocols: Sequence[str] = (), headers: Mapping[str, str] | None = None
+    url: str,
+    protocols: Sequence[str] = (),
+    headers: Mapping[str, str] | None = None,
+    *,
+    ca_file: str | None = None,
 ) -> WebSocket:
-    """Opens a WebSocket to ``url`` (``ws://``); returns it accepted and open.
+    """Opens a WebSocket to ``url`` (``ws://`` or ``wss://``); returns it accepted and open.
+    ``wss://`` trusts the system's CA certificates, or only those in ``ca_file`` (PEM).
 
-    Raises ``ConnectError`` when it cannot be opened, ``InvalidArgument`` for a bad argument."""
+    Raises ``ConnectError`` when it cannot be opened (refused, unknown host, TLS, timeout, an
+    answer other than 101), ``TypeError`` for a bad argument."""
     if isinstance(protocols, str):
         protocols = [protocols]
     if not all(isinstance(p, str) and p for p in protocols):
@@ -57,11 +64,22 @@ async def connect(
         for name, value in (headers or {}).items()
         if str(name).lower() not in _HANDSHAKE_HEADERS
     ]
-    ws: WebSocket = await _runtime().connect(url, list(protocols), extra, accepted=True)
+    ws: WebSocket = await _runtime().connect(
+        url, list(protocols), extra, accepted=True, ca_file=_path(ca_file)
+    )
     return ws
 
 
-async def fetch(url: str, *, headers: Mapping[str, str] | Headers | None = None) -> Response:
+def _path(ca_file: str | None) -> str | None:
+    return None if ca_file is None else os.fspath(ca_file)
+
+
+async def fetch(
+    url: str,
+    *,
+    headers: Mapping[str, str] | Headers | None = None,
+    ca_file: str | None = None,
+) -> Response:
     """The fetch form: with ``Upgrade: websocket`` in ``headers``, opens a WebSocket and returns
     ``Response(status=101, websocket=ws)``; call ``ws.accept()`` before using it.
 
@@ -76,5 +94,7 @@ async def fetch(url: str, *, headers: Mapping[str, str] | Headers | None = None)
     extra = [
         (name, value) for name, value in given.items() if name.lower() not in _HANDSHAKE_HEADERS
     ]
-    ws: WebSocket = await _runtime().connect(url, protocols, extra, accepted=False)
+    ws: WebSocket = await _runtime().connect(
+        url, protocols, extra, accepted=False, ca_file=_path(ca_file)
+    )
     return Response(status=101, websocket=ws)

@@ -18,7 +18,9 @@ class Relay(sw.DurableObject):
         if request.path.endswith("/status"):
             return sw.Response.json({"seen": self.seen, "clients": self.ctx.websocket_count()})
         if self.upstream is None:
-            upstream = await sw.connect(request.query["upstream"], protocols=["relay"])
+            upstream = await sw.connect(
+                request.query["upstream"], protocols=["relay"], ca_file=request.query.get("ca")
+            )
             upstream.add_event_listener("message", self.on_upstream)
             upstream.add_event_listener("close", self.on_upstream_close)
             upstream.add_event_listener("error", self.on_upstream_error)
@@ -51,7 +53,7 @@ async def fetch(request: sw.Request, env: sw.Env, ctx: sw.ExecutionContext) -> s
         return await env.RELAYS.get(env.RELAYS.id_from_name(name)).fetch(request)
     if path == "/try-connect":
         try:
-            await sw.connect(query["url"])
+            await sw.connect(query["url"], ca_file=query.get("ca"))
         except sw.ConnectError as error:
             return sw.Response.json({"error": type(error).__name__, "message": str(error)})
         return sw.Response.json({"error": None})

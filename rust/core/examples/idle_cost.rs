@@ -21,6 +21,7 @@ fn main() {
         addr: "127.0.0.1:0".parse().unwrap(),
         io_threads: 1,
         limits: Limits::default(),
+        tls: None,
     })
     .unwrap();
     let addr = server.local_addr();

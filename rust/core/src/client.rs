@@ -5,14 +5,17 @@
 
 use std::sync::Arc;
 
+use std::sync::OnceLock;
+
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpStream, UnixStream};
 
 use crate::bridge::Event;
 use crate::connection;
 use crate::meter::Slot;
 use crate::server::ServerCtx;
+use crate::tls;
 
 /// The response head may not be longer than this.
 const MAX_HEAD: usize = 16 * 1024;
@@ -24,13 +27,16 @@ pub struct ConnectRequest {
     pub protocols: Vec<String>,
     pub headers: Vec<(String, String)>,
     pub slot: Option<Arc<Slot>>,
+    /// For `wss://`: trust only the CA certificates in this PEM file (default: the system's).
+    pub ca_file: Option<String>,
     /// Handed back in the [`Event::Connected`] that reports the outcome.
     pub token: u64,
 }
 
-/// The parts of a `ws://` URL.
+/// The parts of a `ws://` or `wss://` URL.
 #[derive(Debug, PartialEq, Eq)]
 struct Target {
+    tls: bool,
     host: String,
     port: u16,
     /// Path and query, at least "/".
@@ -40,12 +46,12 @@ struct Target {
 }
 
 fn parse_url(url: &str) -> Result<Target, String> {
-    let rest = if let Some(rest) = url.strip_prefix("ws://") {
-        rest
-    } else if url.starts_with("wss://") {
-        return Err("wss:// is not supported yet (TLS for outgoing sockets is not built)".into());
+    let (tls, rest) = if let Some(rest) = url.strip_prefix("ws://") {
+        (false, rest)
+    } else if let Some(rest) = url.strip_prefix("wss://") {
+        (true, rest)
     } else {
-        return Err(format!("{url:?} is not a ws:// URL"));
+        return Err(format!("{url:?} is not a ws:// or wss:// URL"));
     };
     let (authority, resource) = match rest.find(['/', '?']) {
         Some(at) if rest.as_bytes()[at] == b'/' => (&rest[..at], rest[at..].to_owned()),
@@ -65,10 +71,18 @@ fn parse_url(url: &str) -> Result<Target, String> {
         }
     };
     let port = match port {
+        None if tls => 443,
         None => 80,
         Some(port) => port.parse().map_err(|_| format!("bad port in {url:?}"))?,
     };
-    Ok(Target { host, port, resource, authority: authority.to_owned() })
+    Ok(Target { tls, host, port, resource, authority: authority.to_owned() })
+}
+
+/// An open connection, after the opening handshake.
+enum Opened {
+    Plain(TcpStream),
+    /// Our end of the pair a pump task bridges to the TLS session.
+    Tls(UnixStream),
 }
 
 /// Connects, upgrades, and starts the connection task; the outcome is reported as an
@@ -76,13 +90,13 @@ fn parse_url(url: &str) -> Result<Target, String> {
 pub(crate) async fn connect(ctx: Arc<ServerCtx>, request: ConnectRequest) {
     let timeout = ctx.limits.handshake_timeout;
     let token = request.token;
-    match tokio::time::timeout(timeout, handshake(&request)).await {
+    match tokio::time::timeout(timeout, open(&request)).await {
         Err(_) => ctx.events.push(Event::Connected {
             token,
             result: Err(format!("connecting to {} timed out after {timeout:?}", request.url)),
         }),
         Ok(Err(message)) => ctx.events.push(Event::Connected { token, result: Err(message) }),
-        Ok(Ok((stream, leftover, protocol))) => {
+        Ok(Ok((opened, leftover, protocol))) => {
             let socket = ctx.new_client_socket();
             if ctx.is_shutting_down() {
                 socket.close(crate::frame::close_code::GOING_AWAY, "server shutting down");
@@ -91,18 +105,58 @@ pub(crate) async fn connect(ctx: Arc<ServerCtx>, request: ConnectRequest) {
                 socket.set_slot(slot);
             }
             ctx.events.push(Event::Connected { token, result: Ok((socket.clone(), protocol)) });
-            connection::run(stream, leftover, socket, ctx).await;
+            match opened {
+                Opened::Plain(stream) => connection::run(stream, leftover, socket, ctx).await,
+                Opened::Tls(stream) => connection::run(stream, leftover, socket, ctx).await,
+            }
         }
     }
 }
 
-async fn handshake(request: &ConnectRequest) -> Result<(TcpStream, Bytes, String), String> {
+/// The client configuration with the system's roots, loaded once.
+fn system_roots() -> Result<Arc<rustls::ClientConfig>, String> {
+    static CONFIG: OnceLock<Result<Arc<rustls::ClientConfig>, String>> = OnceLock::new();
+    CONFIG.get_or_init(|| tls::client_config(None).map_err(|e| e.to_string())).clone()
+}
+
+async fn open(request: &ConnectRequest) -> Result<(Opened, Bytes, String), String> {
     let url = &request.url;
     let target = parse_url(url)?;
-    let mut stream = TcpStream::connect((target.host.as_str(), target.port))
+    let stream = TcpStream::connect((target.host.as_str(), target.port))
         .await
         .map_err(|e| format!("cannot connect to {url}: {e}"))?;
     let _ = stream.set_nodelay(true);
+    if !target.tls {
+        let mut stream = stream;
+        let (leftover, protocol) = handshake(&mut stream, request, &target).await?;
+        return Ok((Opened::Plain(stream), leftover, protocol));
+    }
+    let config = match &request.ca_file {
+        Some(path) => tls::client_config(Some(std::path::Path::new(path))).map_err(|e| e.to_string())?,
+        None => system_roots()?,
+    };
+    let name = rustls::pki_types::ServerName::try_from(target.host.clone())
+        .map_err(|e| format!("{url}: bad TLS server name: {e}"))?;
+    let mut session = tokio_rustls::TlsConnector::from(config)
+        .connect(name, stream)
+        .await
+        .map_err(|e| format!("TLS error connecting to {url}: {e}"))?;
+    let (leftover, protocol) = handshake(&mut session, request, &target).await?;
+    let ours = tls::bridge(session).map_err(|e| format!("{url}: {e}"))?;
+    Ok((Opened::Tls(ours), leftover, protocol))
+}
+
+/// The client side of the opening handshake; returns the bytes read past the response head and
+/// the subprotocol the server chose.
+async fn handshake<S>(
+    stream: &mut S,
+    request: &ConnectRequest,
+    target: &Target,
+) -> Result<(Bytes, String), String>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let url = &request.url;
     let key = tungstenite::handshake::client::generate_key();
     let mut head = format!(
         "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
@@ -120,6 +174,7 @@ async fn handshake(request: &ConnectRequest) -> Result<(TcpStream, Bytes, String
     }
     head += "\r\n";
     stream.write_all(head.as_bytes()).await.map_err(|e| format!("{url}: {e}"))?;
+    stream.flush().await.map_err(|e| format!("{url}: {e}"))?;
 
     let mut buffer = BytesMut::with_capacity(4096);
     loop {
@@ -135,7 +190,7 @@ async fn handshake(request: &ConnectRequest) -> Result<(TcpStream, Bytes, String
             Ok(httparse::Status::Complete(length)) => {
                 let protocol = check_response(url, &response, &key, &request.protocols)?;
                 let leftover = buffer.split_off(length).freeze();
-                return Ok((stream, leftover, protocol));
+                return Ok((leftover, protocol));
             }
         }
     }
@@ -186,6 +241,7 @@ mod tests {
         assert_eq!(
             t,
             Target {
+                tls: false,
                 host: "example.com".into(),
                 port: 8080,
                 resource: "/a/b?x=1".into(),
@@ -197,6 +253,7 @@ mod tests {
         assert!(parse_url("http://x/").is_err());
         assert!(parse_url("ws:///path").is_err());
         assert!(parse_url("ws://h:99999/").is_err());
-        assert!(parse_url("wss://h/").unwrap_err().contains("not supported"));
+        let t = parse_url("wss://h/x").unwrap();
+        assert!(t.tls && t.port == 443);
     }
 }

@@ -52,4 +52,6 @@ pub struct ServerConfig {
     /// Tokio worker threads doing socket I/O.
     pub io_threads: usize,
     pub limits: Limits,
+    /// Serve https:// and wss:// with this configuration (see `tls::server_config`).
+    pub tls: Option<std::sync::Arc<rustls::ServerConfig>>,
 }

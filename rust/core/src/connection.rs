@@ -13,7 +13,8 @@ use std::task::Poll;
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
-use tokio::net::TcpStream;
+use tokio::io::AsyncWrite;
+use tokio::net::{TcpStream, UnixStream};
 use tokio::time::{sleep_until, Instant, Sleep};
 
 use crate::bridge::Event;
@@ -53,8 +54,40 @@ struct Outcome {
     was_clean: bool,
 }
 
-struct Connection {
-    stream: TcpStream,
+/// What a connection task reads and writes: a TCP socket, or (for TLS) our end of a socket pair
+/// whose other end a task pumps through the TLS session. Readiness-based, so no buffer is held
+/// between reads, and a descriptor, so the application thread may write to it directly.
+pub(crate) trait Stream: AsRawFd + AsyncWrite + Unpin + Send + 'static {
+    fn poll_read_ready(&self, cx: &mut std::task::Context<'_>) -> Poll<io::Result<()>>;
+    fn poll_write_ready(&self, cx: &mut std::task::Context<'_>) -> Poll<io::Result<()>>;
+    fn try_read(&self, buf: &mut [u8]) -> io::Result<usize>;
+    fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize>;
+}
+
+macro_rules! stream_impl {
+    ($type:ty) => {
+        impl Stream for $type {
+            fn poll_read_ready(&self, cx: &mut std::task::Context<'_>) -> Poll<io::Result<()>> {
+                <$type>::poll_read_ready(self, cx)
+            }
+            fn poll_write_ready(&self, cx: &mut std::task::Context<'_>) -> Poll<io::Result<()>> {
+                <$type>::poll_write_ready(self, cx)
+            }
+            fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
+                <$type>::try_read(self, buf)
+            }
+            fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+                <$type>::try_write_vectored(self, bufs)
+            }
+        }
+    };
+}
+
+stream_impl!(TcpStream);
+stream_impl!(UnixStream);
+
+struct Connection<S> {
+    stream: S,
     socket: Arc<SocketShared>,
     ctx: Arc<ServerCtx>,
     decoder: MessageDecoder,
@@ -74,7 +107,12 @@ struct Connection {
 }
 
 /// Runs the socket until it is closed, then reports its Close event exactly once.
-pub(crate) async fn run(stream: TcpStream, leftover: Bytes, socket: Arc<SocketShared>, ctx: Arc<ServerCtx>) {
+pub(crate) async fn run<S: Stream>(
+    stream: S,
+    leftover: Bytes,
+    socket: Arc<SocketShared>,
+    ctx: Arc<ServerCtx>,
+) {
     let mut conn = Connection {
         stream,
         decoder: if socket.is_client() {
@@ -112,7 +150,7 @@ pub(crate) async fn run(stream: TcpStream, leftover: Bytes, socket: Arc<SocketSh
     conn.linger().await;
 }
 
-impl Connection {
+impl<S: Stream> Connection<S> {
     async fn drive(&mut self) {
         // Readiness is polled (`poll_*_ready`) rather than awaited (`readable()`): polling takes
         // over the stream's single waker slot, which still holds hyper's waker from the

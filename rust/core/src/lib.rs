@@ -13,6 +13,7 @@ pub mod object;
 pub mod runtime;
 pub mod server;
 pub mod socket;
+pub mod tls;
 pub mod watchdog;
 
 pub use bridge::{Event, EventQueue, Payload};

@@ -29,6 +29,7 @@ use crate::handshake::{self, Upgrade};
 use crate::meter::{Slot, Unit};
 use crate::runtime;
 use crate::socket::SocketShared;
+use crate::tls;
 
 /// State shared by the accept loop, every connection task and the application side.
 pub struct ServerCtx {
@@ -38,6 +39,8 @@ pub struct ServerCtx {
     next_socket: AtomicU64,
     shutting_down: AtomicBool,
     stop_accepting: Notify,
+    /// Set when the server speaks TLS (https:// and wss://).
+    tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 impl ServerCtx {
@@ -249,13 +252,27 @@ async fn handle(
             let task = async move {
                 let id = socket.id();
                 // Bound first, so the upgrade's result is not kept in the task for its whole life.
-                let upgraded = on_upgrade.await.ok().and_then(|u| u.downcast::<TokioIo<TcpStream>>().ok());
-                let Some(parts) = upgraded else {
-                    let reason = "upgrade failed".into();
-                    upgrade_ctx.finish_socket(id, crate::frame::close_code::ABNORMAL, reason, false);
-                    return;
+                let stream = match on_upgrade.await {
+                    Ok(upgraded) => match upgraded.downcast::<TokioIo<TcpStream>>() {
+                        Ok(parts) => Ok((parts.io.into_inner(), parts.read_buf)),
+                        Err(upgraded) => Err(upgraded.downcast::<TokioIo<ServerTls>>().ok()),
+                    },
+                    Err(_) => Err(None),
                 };
-                connection::run(parts.io.into_inner(), parts.read_buf, socket, upgrade_ctx).await;
+                match stream {
+                    Ok((tcp, leftover)) => connection::run(tcp, leftover, socket, upgrade_ctx).await,
+                    Err(Some(parts)) => match tls::bridge(parts.io.into_inner()) {
+                        Ok(ours) => connection::run(ours, parts.read_buf, socket, upgrade_ctx).await,
+                        Err(_) => {
+                            let reason = "no socket pair for TLS".into();
+                            upgrade_ctx.finish_socket(id, crate::frame::close_code::ABNORMAL, reason, false);
+                        }
+                    },
+                    Err(None) => {
+                        let reason = "upgrade failed".into();
+                        upgrade_ctx.finish_socket(id, crate::frame::close_code::ABNORMAL, reason, false);
+                    }
+                }
             };
             runtime::spawn(task);
             let mut response = Response::new(Full::new(Bytes::new()));
@@ -276,7 +293,27 @@ async fn handle(
     }))
 }
 
-async fn serve_http(stream: TcpStream, peer: SocketAddr, ctx: Arc<ServerCtx>) {
+/// A server-side TLS session over TCP.
+type ServerTls = tokio_rustls::server::TlsStream<TcpStream>;
+
+/// Runs the TLS handshake (bounded by the handshake timeout), then serves HTTP over it.
+async fn serve_tls(
+    stream: TcpStream,
+    peer: SocketAddr,
+    ctx: Arc<ServerCtx>,
+    acceptor: tokio_rustls::TlsAcceptor,
+) {
+    match tokio::time::timeout(ctx.limits.handshake_timeout, acceptor.accept(stream)).await {
+        Ok(Ok(session)) => serve_http(session, peer, ctx).await,
+        Ok(Err(e)) => log::debug!("TLS handshake with {peer}: {e}"),
+        Err(_) => log::debug!("TLS handshake with {peer} timed out"),
+    }
+}
+
+async fn serve_http<T>(stream: T, peer: SocketAddr, ctx: Arc<ServerCtx>)
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let io = TokioIo::new(stream);
     let timeout = ctx.limits.handshake_timeout;
     let service = service_fn(move |req| handle(ctx.clone(), peer, req));
@@ -296,7 +333,10 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<ServerCtx>) {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    runtime::spawn(serve_http(stream, peer, ctx.clone()));
+                    match &ctx.tls {
+                        Some(acceptor) => runtime::spawn(serve_tls(stream, peer, ctx.clone(), acceptor.clone())),
+                        None => runtime::spawn(serve_http(stream, peer, ctx.clone())),
+                    };
                 }
                 Err(e) => {
                     // Out of descriptors or similar: back off instead of spinning.
@@ -330,6 +370,7 @@ impl Server {
             next_socket: AtomicU64::new(1),
             shutting_down: AtomicBool::new(false),
             stop_accepting: Notify::new(),
+            tls: config.tls.map(tokio_rustls::TlsAcceptor::from),
         });
         let addr = config.addr;
         let listener = runtime.block_on(async move {
@@ -419,5 +460,6 @@ pub(crate) fn test_ctx() -> ServerCtx {
         next_socket: AtomicU64::new(1),
         shutting_down: AtomicBool::new(false),
         stop_accepting: Notify::new(),
+        tls: None,
     }
 }

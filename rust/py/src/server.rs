@@ -65,7 +65,7 @@ fn seconds(value: f64, name: &str) -> Result<Duration, CoreError> {
 #[pymethods]
 impl Server {
     #[new]
-    #[pyo3(signature = (host, port, *, io_threads, max_message_size, max_buffered_bytes, handshake_timeout, idle_timeout, max_connections, max_body_size, metering=true))]
+    #[pyo3(signature = (host, port, *, io_threads, max_message_size, max_buffered_bytes, handshake_timeout, idle_timeout, max_connections, max_body_size, metering=true, certfile=None, keyfile=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -79,6 +79,8 @@ impl Server {
         max_connections: usize,
         max_body_size: usize,
         metering: bool,
+        certfile: Option<std::path::PathBuf>,
+        keyfile: Option<std::path::PathBuf>,
     ) -> PyResult<Self> {
         let build = || -> Result<sockworker_core::Server, CoreError> {
             let addr = (host, port)
@@ -97,7 +99,14 @@ impl Server {
                 max_connections,
                 max_body_size,
             };
-            sockworker_core::Server::start(ServerConfig { addr, io_threads, limits })
+            let tls = match (&certfile, &keyfile) {
+                (Some(cert), Some(key)) => Some(sockworker_core::tls::server_config(cert, key)?),
+                (None, None) => None,
+                _ => {
+                    return Err(CoreError::InvalidArgument("certfile and keyfile go together".into()));
+                }
+            };
+            sockworker_core::Server::start(ServerConfig { addr, io_threads, limits, tls })
         };
         let server = py.detach(build).map_err(|e| to_pyerr(py, e))?;
         let watch = Arc::new(Watch::default());
@@ -215,7 +224,7 @@ impl Server {
     }
 
     /// Opens an outgoing WebSocket; a CONNECTED event with `token` reports the outcome.
-    #[pyo3(signature = (url, protocols, headers, slot, token))]
+    #[pyo3(signature = (url, protocols, headers, slot, token, ca_file=None))]
     fn connect(
         &self,
         url: String,
@@ -223,8 +232,10 @@ impl Server {
         headers: Vec<(String, String)>,
         slot: Option<&Slot>,
         token: u64,
+        ca_file: Option<String>,
     ) {
-        let request = ConnectRequest { url, protocols, headers, slot: slot.map(|s| s.inner.clone()), token };
+        let slot = slot.map(|s| s.inner.clone());
+        let request = ConnectRequest { url, protocols, headers, slot, ca_file, token };
         if let Some(server) = &*self.inner.lock() {
             server.connect(request);
         }
