@@ -61,6 +61,9 @@ async def test_an_object_relays_its_upstream_to_clients_of_later_requests(
             await asyncio.wait_for(upstream.connected.wait(), 10)
             (up,) = upstream.connections
             assert up.request is not None and up.request.path == "/feed"
+            # Idle for longer than its hibernate_after (0.2 s, the quantity under test): the
+            # outgoing socket keeps the object awake, so its instance state is still there.
+            await asyncio.sleep(0.6)
             # A later, unrelated request: no upstream URL, the object still holds the socket.
             async with connect(f"{relay.ws}/relay/{name}") as second:
                 status = await get_json(f"{relay.http}/relay/{name}/status")

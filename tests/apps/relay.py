@@ -9,6 +9,9 @@ import sockworker as sw
 
 
 class Relay(sw.DurableObject):
+    # Quick to hibernate, were it not for the upstream socket it holds.
+    limits = sw.Limits(hibernate_after=0.2)
+
     def __init__(self, ctx: sw.DurableObjectState, env: sw.Env) -> None:
         super().__init__(ctx, env)
         self.upstream: sw.WebSocket | None = None
