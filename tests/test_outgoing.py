@@ -8,7 +8,7 @@ import asyncio
 import base64
 import hashlib
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
@@ -156,3 +156,22 @@ async def test_the_fetch_form_opens_a_socket_to_accept(relay: ServerProcess) -> 
         port = server.sockets[0].getsockname()[1]
         result = await get_json(f"{relay.http}/fetch-form?url=ws://127.0.0.1:{port}/")
     assert result == {"reply": "echo: hello from the fetch form"}
+
+
+@run_async
+async def test_the_relay_example_fans_out_its_upstream(
+    make_server: Callable[..., ServerProcess], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    upstream = Upstream()
+    async with serve(upstream.handler, "127.0.0.1", 0) as feed:
+        port = feed.sockets[0].getsockname()[1]
+        monkeypatch.setenv("UPSTREAM", f"ws://127.0.0.1:{port}/")
+        server = make_server("examples.relay:app")
+        async with connect(f"{server.ws}/feed/demo") as first:
+            await asyncio.wait_for(upstream.connected.wait(), 10)
+            async with connect(f"{server.ws}/feed/demo") as second:
+                await upstream.connections[0].send("tick 0")
+                assert [await recv(first), await recv(second)] == ["tick 0", "tick 0"]
+                await first.send("up")
+                assert await asyncio.wait_for(upstream.received.get(), 10) == "up"
+        assert len(upstream.connections) == 1
