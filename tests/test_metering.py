@@ -21,6 +21,7 @@ from typing import Any
 import aiohttp
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from tests.apps.billing import APP_CPU_MS, ROOM_CPU_MS
@@ -130,6 +131,33 @@ async def test_auto_responses_are_counted_apart_from_messages(billing: ServerPro
     # 1 connection and 1 message at 20 messages per request.
     assert obj["billable_requests"] == 1 + 1 / 20
     assert obj["bytes_in"] > 0 and obj["bytes_out"] > 0
+
+
+@run_async
+async def test_an_outgoing_socket_is_metered_to_the_object_that_opened_it(
+    billing: ServerProcess,
+) -> None:
+    who, room = account(), f"dial-{uuid.uuid4().hex[:8]}"
+    acks: asyncio.Queue[str | bytes] = asyncio.Queue()
+
+    async def upstream(connection: ServerConnection) -> None:
+        for i in range(3):
+            await connection.send(f"feed {i}")
+        async for message in connection:
+            await acks.put(message)
+
+    async with serve(upstream, "127.0.0.1", 0) as feed:
+        port = feed.sockets[0].getsockname()[1]
+        path = f"/room/{room}/dial?account={who}&url=ws://127.0.0.1:{port}/"
+        assert await get(billing, path) == (200, "dialled")
+        got = [await asyncio.wait_for(acks.get(), 10) for _ in range(3)]
+    assert got == [f"ack 'feed {i}'" for i in range(3)]
+    obj = (await usage(billing, who))[object_key(room)]
+    # The listener's events ran as the object's, 5 ms of CPU each; its messages are the
+    # object's; an outgoing socket is not a connection (Cloudflare counts it as a subrequest).
+    assert (obj["ws_messages_in"], obj["ws_messages_out"], obj["ws_connections"]) == (3, 3, 0)
+    assert obj["cpu_ms"] >= 15, obj
+    assert obj["requests"] == 1
 
 
 # ---------------------------------------------------------------- CPU limit

@@ -180,16 +180,20 @@ class WebSocket:
         self._listeners[type].append((listener, inspect.iscoroutinefunction(listener)))
         if type == "message" and self._inbox:
             # Messages that came before the first listener (an outgoing socket's greeting, read
-            # while `await sw.connect()` returned) go to it, in order, from the loop.
-            asyncio.get_running_loop().call_soon(self._replay_inbox)
+            # while `await sw.connect()` returned) go to it first, in order, from a task (so
+            # they are charged to whoever added the listener).
+            asyncio.get_running_loop().create_task(self._replay_inbox())
 
-    def _replay_inbox(self) -> None:
-        inbox, self._inbox = self._inbox, None
+    async def _replay_inbox(self) -> None:
+        inbox = self._inbox
+        while inbox:
+            data = inbox.popleft()
+            event = MessageEvent(data)
+            for listener, is_async in self._listeners["message"]:
+                self._call(listener, is_async, event, "message")
         if self._paused and self._handle is not None:
             self._paused = False
             self._handle.set_paused(False)
-        for data in inbox or ():
-            self._on_message(data)
 
     on = add_event_listener
 
@@ -334,7 +338,7 @@ class WebSocket:
             self._object.socket_message(self, data)
             return
         listeners = self._listeners["message"]
-        if not listeners:
+        if not listeners or self._inbox:  # (messages queued before a listener go first)
             if self._inbox is None:
                 self._inbox = deque()
             self._inbox.append(data)

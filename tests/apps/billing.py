@@ -90,6 +90,7 @@ class Room(sw.DurableObject):
 
     def __init__(self, ctx: sw.DurableObjectState, env: sw.Env) -> None:
         super().__init__(ctx, env)
+        self.upstream: sw.WebSocket | None = None
         ctx.set_websocket_auto_response(sw.AutoResponse("ping", "pong"))
         name = ctx.id.name or str(ctx.id)
         alive[name] = weakref.ref(self)
@@ -98,6 +99,11 @@ class Room(sw.DurableObject):
     async def fetch(self, request: sw.Request) -> sw.Response:
         if request.path.endswith("/spin"):
             spin()
+        if request.path.endswith("/dial"):
+            # An outgoing socket, kept on the instance: each message down it is answered.
+            self.upstream = await sw.connect(request.query["url"])
+            self.upstream.add_event_listener("message", self.on_upstream)
+            return sw.Response("dialled")
         client, server = sw.WebSocketPair()
         if request.query.get("standard"):
             server.accept()
@@ -105,6 +111,11 @@ class Room(sw.DurableObject):
         else:
             self.ctx.accept_websocket(server)
         return sw.Response(status=101, websocket=client)
+
+    def on_upstream(self, event: sw.MessageEvent) -> None:
+        assert self.upstream is not None
+        burn(5)
+        self.upstream.send(f"ack {event.data!r}")
 
     def websocket_message(self, ws: sw.WebSocket, message: str | bytes) -> None:
         if message == "boom":

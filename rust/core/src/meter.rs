@@ -4,10 +4,14 @@
 //! since the last drain into records with one atomic swap per counter, so the records partition
 //! the totals exactly: every increment lands in exactly one drain.
 //!
-//! CPU time of the application thread is measured per batch of events ([`BatchClock`]): two
-//! reads of the thread's CPU clock per batch, split over the runs of consecutive events of the
-//! same slot by their share of the batch's wall time. Events of one slot in a row (every socket
-//! of a Worker, say) cost nothing per event.
+//! CPU time of the application thread is measured per batch of events ([`BatchClock`]) and split
+//! over the runs of consecutive events of the same slot by their share of the batch's wall time.
+//! Events of one slot in a row (every socket of a Worker, say) cost nothing per event. Reading
+//! the thread's CPU clock is a system call (about 0.8 µs on a virtual machine, as much as a
+//! whole short batch), so a short batch is charged its wall time, read from the vDSO clock: the
+//! thread runs from start to end of it. A batch longer than [`SHORT_BATCH`] (the only kind a
+//! preemption can hide in) reads the CPU clock and is charged at most the CPU the thread used
+//! since the last reading, less what was charged since.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -218,29 +222,42 @@ pub fn thread_cpu_clock() -> libc::clockid_t {
     clock
 }
 
+/// A batch shorter than this (wall time) is charged its wall time without reading the CPU clock.
+pub const SHORT_BATCH: std::time::Duration = std::time::Duration::from_micros(100);
+
 /// Splits one batch's CPU time over its runs of events of the same slot.
 #[derive(Default)]
 pub struct BatchClock {
-    started_cpu: u64,
+    started: Option<Instant>,
     /// (slot, wall nanoseconds) of the closed runs.
     runs: Vec<(Option<Arc<Slot>>, u64)>,
     current: Option<Arc<Slot>>,
     current_since: Option<Instant>,
+    /// The thread's CPU clock at the last reading, and what was charged since.
+    baseline_cpu: u64,
+    charged_since: u64,
 }
 
 impl BatchClock {
-    /// Starts a batch at this thread's CPU time `cpu_ns`.
-    pub fn begin(&mut self, cpu_ns: u64) {
-        self.started_cpu = cpu_ns;
+    /// A clock whose thread's CPU clock reads `cpu_ns` now.
+    #[must_use]
+    pub fn new(cpu_ns: u64) -> Self {
+        Self { baseline_cpu: cpu_ns, ..Self::default() }
+    }
+
+    /// The thread's CPU clock was read (`cpu_ns`) and what it used until then is accounted for
+    /// (an async step was just measured with it).
+    pub fn rebase(&mut self, cpu_ns: u64) {
+        self.baseline_cpu = cpu_ns;
+        self.charged_since = 0;
+    }
+
+    /// Starts a batch.
+    pub fn begin(&mut self) {
+        self.started = Some(Instant::now());
         self.runs.clear();
         self.current = None;
         self.current_since = None;
-    }
-
-    /// The CPU time at which the batch began.
-    #[must_use]
-    pub fn started_cpu(&self) -> u64 {
-        self.started_cpu
     }
 
     /// The event about to run is `slot`'s: a new run starts (and true is returned) if it is not
@@ -274,22 +291,32 @@ impl BatchClock {
 
     fn close_run(&mut self, now: Instant) {
         if let Some(since) = self.current_since.take() {
-            let wall = u64::try_from(now.duration_since(since).as_nanos()).unwrap_or(u64::MAX);
-            self.runs.push((self.current.take(), wall));
+            self.runs.push((self.current.take(), nanos(now.duration_since(since))));
         }
     }
 
-    /// Ends the batch at CPU time `cpu_ns`: charges each run's slot its share of the batch's
-    /// CPU by wall time. Runs of no slot (our own bookkeeping, a request before its account is
-    /// known) are billed to nobody. Returns the CPU used.
-    pub fn end(&mut self, cpu_ns: u64) -> u64 {
-        self.close_run(Instant::now());
-        let used = cpu_ns.saturating_sub(self.started_cpu);
-        let wall: u64 = self.runs.iter().map(|(_, wall)| wall).sum();
-        if wall > 0 {
+    /// Ends the batch: charges each run's slot its share of the batch's CPU by wall time
+    /// (`read_cpu` reads the thread's CPU clock; it is called only for a long batch). Runs of
+    /// no slot (our own bookkeeping, a request before its account is known) are billed to
+    /// nobody. Returns the CPU charged to the batch.
+    pub fn end(&mut self, read_cpu: impl FnOnce() -> u64) -> u64 {
+        let now = Instant::now();
+        self.close_run(now);
+        let wall = self.started.take().map_or(0, |started| nanos(now.duration_since(started)));
+        let used = if wall < nanos(SHORT_BATCH) {
+            wall
+        } else {
+            let cpu = read_cpu();
+            let budget = cpu.saturating_sub(self.baseline_cpu).saturating_sub(self.charged_since);
+            self.rebase(cpu);
+            wall.min(budget)
+        };
+        self.charged_since += used;
+        let runs_wall: u64 = self.runs.iter().map(|(_, wall)| wall).sum();
+        if runs_wall > 0 {
             for (slot, run_wall) in &self.runs {
                 if let Some(slot) = slot {
-                    let share = u128::from(used) * u128::from(*run_wall) / u128::from(wall);
+                    let share = u128::from(used) * u128::from(*run_wall) / u128::from(runs_wall.max(wall));
                     slot.add(Unit::CpuNs, u64::try_from(share).unwrap_or(u64::MAX));
                 }
             }
@@ -298,6 +325,10 @@ impl BatchClock {
         self.current = None;
         used
     }
+}
+
+fn nanos(duration: std::time::Duration) -> u64 {
+    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]
@@ -342,16 +373,31 @@ mod tests {
     fn batch_cpu_is_split_by_wall_time() {
         let meter = Meter::default();
         let (a, b) = (meter.slot(label("a")), meter.slot(label("b")));
-        let mut clock = BatchClock::default();
-        clock.begin(1_000);
+        let mut clock = BatchClock::new(0);
+        clock.begin();
         assert!(clock.enter(Some(&a)));
         assert!(!clock.enter(Some(&a)));
         std::thread::sleep(std::time::Duration::from_millis(30));
         clock.enter(Some(&b));
         std::thread::sleep(std::time::Duration::from_millis(10));
-        assert_eq!(clock.end(1_000 + 1_000_000), 1_000_000);
+        // A long batch reads the CPU clock: it used 1 ms of CPU (it slept the rest).
+        assert_eq!(clock.end(|| 1_000_000), 1_000_000);
         let (ca, cb) = (a.pending()[Unit::CpuNs as usize], b.pending()[Unit::CpuNs as usize]);
         assert!(ca + cb <= 1_000_000 && ca + cb > 990_000, "charged {}", ca + cb);
         assert!(ca > 2 * cb, "a ran about three times as long as b: {ca} vs {cb}");
+    }
+
+    #[test]
+    fn a_short_batch_is_charged_its_wall_time_without_reading_the_cpu_clock() {
+        let meter = Meter::default();
+        let a = meter.slot(label("a"));
+        let mut clock = BatchClock::new(0);
+        clock.begin();
+        clock.enter(Some(&a));
+        let used = clock.end(|| panic!("a short batch must not read the CPU clock"));
+        assert!(used < nanos(SHORT_BATCH));
+        // The run is charged its part of the batch (what came before it was our own work).
+        let charged = a.pending()[Unit::CpuNs as usize];
+        assert!(charged > 0 && charged <= used, "{charged} of {used}");
     }
 }

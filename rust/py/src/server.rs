@@ -17,7 +17,6 @@ use crate::meter::Slot;
 use crate::socket::SocketHandle;
 
 /// What the application thread is running, for CPU accounting and the watchdog.
-#[derive(Default)]
 struct Dispatch {
     clock: BatchClock,
     in_batch: bool,
@@ -116,7 +115,11 @@ impl Server {
             fd: server.events().fd(),
             address: server.local_addr(),
             inner: Mutex::new(Some(server)),
-            dispatch: Arc::default(),
+            dispatch: Arc::new(Mutex::new(Dispatch {
+                clock: BatchClock::new(thread_cpu_ns()),
+                in_batch: false,
+                step: None,
+            })),
             watch,
             watchdog: Mutex::new(watchdog),
             metering,
@@ -141,11 +144,10 @@ impl Server {
         let events = guard.as_ref().map(|server| server.events().drain()).unwrap_or_default();
         sockworker_core::socket::begin_batch();
         let dispatch = if self.metering {
-            let cpu = thread_cpu_ns();
             let mut state = self.dispatch.lock();
-            state.clock.begin(cpu);
+            state.clock.begin();
             state.in_batch = true;
-            Some((self.dispatch.clone(), cpu))
+            Some(self.dispatch.clone())
         } else {
             None
         };
@@ -160,7 +162,7 @@ impl Server {
         let mut dispatch = self.dispatch.lock();
         if dispatch.in_batch {
             dispatch.in_batch = false;
-            dispatch.clock.end(thread_cpu_ns());
+            dispatch.clock.end(thread_cpu_ns);
         }
         drop(dispatch);
         self.watch.leave();
@@ -204,10 +206,15 @@ impl Server {
     /// Ends the step `step_begin` began: charges its CPU. Returns (CPU ns used, whether the
     /// watchdog interrupted it).
     fn step_end(&self) -> (u64, bool) {
-        let Some((slot, started, progress)) = self.dispatch.lock().step.take() else {
+        let mut dispatch = self.dispatch.lock();
+        let Some((slot, started, progress)) = dispatch.step.take() else {
             return (0, false);
         };
-        let used = thread_cpu_ns().saturating_sub(started);
+        let now = thread_cpu_ns();
+        // What the thread used until now is accounted for: batches are charged from here.
+        dispatch.clock.rebase(now);
+        drop(dispatch);
+        let used = now.saturating_sub(started);
         slot.add(Unit::CpuNs, used);
         self.watch.leave();
         (used, self.watch.was_interrupted(progress))
@@ -263,8 +270,8 @@ impl Server {
 #[pyclass(module = "sockworker._native")]
 pub struct Batch {
     events: std::vec::IntoIter<(Py<PyAny>, Option<Arc<CoreSlot>>)>,
-    /// The accounting state and the CPU clock at the batch's start (None: metering is off).
-    dispatch: Option<(Arc<Mutex<Dispatch>>, u64)>,
+    /// The accounting state (None: metering is off).
+    dispatch: Option<Arc<Mutex<Dispatch>>>,
     watch: Arc<Watch>,
 }
 
@@ -276,11 +283,10 @@ impl Batch {
 
     fn __next__(&mut self) -> Option<Py<PyAny>> {
         let (event, slot) = self.events.next()?;
-        if let Some((dispatch, started)) = &mut self.dispatch {
+        if let Some(dispatch) = &self.dispatch {
             if dispatch.lock().clock.enter(slot.as_ref()) {
                 let budget = slot.as_ref().map_or(u64::MAX, |slot| slot.cpu_limit_ns());
-                // The first event of the batch started when the batch did.
-                self.watch.enter(budget, Some(std::mem::take(started)).filter(|&cpu| cpu != 0));
+                self.watch.enter(budget, None);
             } else {
                 self.watch.next_event();
             }
