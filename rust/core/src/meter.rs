@@ -304,6 +304,9 @@ impl BatchClock {
         self.close_run(now);
         let wall = self.started.take().map_or(0, |started| nanos(now.duration_since(started)));
         let used = if wall < nanos(SHORT_BATCH) {
+            // Charged before the next reading of the CPU clock: the next long batch's bound
+            // leaves it out.
+            self.charged_since += wall;
             wall
         } else {
             let cpu = read_cpu();
@@ -311,7 +314,6 @@ impl BatchClock {
             self.rebase(cpu);
             wall.min(budget)
         };
-        self.charged_since += used;
         let runs_wall: u64 = self.runs.iter().map(|(_, wall)| wall).sum();
         if runs_wall > 0 {
             for (slot, run_wall) in &self.runs {
@@ -385,6 +387,21 @@ mod tests {
         let (ca, cb) = (a.pending()[Unit::CpuNs as usize], b.pending()[Unit::CpuNs as usize]);
         assert!(ca + cb <= 1_000_000 && ca + cb > 990_000, "charged {}", ca + cb);
         assert!(ca > 2 * cb, "a ran about three times as long as b: {ca} vs {cb}");
+    }
+
+    #[test]
+    fn long_batches_in_a_row_are_each_bounded_by_their_own_cpu() {
+        let meter = Meter::default();
+        let a = meter.slot(label("a"));
+        let mut clock = BatchClock::new(0);
+        for (n, cpu) in [(1u64, 5_000_000u64), (2, 10_000_000), (3, 15_000_000)] {
+            clock.begin();
+            clock.enter(Some(&a));
+            std::thread::sleep(std::time::Duration::from_millis(6));
+            // Each batch used 5 ms of CPU (the clock reads 5, 10, 15 ms at their ends).
+            let used = clock.end(|| cpu);
+            assert_eq!(used, 5_000_000, "batch {n}");
+        }
     }
 
     #[test]

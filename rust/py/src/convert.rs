@@ -48,28 +48,49 @@ fn payload<'py>(py: Python<'py>, data: &Payload) -> Bound<'py, PyAny> {
     }
 }
 
+/// Who an event of a batch is billed to, relative to the event before it.
+pub enum EventSlot {
+    /// The same slot as the previous event (the common case: no reference count touched).
+    Same,
+    /// Nobody (a request before its account is known, our own events).
+    Unbilled,
+    Slot(Arc<Slot>),
+}
+
 /// The events as tuples, each with the meter slot it is billed to (`slot_of` finds a socket's
 /// slot, asked once per run of messages of one slot).
 pub fn events_to_vec(
     py: Python<'_>,
     events: Vec<Event>,
     slot_of: impl Fn(u64) -> Option<Arc<Slot>>,
-) -> Vec<(Py<PyAny>, Option<Arc<Slot>>)> {
+) -> Vec<(Py<PyAny>, EventSlot)> {
     let mut out = Vec::with_capacity(events.len());
-    let mut last: (usize, Option<Arc<Slot>>) = (0, None);
+    // The previous event's slot, by address (0: none; 1: not known yet).
+    let mut previous = 1usize;
     for event in events {
-        let slot = match &event {
+        let (key, slot) = match &event {
             Event::Message { socket, slot: key, .. } if *key != 0 => {
-                if last.0 != *key {
-                    last = (*key, slot_of(*socket));
+                if *key == previous {
+                    (*key, None)
+                } else {
+                    let slot = slot_of(*socket);
+                    (slot.as_ref().map_or(0, |s| Arc::as_ptr(s) as usize), slot)
                 }
-                last.1.clone()
             }
-            Event::Close { slot, .. } | Event::Error { slot, .. } => slot.clone(),
-            _ => None,
+            Event::Close { slot: Some(slot), .. } | Event::Error { slot: Some(slot), .. } => {
+                (Arc::as_ptr(slot) as usize, Some(slot.clone()))
+            }
+            _ => (0, None),
         };
+        let billed = match slot {
+            // (Never for unbilled events: a request relabels its run once it knows its account.)
+            _ if key == previous && key != 0 => EventSlot::Same,
+            Some(slot) => EventSlot::Slot(slot),
+            None => EventSlot::Unbilled,
+        };
+        previous = key;
         match event_tuple(py, event) {
-            Ok(tuple) => out.push((tuple.unbind(), slot)),
+            Ok(tuple) => out.push((tuple.unbind(), billed)),
             // Only a failed allocation gets here: the event is lost, and said so.
             Err(error) => error.print(py),
         }

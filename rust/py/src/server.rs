@@ -11,7 +11,7 @@ use sockworker_core::meter::{thread_cpu_clock, thread_cpu_ns, BatchClock};
 use sockworker_core::watchdog::{current_thread_ident, Watch, Watchdog};
 use sockworker_core::{ConnectRequest, CoreError, Limits, Reply, ServerConfig, Slot as CoreSlot, Unit};
 
-use crate::convert::events_to_vec;
+use crate::convert::{events_to_vec, EventSlot};
 use crate::errors::{cpu_limit_exceeded, to_pyerr};
 use crate::meter::Slot;
 use crate::socket::SocketHandle;
@@ -269,7 +269,7 @@ impl Server {
 /// One batch of events; iterate it once, then call `Server.flush`.
 #[pyclass(module = "sockworker._native")]
 pub struct Batch {
-    events: std::vec::IntoIter<(Py<PyAny>, Option<Arc<CoreSlot>>)>,
+    events: std::vec::IntoIter<(Py<PyAny>, EventSlot)>,
     /// The accounting state (None: metering is off).
     dispatch: Option<Arc<Mutex<Dispatch>>>,
     watch: Arc<Watch>,
@@ -282,8 +282,17 @@ impl Batch {
     }
 
     fn __next__(&mut self) -> Option<Py<PyAny>> {
-        let (event, slot) = self.events.next()?;
+        let (event, billed) = self.events.next()?;
         if let Some(dispatch) = &self.dispatch {
+            let slot = match billed {
+                // Same slot: the run goes on; only the watchdog hears of a new event.
+                EventSlot::Same => {
+                    self.watch.next_event();
+                    return Some(event);
+                }
+                EventSlot::Unbilled => None,
+                EventSlot::Slot(slot) => Some(slot),
+            };
             if dispatch.lock().clock.enter(slot.as_ref()) {
                 let budget = slot.as_ref().map_or(u64::MAX, |slot| slot.cpu_limit_ns());
                 self.watch.enter(budget, None);
