@@ -108,6 +108,7 @@ class Server:
         metering: bool = True,
         certfile: str | None = None,
         keyfile: str | None = None,
+        smallest_cpu_limit: float = 30.0,
     ) -> None: ...
     @property
     def address(self) -> tuple[str, int]: ...

@@ -180,6 +180,11 @@ class _Runtime:
             metering=app.metering,
             certfile=certfile,
             keyfile=keyfile,
+            # The watchdog looks every tenth of the smallest CPU limit (5 to 100 ms).
+            smallest_cpu_limit=min(
+                [limits.cpu_ms] + [ns.limits.cpu_ms for ns in app.namespaces.values()]
+            )
+            / 1000,
         )
         self.scheme = "https" if certfile else "http"
         self.ctx = ExecutionContext(self)

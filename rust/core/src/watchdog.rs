@@ -14,8 +14,16 @@ use std::time::Duration;
 
 use crate::meter::cpu_clock_ns;
 
-/// How often the watchdog looks while an event runs.
-pub const TICK: Duration = Duration::from_millis(5);
+/// How often the watchdog looks, at most and at least: [`tick_for`] picks between them.
+pub const MIN_TICK: Duration = Duration::from_millis(5);
+pub const MAX_TICK: Duration = Duration::from_millis(100);
+
+/// The tick for the smallest CPU limit in force: a tenth of it, within [`MIN_TICK`] and
+/// [`MAX_TICK`] (the watchdog wakes this often, so a 30 s default costs 10 wake-ups a second).
+#[must_use]
+pub fn tick_for(smallest_limit: Duration) -> Duration {
+    (smallest_limit / 10).clamp(MIN_TICK, MAX_TICK)
+}
 
 /// What the application thread is running, written by it alone.
 #[derive(Debug)]
@@ -120,6 +128,7 @@ impl Watchdog {
     pub fn start(
         watch: Arc<Watch>,
         clock: libc::clockid_t,
+        tick: Duration,
         interrupt: impl Fn(u64) + Send + 'static,
     ) -> std::io::Result<Self> {
         let (stop, stopped) = mpsc::channel::<()>();
@@ -127,7 +136,7 @@ impl Watchdog {
             // (event number, CPU clock when it was first seen running)
             let mut seen: Option<(u64, u64)> = None;
             loop {
-                match stopped.recv_timeout(TICK) {
+                match stopped.recv_timeout(tick) {
                     Err(RecvTimeoutError::Timeout) => {}
                     _ => return,
                 }
@@ -179,7 +188,7 @@ mod tests {
         let watch = Arc::new(Watch::default());
         let fired = Arc::new(AtomicUsize::new(0));
         let (hits, w) = (fired.clone(), watch.clone());
-        let _dog = Watchdog::start(watch.clone(), thread_cpu_clock(), move |progress| {
+        let _dog = Watchdog::start(watch.clone(), thread_cpu_clock(), MIN_TICK, move |progress| {
             hits.fetch_add(1, Ordering::SeqCst);
             w.mark_interrupted(progress);
         })

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use pyo3::prelude::*;
 use sockworker_core::meter::{thread_cpu_clock, thread_cpu_ns, BatchClock};
-use sockworker_core::watchdog::{current_thread_ident, Watch, Watchdog};
+use sockworker_core::watchdog::{current_thread_ident, tick_for, Watch, Watchdog};
 use sockworker_core::{ConnectRequest, CoreError, Limits, Reply, ServerConfig, Slot as CoreSlot, Unit};
 
 use crate::convert::{events_to_vec, EventSlot};
@@ -38,10 +38,10 @@ pub struct Server {
 
 /// Starts the watchdog of the calling thread (the application thread): an event over its CPU
 /// budget gets `CpuLimitExceeded` raised in it, at the next bytecode the thread runs.
-fn start_watchdog(watch: &Arc<Watch>) -> std::io::Result<Watchdog> {
+fn start_watchdog(watch: &Arc<Watch>, smallest_limit: Duration) -> std::io::Result<Watchdog> {
     let ident = current_thread_ident() as std::ffi::c_long;
     let seen = watch.clone();
-    Watchdog::start(watch.clone(), thread_cpu_clock(), move |progress| {
+    Watchdog::start(watch.clone(), thread_cpu_clock(), tick_for(smallest_limit), move |progress| {
         Python::attach(|py| {
             // Under the GIL the application thread stands still: the event is still the same.
             if !seen.is_running(progress) {
@@ -64,7 +64,7 @@ fn seconds(value: f64, name: &str) -> Result<Duration, CoreError> {
 #[pymethods]
 impl Server {
     #[new]
-    #[pyo3(signature = (host, port, *, io_threads, max_message_size, max_buffered_bytes, handshake_timeout, idle_timeout, max_connections, max_body_size, metering=true, certfile=None, keyfile=None))]
+    #[pyo3(signature = (host, port, *, io_threads, max_message_size, max_buffered_bytes, handshake_timeout, idle_timeout, max_connections, max_body_size, metering=true, certfile=None, keyfile=None, smallest_cpu_limit=30.0))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -80,6 +80,7 @@ impl Server {
         metering: bool,
         certfile: Option<std::path::PathBuf>,
         keyfile: Option<std::path::PathBuf>,
+        smallest_cpu_limit: f64,
     ) -> PyResult<Self> {
         let build = || -> Result<sockworker_core::Server, CoreError> {
             let addr = (host, port)
@@ -109,8 +110,12 @@ impl Server {
         };
         let server = py.detach(build).map_err(|e| to_pyerr(py, e))?;
         let watch = Arc::new(Watch::default());
-        let watchdog =
-            if metering { Some(start_watchdog(&watch).map_err(|e| to_pyerr(py, e.into()))?) } else { None };
+        let smallest = seconds(smallest_cpu_limit, "smallest_cpu_limit").map_err(|e| to_pyerr(py, e))?;
+        let watchdog = if metering {
+            Some(start_watchdog(&watch, smallest).map_err(|e| to_pyerr(py, e.into()))?)
+        } else {
+            None
+        };
         Ok(Self {
             fd: server.events().fd(),
             address: server.local_addr(),
