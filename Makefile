@@ -19,8 +19,11 @@ help: ## list the targets
 $(VENV)/.deps: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet "maturin>=1.7,<2" "pytest>=8" "pytest-timeout>=2.3" "pytest-asyncio>=0.24" \
-		"websockets>=14" "aiohttp>=3.10" "selenium>=4.20" "ruff>=0.8" "mypy>=1.13"
+	@# One list of packages, pyproject's: the runtime dependencies and the test and lint extras.
+	$(VENV)/bin/python -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; \
+		x = p["optional-dependencies"]; print("\n".join(p["dependencies"] + x["test"] + x["lint"]))' \
+		> $(VENV)/requirements.txt
+	$(PIP) install --quiet "maturin>=1.7,<2" -r $(VENV)/requirements.txt
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps $(RUST_SOURCES)
