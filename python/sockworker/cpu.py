@@ -43,10 +43,6 @@ class Metered(Coroutine[Any, Any, Any]):
         self._used = 0
         self._over = False
 
-    @property
-    def slot(self) -> _native.Slot:
-        return self._slot
-
     def send(self, value: Any) -> Any:
         if self._over:
             return self._step(self._coro.throw, CpuLimitExceeded())

@@ -187,10 +187,7 @@ class WebSocket:
     async def _replay_inbox(self) -> None:
         inbox = self._inbox
         while inbox:
-            data = inbox.popleft()
-            event = MessageEvent(data)
-            for listener, is_async in self._listeners["message"]:
-                self._call(listener, is_async, event, "message")
+            self._to_listeners(inbox.popleft())
         if self._paused and self._handle is not None:
             self._paused = False
             self._handle.set_paused(False)
@@ -348,10 +345,12 @@ class WebSocket:
                 self._paused = True
                 self._handle.set_paused(True)
             return
-        if self._ready_state != WebSocket.OPEN:
-            return
+        if self._ready_state == WebSocket.OPEN:
+            self._to_listeners(data)
+
+    def _to_listeners(self, data: str | bytes) -> None:
         event = MessageEvent(data)
-        for listener, is_async in listeners:
+        for listener, is_async in self._listeners["message"]:
             self._call(listener, is_async, event, "message")
 
     def _on_close(self, code: int, reason: str, was_clean: bool) -> None:

@@ -252,6 +252,12 @@ impl BatchClock {
         self.charged_since = 0;
     }
 
+    /// A batch has begun and not ended.
+    #[must_use]
+    pub fn in_batch(&self) -> bool {
+        self.started.is_some()
+    }
+
     /// Starts a batch.
     pub fn begin(&mut self) {
         self.started = Some(Instant::now());

@@ -83,12 +83,6 @@ impl Watch {
         self.busy.store(false, Ordering::Release);
     }
 
-    /// The number of the running (or last) event.
-    #[must_use]
-    pub fn progress(&self) -> u64 {
-        self.progress.load(Ordering::Acquire)
-    }
-
     /// Event number `progress` is still running (checked by `interrupt` before it acts).
     #[must_use]
     pub fn is_running(&self, progress: u64) -> bool {

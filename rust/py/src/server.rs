@@ -19,7 +19,6 @@ use crate::socket::SocketHandle;
 /// What the application thread is running, for CPU accounting and the watchdog.
 struct Dispatch {
     clock: BatchClock,
-    in_batch: bool,
     /// The async step running now: its slot, the CPU clock at its start, its event number.
     step: Option<(Arc<CoreSlot>, u64, u64)>,
 }
@@ -120,11 +119,7 @@ impl Server {
             fd: server.events().fd(),
             address: server.local_addr(),
             inner: Mutex::new(Some(server)),
-            dispatch: Arc::new(Mutex::new(Dispatch {
-                clock: BatchClock::new(thread_cpu_ns()),
-                in_batch: false,
-                step: None,
-            })),
+            dispatch: Arc::new(Mutex::new(Dispatch { clock: BatchClock::new(thread_cpu_ns()), step: None })),
             watch,
             watchdog: Mutex::new(watchdog),
             metering,
@@ -151,7 +146,6 @@ impl Server {
         let dispatch = if self.metering {
             let mut state = self.dispatch.lock();
             state.clock.begin();
-            state.in_batch = true;
             Some(self.dispatch.clone())
         } else {
             None
@@ -165,8 +159,7 @@ impl Server {
     /// after every `drain`.
     fn flush(&self) {
         let mut dispatch = self.dispatch.lock();
-        if dispatch.in_batch {
-            dispatch.in_batch = false;
+        if dispatch.clock.in_batch() {
             dispatch.clock.end(thread_cpu_ns);
         }
         drop(dispatch);
@@ -179,7 +172,7 @@ impl Server {
         let dispatch = self.dispatch.lock();
         let slot = match &dispatch.step {
             Some((slot, _, _)) => Some(slot),
-            None if dispatch.in_batch => dispatch.clock.current(),
+            None if dispatch.clock.in_batch() => dispatch.clock.current(),
             None => None,
         };
         slot.map(|slot| Slot { inner: slot.clone() })
@@ -188,7 +181,7 @@ impl Server {
     /// Bills the running event of the batch to `slot` (a request, once its account is known).
     fn relabel(&self, slot: &Slot) {
         let mut dispatch = self.dispatch.lock();
-        if dispatch.in_batch {
+        if dispatch.clock.in_batch() {
             dispatch.clock.relabel(&slot.inner);
             self.watch.set_budget(slot.inner.cpu_limit_ns());
         }
@@ -199,7 +192,7 @@ impl Server {
     #[pyo3(signature = (slot, budget_ns))]
     fn step_begin(&self, slot: &Slot, budget_ns: Option<u64>) -> bool {
         let mut dispatch = self.dispatch.lock();
-        if dispatch.step.is_some() || dispatch.in_batch {
+        if dispatch.step.is_some() || dispatch.clock.in_batch() {
             return false;
         }
         let cpu = thread_cpu_ns();
