@@ -14,6 +14,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -46,11 +47,20 @@ def run_async(fn: Callable[P, Awaitable[T]]) -> Callable[P, T]:
 
 
 class ServerProcess:
-    """One `python -m sockworker serve APP --port 0` child, with its log drained in a thread."""
+    """One `python -m sockworker serve APP --port 0` child, with its log drained in a thread.
+    Unless `extra` names one, it gets a data directory of its own (`self.data_dir`), kept
+    until the test session ends so that a restarted server can be pointed at it."""
 
-    def __init__(self, app: str, extra: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, app: str, extra: tuple[str, ...] = (), env: dict[str, str] | None = None
+    ) -> None:
         self.app = app
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if "--data-dir" in extra:
+            self.data_dir = Path(extra[extra.index("--data-dir") + 1])
+        else:
+            self.data_dir = Path(tempfile.mkdtemp(prefix="sw-data-"))
+            extra = (*extra, "--data-dir", str(self.data_dir))
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         self.argv = [
             sys.executable,
             "-m",

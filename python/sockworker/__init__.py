@@ -25,13 +25,16 @@ from .errors import (
     ResponseError,
     ServerStartError,
     SockworkerError,
+    StorageError,
 )
 from .http import Headers, Request, Response
 from .limits import Limits
 from .outgoing import ConnectError, connect, fetch
+from .storage import AlarmInfo, DurableObjectStorage, SqlCursor, SqlStorage
 from .websocket import CloseEvent, ErrorEvent, MessageEvent, WebSocket, WebSocketPair
 
 __all__ = [
+    "AlarmInfo",
     "App",
     "AutoResponse",
     "BillingHook",
@@ -43,6 +46,7 @@ __all__ = [
     "DurableObjectId",
     "DurableObjectNamespace",
     "DurableObjectState",
+    "DurableObjectStorage",
     "DurableObjectStub",
     "Env",
     "ErrorEvent",
@@ -60,6 +64,9 @@ __all__ = [
     "ResponseError",
     "ServerStartError",
     "SockworkerError",
+    "SqlCursor",
+    "SqlStorage",
+    "StorageError",
     "UsageRecord",
     "WebSocket",
     "WebSocketPair",

@@ -4,8 +4,10 @@ event batches dispatched to handlers, and the lifecycle (serve, graceful shutdow
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
+import os
 import resource
 import signal
 from collections.abc import Awaitable, Callable, Mapping
@@ -13,8 +15,8 @@ from typing import Any
 
 from . import _native, cpu
 from .billing import BillingHook, Meter, Pricing
-from .durable import DurableObjectNamespace, _ObjectHost
-from .errors import CpuLimitExceeded, ResponseError
+from .durable import DurableObjectId, DurableObjectNamespace, _ObjectHost, current_host
+from .errors import CpuLimitExceeded, ResponseError, StorageError
 from .http import Request, Response
 from .limits import Limits
 from .outgoing import ConnectError
@@ -37,6 +39,12 @@ _EV_ERROR = _native.EV_ERROR
 _EV_DRAINED = _native.EV_DRAINED
 _EV_ALL_CLOSED = _native.EV_ALL_CLOSED
 _EV_CONNECTED = _native.EV_CONNECTED
+_EV_ALARM = _native.EV_ALARM
+_EV_RELEASED = _native.EV_RELEASED
+_EV_COMMIT_FAILED = _native.EV_COMMIT_FAILED
+
+#: Where Durable Object storage lives when neither App(data_dir=) nor --data-dir says.
+DEFAULT_DATA_DIR = "./.sockworker/data"
 
 
 class Env:
@@ -86,11 +94,19 @@ class App:
         pricing: Pricing | None = None,
         metrics_path: str | None = None,
         metering: bool = True,
+        data_dir: str | os.PathLike[str] | None = None,
+        durability: str = "full",
     ) -> None:
         """``account(request)`` labels what a request costs (default ``"default"``);
         ``billing`` receives usage records and may refuse requests (``admit``); ``pricing``
         sets the ratios; ``metrics_path`` (off by default) serves the totals as Prometheus
-        text; ``metering=False`` turns CPU accounting, CPU limits and the meter off."""
+        text; ``metering=False`` turns CPU accounting, CPU limits and the meter off.
+        ``data_dir`` is where Durable Object storage lives (default ``./.sockworker/data``);
+        ``durability`` is ``"full"`` (a commit is on disk before what depends on it is sent)
+        or ``"normal"`` (in the operating system's cache: it survives a crash of the server,
+        not of the machine)."""
+        if durability not in ("full", "normal"):
+            raise ValueError(f'durability is "full" or "normal", not {durability!r}')
         self.fetch = fetch
         self.limits = limits or Limits()
         self.account = account
@@ -99,6 +115,8 @@ class App:
         self.meter = Meter(self.pricing)
         self.metrics_path = metrics_path
         self.metering = metering
+        self.data_dir = data_dir
+        self.durability = durability
         self.namespaces = {
             binding: DurableObjectNamespace(binding, cls, self.limits)
             for binding, cls in (durable_objects or {}).items()
@@ -136,6 +154,9 @@ class App:
     ) -> None:
         """Serves on the running loop until SIGINT or SIGTERM (or ``stop`` of the runtime)."""
         _raise_fd_limit()
+        # A file past RLIMIT_FSIZE is then an error (a full disk for that object), not a kill.
+        with contextlib.suppress(ValueError, OSError, AttributeError):
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         runtime = _Runtime(self, host, port, io_threads, certfile, keyfile)
         await runtime.run()
 
@@ -185,6 +206,9 @@ class _Runtime:
                 [limits.cpu_ms] + [ns.limits.cpu_ms for ns in app.namespaces.values()]
             )
             / 1000,
+            # Storage exists for apps with Durable Objects.
+            data_dir=os.fspath(app.data_dir or DEFAULT_DATA_DIR) if app.namespaces else None,
+            durability=app.durability,
         )
         self.scheme = "https" if certfile else "http"
         self.ctx = ExecutionContext(self)
@@ -198,8 +222,12 @@ class _Runtime:
         self.connecting: dict[int, tuple[asyncio.Future[WebSocket], str, Any, Any, bool]] = {}
         self.next_token = 1
         self.sockets: dict[int, WebSocket] = {}
-        # Durable Objects by the key the core gives their sockets' events.
-        self.objects: dict[int, _ObjectHost] = {}
+        # Resident Durable Objects by the key of their core state (a failed commit names it).
+        self.hosts_by_key: dict[int, _ObjectHost] = {}
+        # Results waiting for the output gate, by token.
+        self.gate_waiters: dict[int, asyncio.Future[bool]] = {}
+        self.next_gate_token = 1
+        self.commit_scheduled = False
         for namespace in app.namespaces.values():
             namespace._runtime = self
         self.tasks: set[asyncio.Task[Any]] = set()
@@ -218,8 +246,12 @@ class _Runtime:
         _Runtime.current = self
         if self.app.metering:
             cpu._server = self.server
-            loop.set_task_factory(cpu.task_factory(self.server))
             self._schedule_flush()
+        loop.set_task_factory(
+            cpu.task_factory(self.server if self.app.metering else None, _adopt_by_current_host)
+        )
+        server = self.server
+        self.meter._storage_bytes = lambda: server.storage_bytes
         logger.info("listening on %s://%s:%d", self.scheme, shown, port)
         try:
             await self.stopped
@@ -236,8 +268,12 @@ class _Runtime:
             for future, *_ in self.connecting.values():
                 if not future.done():
                     future.set_exception(ConnectError("the server stopped"))
+            loop.set_task_factory(previous_factory)
+            self.meter._storage_bytes = lambda: 0
+            for waiter in self.gate_waiters.values():
+                if not waiter.done():
+                    waiter.set_result(False)
             if self.app.metering:
-                loop.set_task_factory(previous_factory)
                 cpu._server = None
                 # Every object stops accruing duration; the hook gets the last records.
                 for resident in list(self.billing_hosts):
@@ -326,6 +362,16 @@ class _Runtime:
                         socket = sockets.get(event[1])
                         if socket is not None:
                             socket._on_drained()
+                    elif kind == _EV_RELEASED:
+                        waiter = self.gate_waiters.pop(event[1], None)
+                        if waiter is not None and not waiter.done():
+                            waiter.set_result(event[2])
+                    elif kind == _EV_ALARM:
+                        self.on_alarm(event[1], event[2], event[3])
+                    elif kind == _EV_COMMIT_FAILED:
+                        host = self.hosts_by_key.get(event[1])
+                        if host is not None:
+                            host.reset("a storage commit", event[2])
                     elif kind == _EV_ALL_CLOSED:
                         self._stop()
                     elif kind == _EV_CONNECTED:
@@ -333,6 +379,44 @@ class _Runtime:
                 done = True
             except Exception:
                 logger.exception("internal error dispatching event %r", event[:2])
+
+    # -- storage and the output gate -------------------------------------------------------------
+
+    def schedule_commit(self) -> None:
+        """Something was written: commit at the start of the next loop iteration (the end of a
+        batch of events commits anyway), so writes of one iteration share one commit."""
+        if not self.commit_scheduled:
+            self.commit_scheduled = True
+            self.loop.call_soon(self.commit)
+
+    def commit(self) -> None:
+        self.commit_scheduled = False
+        self.server.commit()
+
+    async def released(self, owner: int) -> None:
+        """Waits until what was sent (and written) before is durable: how a result of object
+        ``owner`` passes the output gate. Raises ``StorageError`` when its commit failed."""
+        token = self.next_gate_token
+        self.next_gate_token += 1
+        if self.server.hold_token(owner, token) is None:
+            return
+        waiter: asyncio.Future[bool] = self.loop.create_future()
+        self.gate_waiters[token] = waiter
+        if not await waiter:
+            raise StorageError(
+                "a storage commit failed; the object was reset and its result dropped"
+            )
+
+    def on_alarm(self, binding: str, object_id: str, retry: int) -> None:
+        namespace = self.app.namespaces.get(binding)
+        if namespace is None:
+            logger.warning(
+                "an alarm of object %s names namespace %r, which the app has not",
+                object_id,
+                binding,
+            )
+            return
+        namespace._host(DurableObjectId(object_id)).fire_alarm(retry)
 
     # -- outgoing sockets ------------------------------------------------------------------------
 
@@ -387,21 +471,29 @@ class _Runtime:
         if owner is not None:
             owner.standard_sockets.append(ws)
             owner.bill()
+            handle.set_owner(owner.native.key)
         future.set_result(ws)
+
+    def host_of(self, handle: _native.SocketHandle) -> _ObjectHost | None:
+        """The host of the object whose hibernatable socket this is, made if it has none."""
+        state = handle.object
+        name = state.name if state is not None else None
+        namespace = self.app.namespaces.get(name[0]) if name is not None else None
+        if state is None or name is None or namespace is None:
+            return None
+        return namespace._host(DurableObjectId(name[1], state.id_name))
 
     def revive(self, socket_id: int) -> WebSocket | None:
         """The socket of a hibernated object: a new Python object for it (the object itself
         is rebuilt by the handler call that follows)."""
         handle = self.server.socket(socket_id)
-        key = handle.object_key if handle is not None else None
-        host = self.objects.get(key) if key is not None else None
+        host = self.host_of(handle) if handle is not None else None
         if host is None or handle is None:
             return None
         return host.revive(handle)
 
     def revive_closed(self, handle: _native.SocketHandle) -> WebSocket | None:
-        key = handle.object_key
-        host = self.objects.get(key) if key is not None else None
+        host = self.host_of(handle)
         return WebSocket._revive(handle, self, host) if host is not None else None
 
     def spawn(self, awaitable: Awaitable[Any], what: str) -> None:
@@ -549,7 +641,16 @@ class _Runtime:
         server._bind(handle, self, url, headers.get("sec-websocket-protocol", ""))
         if isinstance(server._object, _ObjectHost):
             server._object.adopt(server, handle)
+        elif isinstance(server._owner, _ObjectHost):
+            handle.set_owner(server._owner.native.key)
 
 
 async def _as_coroutine(awaitable: Awaitable[Any]) -> Any:
     return await awaitable
+
+
+def _adopt_by_current_host(task: asyncio.Task[Any]) -> None:
+    """A task made while a Durable Object's code runs keeps that object resident (SPEC §2.5)."""
+    host = current_host.get()
+    if host is not None:
+        host.adopt_task(task)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -32,10 +32,12 @@ _UNITS = (
     "duration_us",
     "bytes_in",
     "bytes_out",
+    "storage_rows_read",
+    "storage_rows_written",
 )
 assert [getattr(_native, f"UNIT_{name}") for name in (
     "REQUESTS", "CONNECTIONS", "MESSAGES_IN", "MESSAGES_OUT", "AUTO_RESPONSES", "CPU_NS",
-    "DURATION_US", "BYTES_IN", "BYTES_OUT",
+    "DURATION_US", "BYTES_IN", "BYTES_OUT", "STORAGE_ROWS_READ", "STORAGE_ROWS_WRITTEN",
 )] == list(range(len(_UNITS)))  # fmt: skip
 
 
@@ -74,7 +76,13 @@ class UsageRecord:
     duration_gb_s: float = 0.0
     bytes_in: int = 0
     bytes_out: int = 0
+    storage_rows_read: int = 0
+    storage_rows_written: int = 0
+    #: The node that counted it (SPEC §7); None on a single node.
+    node: str | None = None
     billable_requests: float = 0.0
+    #: Bytes of storage on disk now: a gauge, set in ``app.meter.totals()`` only (not billed).
+    storage_bytes: int = 0
 
     @classmethod
     def _from_units(
@@ -99,6 +107,8 @@ class UsageRecord:
             duration_gb_s=counts["duration_us"] / 1e6 * pricing.memory_mb / 1024,
             bytes_in=counts["bytes_in"],
             bytes_out=counts["bytes_out"],
+            storage_rows_read=counts["storage_rows_read"],
+            storage_rows_written=counts["storage_rows_written"],
             billable_requests=counts["requests"]
             + counts["ws_connections"]
             + counts["ws_messages_in"] / pricing.messages_per_request,
@@ -133,12 +143,16 @@ class Meter:
         self._started = time.time()
         self._last_drain = self._started
         self._unsent: list[UsageRecord] = []
+        # The storage gauge of the server running the app (set while it serves).
+        self._storage_bytes: Callable[[], int] = lambda: 0
 
     def totals(self) -> UsageRecord:
-        """Everything counted since the app was made, delivered to the hook or not."""
-        return UsageRecord._from_units(
+        """Everything counted since the app was made, delivered to the hook or not, and the
+        bytes its storage holds now (``storage_bytes``, counted at most 10 s ago)."""
+        record = UsageRecord._from_units(
             (None, None, None), self._started, time.time(), self._native.totals(), self._pricing
         )
+        return dataclasses.replace(record, storage_bytes=self._storage_bytes())
 
     def _drain(self) -> list[UsageRecord]:
         """What was counted since the last drain, plus records the hook failed to take."""
@@ -187,5 +201,7 @@ _METRICS = (
     ("duration_gb_s", "counter", "GB-seconds of billable Durable Object residency."),
     ("bytes_in", "counter", "WebSocket bytes received."),
     ("bytes_out", "counter", "WebSocket bytes sent."),
+    ("storage_rows_read", "counter", "Durable Object storage rows (KV keys) read."),
+    ("storage_rows_written", "counter", "Durable Object storage rows (KV keys) written."),
     ("billable_requests", "counter", "Requests as billed, messages at the configured ratio."),
 )

@@ -9,6 +9,7 @@ import os
 import sys
 
 from .app import App
+from .errors import ServerStartError
 
 __all__ = ["load_app", "main"]
 
@@ -44,6 +45,16 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--certfile", help="PEM certificate chain: serve https:// and wss://")
     serve.add_argument("--keyfile", help="PEM private key of --certfile")
     serve.add_argument(
+        "--data-dir",
+        help="where Durable Object storage lives (default: App(data_dir=) or ./.sockworker/data)",
+    )
+    serve.add_argument(
+        "--durability",
+        choices=["full", "normal"],
+        help="full: a commit is on disk before what depends on it is sent (the default); "
+        "normal: in the OS cache (survives a crash of the server, not of the machine)",
+    )
+    serve.add_argument(
         "--no-metering",
         action="store_true",
         help="turn CPU accounting, CPU limits and the meter off (as App(metering=False))",
@@ -53,13 +64,21 @@ def main(argv: list[str] | None = None) -> int:
     app = load_app(args.app)
     if args.no_metering:
         app.metering = False
+    if args.data_dir:
+        app.data_dir = args.data_dir
+    if args.durability:
+        app.durability = args.durability
     if bool(args.certfile) != bool(args.keyfile):
         parser.error("--certfile and --keyfile go together")
-    app.run(
-        args.host,
-        args.port,
-        io_threads=args.io_threads,
-        certfile=args.certfile,
-        keyfile=args.keyfile,
-    )
+    try:
+        app.run(
+            args.host,
+            args.port,
+            io_threads=args.io_threads,
+            certfile=args.certfile,
+            keyfile=args.keyfile,
+        )
+    except ServerStartError as error:
+        print(f"sockworker: cannot start: {error}", file=sys.stderr)
+        return 1
     return 0

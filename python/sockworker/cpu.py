@@ -10,7 +10,7 @@ without anything here.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine, Generator
+from collections.abc import Callable, Coroutine, Generator
 from typing import Any
 
 from . import _native
@@ -82,16 +82,17 @@ class Metered(Coroutine[Any, Any, Any]):
         return f"<Metered {self._coro!r} for {self._slot!r}>"
 
 
-def task_factory(
-    server: _native.Server,
-) -> Any:
-    """A loop task factory: a task created while an event runs is charged to that event's slot."""
+def task_factory(server: _native.Server | None, made: Callable[[asyncio.Task[Any]], None]) -> Any:
+    """A loop task factory: with ``server`` (metering on), a task created while an event runs is
+    charged to that event's slot; ``made`` is told of every task."""
 
     def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
-        if not isinstance(coro, Metered):
+        if server is not None and not isinstance(coro, Metered):
             slot = server.current_slot()
             if slot is not None:
                 coro = Metered(coro, slot, server)
-        return asyncio.Task(coro, loop=loop, **kwargs)
+        task = asyncio.Task(coro, loop=loop, **kwargs)
+        made(task)
+        return task
 
     return factory

@@ -8,7 +8,9 @@ and ``except ConnectionError`` keep working::
      ├── ResponseError(SockworkerError, RuntimeError)   a handler's answer cannot be sent
      ├── LimitExceeded(SockworkerError)   a configured limit would be passed (sockets per object)
      │    └── CpuLimitExceeded   an event used more CPU than Limits.cpu_ms (raised inside it)
-     ├── ConnectionClosed(SockworkerError, ConnectionError)   the WebSocket is closing or closed
+     ├── StorageError(SockworkerError)   storage failed: bad SQL, a full disk, a corrupt file,
+ │                                   a failed commit, or storage used after a reset
+ ├── ConnectionClosed(SockworkerError, ConnectionError)   the WebSocket is closing or closed
      ├── ProtocolError(SockworkerError, ConnectionError)   the peer broke RFC 6455 (event.error)
      └── ServerStartError(SockworkerError, OSError)   the server could not bind or start
 """
@@ -24,6 +26,7 @@ __all__ = [
     "ResponseError",
     "ServerStartError",
     "SockworkerError",
+    "StorageError",
 ]
 
 
@@ -50,6 +53,12 @@ class CpuLimitExceeded(LimitExceeded):
 
     def __init__(self, message: str = "the event used more CPU time than Limits.cpu_ms") -> None:
         super().__init__(message)
+
+
+class StorageError(SockworkerError):
+    """Durable Object storage failed: SQLite's message for bad SQL, a full disk or a corrupt
+    database file; a commit that failed (the object was reset and what it sent since its last
+    commit was dropped); or storage used by an instance that was reset or hibernated."""
 
 
 class ConnectionClosed(SockworkerError, ConnectionError):

@@ -105,6 +105,7 @@ class WebSocket:
         "_is_client_end",
         "_listeners",
         "_object",
+        "_owner",
         "_paused",
         "_peer",
         "_pending",
@@ -127,6 +128,8 @@ class WebSocket:
         self._peer: WebSocket | None = None
         # The Durable Object host of a hibernatable socket (events go to its handlers).
         self._object: ObjectEvents | None = None
+        # The Durable Object that accepted this standard-API socket: its failed commit closes it.
+        self._owner: object | None = None
         self._tags: list[str] = []
         # The meter slot billed for the connection and its traffic: whoever accepted it.
         self._slot: Slot | None = None

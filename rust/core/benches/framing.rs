@@ -64,7 +64,7 @@ fn encode(c: &mut Criterion) {
 fn broadcast(c: &mut Criterion) {
     let mut group = c.benchmark_group("broadcast");
     for n in [16usize, 100, 1000] {
-        let object = Arc::new(ObjectShared::new(n));
+        let object = Arc::new(ObjectShared::bare(n));
         let sockets: Vec<_> = (0..n as u64)
             .map(|id| {
                 let socket = Arc::new(SocketShared::new(id, &Limits::default()));

@@ -1,60 +1,19 @@
-//! The queue of events from the I/O threads to the one Python thread, and its wake-up.
+//! The queue from the I/O threads to the one application thread, and its wake-up (the bottom
+//! layer: it knows nothing of what it carries).
 //! An eventfd is written only when the queue goes from empty to non-empty: one wake-up per batch.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
-use bytes::Bytes;
 use parking_lot::Mutex;
 
-use crate::server::PendingRequest;
-
-/// A WebSocket message as the application sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Payload {
-    /// Valid UTF-8, checked by the core.
-    Text(Bytes),
-    Binary(Bytes),
-}
-
-/// Everything the core tells the application.
-#[derive(Debug)]
-pub enum Event {
-    /// An HTTP request (possibly a WebSocket upgrade) waiting for its answer.
-    Request(PendingRequest),
-    Message {
-        socket: u64,
-        data: Payload,
-        /// The address of the socket's meter slot (0: none): tells runs of events of one slot
-        /// apart without touching the slot's reference count on the I/O thread.
-        slot: usize,
-    },
-    /// The socket is closed; always the last event of a socket, sent exactly once.
-    Close {
-        socket: u64,
-        code: u16,
-        reason: String,
-        was_clean: bool,
-        /// The socket itself when it belonged to a Durable Object.
-        object_socket: Option<std::sync::Arc<crate::socket::SocketShared>>,
-        slot: Option<std::sync::Arc<crate::meter::Slot>>,
-    },
-    /// Something went wrong on the socket (a protocol violation, an I/O error); a Close follows.
-    Error { socket: u64, message: String, slot: Option<std::sync::Arc<crate::meter::Slot>> },
-    /// The send queue fell below the low-water mark after `SocketShared::request_drain`.
-    Drained { socket: u64 },
-    /// During shutdown, the last socket has closed.
-    AllClosed,
-    /// The outcome of `Server::connect`: the new outgoing socket and its subprotocol, or why not.
-    Connected { token: u64, result: Result<(std::sync::Arc<crate::socket::SocketShared>, String), String> },
-}
-
-pub struct EventQueue {
-    events: Mutex<Vec<Event>>,
+/// A queue of `T` from any thread to the one application thread, with its wake-up descriptor.
+pub struct EventQueue<T> {
+    events: Mutex<Vec<T>>,
     wakeup: OwnedFd,
 }
 
-impl EventQueue {
+impl<T> EventQueue<T> {
     /// # Errors
     /// When the eventfd cannot be created.
     pub fn new() -> io::Result<Self> {
@@ -74,7 +33,7 @@ impl EventQueue {
         self.wakeup.as_raw_fd()
     }
 
-    pub fn push(&self, event: Event) {
+    pub fn push(&self, event: T) {
         let was_empty = {
             let mut events = self.events.lock();
             let was_empty = events.is_empty();
@@ -87,7 +46,7 @@ impl EventQueue {
     }
 
     /// Pushes several events under one lock and at most one wake-up.
-    pub fn push_all(&self, batch: &mut Vec<Event>) {
+    pub fn push_all(&self, batch: &mut Vec<T>) {
         if batch.is_empty() {
             return;
         }
@@ -108,7 +67,7 @@ impl EventQueue {
 
     /// Takes every waiting event. The wake-up is consumed first, so an event pushed after the
     /// swap always writes the eventfd again and is never left without a wake-up.
-    pub fn drain(&self) -> Vec<Event> {
+    pub fn drain(&self) -> Vec<T> {
         let mut counter = 0u64;
         // SAFETY: reads 8 bytes into a live u64; EAGAIN (nothing to consume) is fine.
         unsafe {
@@ -139,14 +98,14 @@ mod tests {
 
     #[test]
     fn one_wakeup_per_batch_and_none_lost() {
-        let q = EventQueue::new().unwrap();
+        let q = EventQueue::<u32>::new().unwrap();
         assert!(!readable(q.fd()));
-        q.push(Event::Drained { socket: 1 });
-        q.push(Event::Drained { socket: 2 });
+        q.push(1);
+        q.push(2);
         assert!(readable(q.fd()));
         assert_eq!(q.drain().len(), 2);
         assert!(!readable(q.fd()));
-        let mut batch = vec![Event::Drained { socket: 3 }, Event::AllClosed];
+        let mut batch = vec![3, 4];
         q.push_all(&mut batch);
         assert!(batch.is_empty());
         assert!(readable(q.fd()));

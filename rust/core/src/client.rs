@@ -11,8 +11,8 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 
-use crate::bridge::Event;
 use crate::connection;
+use crate::event::Event;
 use crate::meter::Slot;
 use crate::server::ServerCtx;
 use crate::tls;

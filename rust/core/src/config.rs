@@ -54,4 +54,6 @@ pub struct ServerConfig {
     pub limits: Limits,
     /// Serve https:// and wss:// with this configuration (see `tls::server_config`).
     pub tls: Option<std::sync::Arc<rustls::ServerConfig>>,
+    /// Durable Object storage: where, and how durable a commit is (`None`: no storage).
+    pub storage: Option<crate::storage::StorageConfig>,
 }

@@ -17,7 +17,7 @@ use tokio::io::AsyncWrite;
 use tokio::net::{TcpStream, UnixStream};
 use tokio::time::{sleep_until, Instant, Sleep};
 
-use crate::bridge::Event;
+use crate::event::Event;
 use crate::frame::{self, close_code, Incoming, MessageDecoder};
 use crate::meter::Unit;
 use crate::server::ServerCtx;
@@ -447,7 +447,8 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpStream};
 
-    use crate::bridge::{Event, Payload};
+    use crate::event::Event;
+    use crate::frame::Payload;
     use crate::server::{test_ctx, ServerCtx};
     use crate::socket::SocketShared;
 

@@ -16,13 +16,16 @@ pub enum CoreError {
     SocketClosed,
     /// A configured limit would be passed (hibernatable sockets per object).
     LimitExceeded(String),
+    /// Durable Object storage failed: SQLite's message (bad SQL, a full disk, a corrupt file), or
+    /// the store is closed.
+    Storage(String),
 }
 
 impl fmt::Display for CoreError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Io(e) => write!(f, "{e}"),
-            Self::InvalidArgument(msg) | Self::LimitExceeded(msg) => f.write_str(msg),
+            Self::InvalidArgument(msg) | Self::LimitExceeded(msg) | Self::Storage(msg) => f.write_str(msg),
             Self::AlreadyAnswered => f.write_str("this request has already been answered"),
             Self::NotAnUpgrade => f.write_str(
                 "a WebSocket can only be returned with status 101 for a WebSocket upgrade request",

@@ -8,7 +8,13 @@ use bytes::{BufMut, Bytes, BytesMut};
 use tungstenite::protocol::frame::coding::{Control, Data, OpCode};
 use tungstenite::protocol::frame::FrameHeader;
 
-use crate::bridge::Payload;
+/// A WebSocket message as the application sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Payload {
+    /// Valid UTF-8, checked by the core.
+    Text(Bytes),
+    Binary(Bytes),
+}
 
 /// Close codes the core sends on its own.
 pub mod close_code {

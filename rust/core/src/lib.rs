@@ -1,26 +1,34 @@
 //! The sockworker core: owns every socket, the HTTP/1.1 upgrade, WebSocket framing and the limits.
 //! It speaks Rust types only (events out, commands in); the bindings crate turns them into Python.
 
+pub mod alarms;
 pub mod bridge;
 pub mod client;
 pub mod config;
 pub mod connection;
 pub mod error;
+pub mod event;
 pub mod frame;
+pub mod gate;
 pub mod handshake;
 pub mod meter;
 pub mod object;
+pub mod registry;
 pub mod runtime;
 pub mod server;
 pub mod socket;
+pub mod storage;
 pub mod tls;
 pub mod watchdog;
 
-pub use bridge::{Event, EventQueue, Payload};
+pub use bridge::EventQueue;
 pub use client::ConnectRequest;
 pub use config::{Limits, ServerConfig};
 pub use error::CoreError;
+pub use event::{Answer, Answering, Event, Events, PendingRequest, Reply};
+pub use frame::Payload;
 pub use meter::{Label, Meter, Slot, Unit};
-pub use object::{ObjectShared, SocketMeta};
-pub use server::{Answer, PendingRequest, Reply, Server};
+pub use object::{ObjectRegistry, ObjectShared, SocketMeta};
+pub use server::Server;
 pub use socket::{SendOutcome, SocketShared};
+pub use storage::{Durability, StorageConfig, Store};

@@ -34,9 +34,12 @@ pub enum Unit {
     DurationUs,
     BytesIn,
     BytesOut,
+    /// Durable Object storage (SPEC §6): a KV key or an SQL row read, or written.
+    StorageRowsRead,
+    StorageRowsWritten,
 }
 
-pub const UNITS: usize = 9;
+pub const UNITS: usize = 11;
 
 /// One value per [`Unit`].
 pub type Usage = [u64; UNITS];

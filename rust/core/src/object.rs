@@ -3,17 +3,18 @@
 //! it is Python; a hibernated object's sockets are served from here (pings, auto-responses,
 //! broadcast, counts) without waking anything.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
 
-use crate::bridge::Payload;
 use crate::error::CoreError;
-use crate::frame;
+use crate::frame::{self, Payload};
 use crate::socket::SocketShared;
+use crate::storage::ObjectName;
 
 pub const MAX_TAGS: usize = 10;
 pub const MAX_TAG_CHARS: usize = 256;
@@ -28,16 +29,74 @@ pub struct SocketMeta {
     pub auto_response_at: Option<f64>,
     pub url: String,
     pub protocol: String,
+    /// The object whose hibernatable socket this is.
     pub object: Option<Arc<ObjectShared>>,
+    /// The key of the object that accepted or opened this socket (hibernatable or not).
+    pub owner: Option<u64>,
+}
+
+/// The core state of the objects that have any (sockets, or a live host in the application),
+/// by name, so that an object's host made anew after hibernation finds its sockets.
+#[derive(Default)]
+pub struct ObjectRegistry {
+    objects: Mutex<HashMap<Arc<ObjectName>, Weak<ObjectShared>>>,
+}
+
+impl ObjectRegistry {
+    /// The state of `name`, made if it has none alive.
+    pub fn get_or_make(self: &Arc<Self>, name: ObjectName, max_sockets: usize) -> Arc<ObjectShared> {
+        let mut objects = self.objects.lock();
+        if let Some(object) = objects.get(&name).and_then(Weak::upgrade) {
+            return object;
+        }
+        let name = Arc::new(name);
+        let object = Arc::new(ObjectShared::new(max_sockets, Some((name.clone(), Arc::downgrade(self)))));
+        objects.insert(name, Arc::downgrade(&object));
+        object
+    }
+
+    /// Objects with core state alive now.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.objects.lock().len()
+    }
+
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn forget(&self, name: &ObjectName) {
+        let mut objects = self.objects.lock();
+        if objects.get(name).is_some_and(|object| object.strong_count() == 0) {
+            objects.remove(name);
+        }
+    }
 }
 
 pub struct ObjectShared {
     key: u64,
+    /// Its name, and the registry that forgets it when it goes (`None` for a bare object).
+    name: Option<(Arc<ObjectName>, Weak<ObjectRegistry>)>,
     max_sockets: usize,
     sockets: Mutex<Vec<Arc<SocketShared>>>,
-    /// (request, encoded response frame) pairs answered by the core.
-    auto_responses: RwLock<Vec<(Payload, Bytes)>>,
+    /// (request, response, encoded response frame) answered by the core.
+    auto_responses: RwLock<Vec<(Payload, Payload, Bytes)>>,
     has_auto_responses: AtomicBool,
+    /// `set_hibernatable_websocket_event_timeout`, in ms (0: none).
+    event_timeout_ms: AtomicU64,
+    /// The name the id was made from (`id_from_name`), if known: it survives hibernation.
+    id_name: std::sync::OnceLock<Box<str>>,
+}
+
+impl Drop for ObjectShared {
+    fn drop(&mut self) {
+        if let Some((name, registry)) = &self.name {
+            if let Some(registry) = registry.upgrade() {
+                registry.forget(name);
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for ObjectShared {
@@ -67,14 +126,48 @@ fn check_tags(tags: &[String]) -> Result<(), CoreError> {
 
 impl ObjectShared {
     #[must_use]
-    pub fn new(max_sockets: usize) -> Self {
+    fn new(max_sockets: usize, name: Option<(Arc<ObjectName>, Weak<ObjectRegistry>)>) -> Self {
         Self {
             key: NEXT_OBJECT_KEY.fetch_add(1, Ordering::Relaxed),
+            name,
             max_sockets,
             sockets: Mutex::new(Vec::new()),
             auto_responses: RwLock::new(Vec::new()),
             has_auto_responses: AtomicBool::new(false),
+            event_timeout_ms: AtomicU64::new(0),
+            id_name: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Records the name the id was made from (the first one given is kept).
+    pub fn set_id_name(&self, name: &str) {
+        let _ = self.id_name.set(name.into());
+    }
+
+    #[must_use]
+    pub fn id_name(&self) -> Option<&str> {
+        self.id_name.get().map(|name| &**name)
+    }
+
+    /// An object known by no registry (the tests of the core).
+    #[must_use]
+    pub fn bare(max_sockets: usize) -> Self {
+        Self::new(max_sockets, None)
+    }
+
+    /// (namespace, object id), for an object of a registry.
+    #[must_use]
+    pub fn name(&self) -> Option<&ObjectName> {
+        self.name.as_ref().map(|(name, _)| &**name)
+    }
+
+    pub fn set_event_timeout_ms(&self, ms: Option<u64>) {
+        self.event_timeout_ms.store(ms.unwrap_or(0), Ordering::Relaxed);
+    }
+
+    #[must_use]
+    pub fn event_timeout_ms(&self) -> Option<u64> {
+        Some(self.event_timeout_ms.load(Ordering::Relaxed)).filter(|&ms| ms != 0)
     }
 
     /// Identifies the object in events about its sockets.
@@ -108,6 +201,7 @@ impl ObjectShared {
             let mut meta = socket.meta();
             meta.tags = tags;
             meta.object = Some(self.clone());
+            meta.owner = Some(self.key);
         }
         self.sockets.lock().push(socket.clone());
         Ok(())
@@ -128,6 +222,13 @@ impl ObjectShared {
         self.sockets.lock().iter().filter(|s| s.is_open() && s.has_tag(tag)).count()
     }
 
+    /// The open sockets a broadcast with `tag` and `exclude` goes to.
+    #[must_use]
+    pub fn matching(&self, tag: Option<&str>, exclude: Option<u64>) -> Vec<Arc<SocketShared>> {
+        let sockets = self.sockets.lock();
+        sockets.iter().filter(|s| Some(s.id()) != exclude && s.is_open() && s.has_tag(tag)).cloned().collect()
+    }
+
     /// Encodes the message once and queues it on every matching socket; returns how many.
     pub fn broadcast(&self, text: bool, data: &[u8], tag: Option<&str>, exclude: Option<u64>) -> usize {
         let frame = frame::encode_message(text, data);
@@ -145,14 +246,14 @@ impl ObjectShared {
     }
 
     pub fn set_auto_responses(&self, pairs: Vec<(Payload, Payload)>) {
-        let encoded: Vec<(Payload, Bytes)> = pairs
+        let encoded: Vec<(Payload, Payload, Bytes)> = pairs
             .into_iter()
             .map(|(request, response)| {
                 let frame = match &response {
                     Payload::Text(b) => frame::encode_message(true, b),
                     Payload::Binary(b) => frame::encode_message(false, b),
                 };
-                (request, frame)
+                (request, response, frame)
             })
             .collect();
         self.has_auto_responses.store(!encoded.is_empty(), Ordering::Release);
@@ -167,8 +268,18 @@ impl ObjectShared {
         self.auto_responses
             .read()
             .iter()
-            .find(|(request, _)| request == message)
-            .map(|(_, frame)| frame.clone())
+            .find(|(request, _, _)| request == message)
+            .map(|(_, _, frame)| frame.clone())
+    }
+
+    /// The auto-response pairs, as they were set.
+    #[must_use]
+    pub fn auto_responses(&self) -> Vec<(Payload, Payload)> {
+        self.auto_responses
+            .read()
+            .iter()
+            .map(|(request, response, _)| (request.clone(), response.clone()))
+            .collect()
     }
 }
 
@@ -181,7 +292,7 @@ impl SocketShared {
         Some(frame)
     }
 
-    fn has_tag(&self, tag: Option<&str>) -> bool {
+    pub(crate) fn has_tag(&self, tag: Option<&str>) -> bool {
         tag.is_none_or(|tag| self.meta_if_any().is_some_and(|m| m.tags.iter().any(|t| t == tag)))
     }
 
@@ -218,7 +329,7 @@ mod tests {
 
     #[test]
     fn broadcast_honours_tag_and_exclude_and_encodes_once() {
-        let object = Arc::new(ObjectShared::new(10));
+        let object = Arc::new(ObjectShared::bare(10));
         let sockets: Vec<_> = (1..=4).map(socket).collect();
         for (i, s) in sockets.iter().enumerate() {
             let tags = if i % 2 == 0 { vec!["even".to_owned()] } else { vec![] };
@@ -235,7 +346,7 @@ mod tests {
 
     #[test]
     fn limits_on_tags_sockets_and_attachments() {
-        let object = Arc::new(ObjectShared::new(1));
+        let object = Arc::new(ObjectShared::bare(1));
         let many: Vec<String> = (0..11).map(|i| i.to_string()).collect();
         assert!(matches!(object.adopt(&socket(1), many), Err(CoreError::InvalidArgument(_))));
         assert!(matches!(
@@ -251,7 +362,7 @@ mod tests {
 
     #[test]
     fn auto_response_matches_kind_and_stamps() {
-        let object = Arc::new(ObjectShared::new(10));
+        let object = Arc::new(ObjectShared::bare(10));
         let s = socket(1);
         object.adopt(&s, vec![]).unwrap();
         object.set_auto_responses(vec![(

@@ -1,10 +1,8 @@
 //! The listening server: accepts TCP, serves HTTP/1.1 with hyper, validates upgrades, hands each
 //! request to the application as an event and answers with what the application replies.
 
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -15,152 +13,58 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use parking_lot::Mutex;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::runtime::Runtime;
 use tokio::sync::{oneshot, Notify};
 
-use crate::bridge::{Event, EventQueue};
+use crate::alarms::AlarmScheduler;
 use crate::client::{self, ConnectRequest};
 use crate::config::{Limits, ServerConfig};
 use crate::connection;
 use crate::error::CoreError;
+use crate::event::{Answer, Event, Events, PendingRequest, Reply};
+use crate::gate::OutputGate;
 use crate::handshake::{self, Upgrade};
-use crate::meter::{Slot, Unit};
+use crate::object::ObjectRegistry;
 use crate::runtime;
 use crate::socket::SocketShared;
+use crate::storage::Storage;
 use crate::tls;
 
 /// State shared by the accept loop, every connection task and the application side.
 pub struct ServerCtx {
-    pub limits: Limits,
-    pub events: Arc<EventQueue>,
-    sockets: Mutex<HashMap<u64, Arc<SocketShared>>>,
-    next_socket: AtomicU64,
-    shutting_down: AtomicBool,
+    pub limits: Arc<Limits>,
+    pub events: Arc<Events>,
     stop_accepting: Notify,
     /// Set when the server speaks TLS (https:// and wss://).
     tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 impl ServerCtx {
+    fn new(limits: Limits, tls: Option<tokio_rustls::TlsAcceptor>) -> std::io::Result<Self> {
+        Ok(Self {
+            limits: Arc::new(limits),
+            events: Arc::new(Events::new()?),
+            stop_accepting: Notify::new(),
+            tls,
+        })
+    }
+
     fn open_sockets(&self) -> usize {
-        self.sockets.lock().len()
-    }
-
-    fn socket(&self, id: u64) -> Option<Arc<SocketShared>> {
-        self.sockets.lock().get(&id).cloned()
-    }
-
-    fn new_socket(&self) -> Arc<SocketShared> {
-        let id = self.next_socket.fetch_add(1, Ordering::Relaxed);
-        let socket = Arc::new(SocketShared::new(id, &self.limits));
-        self.sockets.lock().insert(id, socket.clone());
-        socket
+        self.events.registry.open_sockets()
     }
 
     pub(crate) fn new_client_socket(&self) -> Arc<SocketShared> {
-        let id = self.next_socket.fetch_add(1, Ordering::Relaxed);
-        let socket = Arc::new(SocketShared::new_client(id, &self.limits));
-        self.sockets.lock().insert(id, socket.clone());
-        socket
+        self.events.registry.register(&self.limits, true)
     }
 
     pub(crate) fn is_shutting_down(&self) -> bool {
-        self.shutting_down.load(Ordering::Acquire)
+        self.events.registry.is_shutting_down()
     }
 
     /// Forgets a socket and reports its Close event (the last event of a socket).
     pub(crate) fn finish_socket(&self, id: u64, code: u16, reason: String, was_clean: bool) {
-        let (socket, remaining) = {
-            let mut sockets = self.sockets.lock();
-            (sockets.remove(&id), sockets.len())
-        };
-        let slot = socket.as_ref().and_then(|socket| socket.slot().cloned());
-        // A socket of an object travels with its Close event: the application may have no
-        // object of its own for it (hibernated) and needs its tags and attachment.
-        let socket = socket.filter(|socket| {
-            let object = socket.meta_if_any().and_then(|meta| meta.object.clone());
-            object.inspect(|object| object.forget(id)).is_some()
-        });
-        self.events.push(Event::Close { socket: id, code, reason, was_clean, object_socket: socket, slot });
-        if remaining == 0 && self.shutting_down.load(Ordering::Acquire) {
-            self.events.push(Event::AllClosed);
-        }
-    }
-}
-
-/// An HTTP request waiting for the application's answer.
-#[derive(Debug)]
-pub struct PendingRequest {
-    pub method: String,
-    /// Path and query, as sent.
-    pub target: String,
-    pub headers: Vec<(String, Bytes)>,
-    pub body: Bytes,
-    pub peer: SocketAddr,
-    pub reply: Reply,
-}
-
-/// What the application answers.
-#[derive(Debug)]
-pub enum Answer {
-    Http { status: u16, headers: Vec<(String, Bytes)>, body: Bytes },
-    Upgrade { headers: Vec<(String, Bytes)>, socket: Arc<SocketShared> },
-}
-
-/// The way back to the connection that made a request. Dropping it unanswered gives a 500.
-pub struct Reply {
-    tx: oneshot::Sender<Answer>,
-    websocket: bool,
-    ctx: Arc<ServerCtx>,
-}
-
-impl std::fmt::Debug for Reply {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Reply").field("websocket", &self.websocket).finish_non_exhaustive()
-    }
-}
-
-impl Reply {
-    /// The request is a valid WebSocket upgrade.
-    #[must_use]
-    pub fn is_websocket(&self) -> bool {
-        self.websocket
-    }
-
-    pub fn respond(self, status: u16, headers: Vec<(String, Bytes)>, body: Bytes) {
-        let _ = self.tx.send(Answer::Http { status, headers, body });
-    }
-
-    /// Answers 101 and returns the socket the connection will become; `slot` is billed the
-    /// connection and then the socket's traffic.
-    ///
-    /// # Errors
-    /// `NotAnUpgrade` (with the reply given back) when the request is not a WebSocket upgrade.
-    pub fn accept_websocket(
-        self,
-        headers: Vec<(String, Bytes)>,
-        slot: Option<Arc<Slot>>,
-    ) -> Result<Arc<SocketShared>, (Self, CoreError)> {
-        if !self.websocket {
-            return Err((self, CoreError::NotAnUpgrade));
-        }
-        let socket = self.ctx.new_socket();
-        let id = socket.id();
-        if let Some(slot) = slot {
-            socket.set_slot(slot);
-        }
-        if self.ctx.shutting_down.load(Ordering::Acquire) {
-            socket.close(crate::frame::close_code::GOING_AWAY, "server shutting down");
-        }
-        if self.tx.send(Answer::Upgrade { headers, socket: socket.clone() }).is_err() {
-            // The client went away before the answer: the socket never opened (nor is billed).
-            self.ctx.finish_socket(id, crate::frame::close_code::ABNORMAL, "connection lost".into(), false);
-        } else if let Some(slot) = socket.slot() {
-            slot.add(Unit::Connections, 1);
-        }
-        Ok(socket)
+        self.events.finish_socket(id, code, reason, was_clean);
     }
 }
 
@@ -205,9 +109,7 @@ async fn handle(
             return Ok(response);
         }
     };
-    if accept.is_some()
-        && (ctx.open_sockets() >= ctx.limits.max_connections || ctx.shutting_down.load(Ordering::Acquire))
-    {
+    if accept.is_some() && (ctx.open_sockets() >= ctx.limits.max_connections || ctx.is_shutting_down()) {
         return Ok(plain(StatusCode::SERVICE_UNAVAILABLE, "too many connections"));
     }
     let on_upgrade = accept.as_ref().map(|_| hyper::upgrade::on(&mut req));
@@ -232,7 +134,7 @@ async fn handle(
         headers,
         body,
         peer,
-        reply: Reply { tx, websocket: accept.is_some(), ctx: ctx.clone() },
+        reply: Reply::new(tx, accept.is_some(), ctx.events.clone(), ctx.limits.clone()),
     }));
     let Ok(answer) = rx.await else {
         return Ok(plain(StatusCode::INTERNAL_SERVER_ERROR, "Internal Server Error"));
@@ -354,24 +256,33 @@ pub struct Server {
     ctx: Arc<ServerCtx>,
     runtime: Option<Runtime>,
     local_addr: SocketAddr,
+    objects: Arc<ObjectRegistry>,
+    /// With storage: the output gate (which owns the storage and the alarms).
+    gate: Option<Arc<OutputGate>>,
 }
 
 impl Server {
-    /// Binds the address and starts serving on the I/O threads.
+    /// Binds the address and starts serving on the I/O threads; with `config.storage`, opens the
+    /// data directory and arms the alarms found there.
     ///
     /// # Errors
-    /// When the address cannot be bound or the runtime cannot start.
+    /// When the address cannot be bound, the runtime cannot start, or the data directory is not
+    /// usable.
     pub fn start(config: ServerConfig) -> Result<Self, CoreError> {
         let runtime = runtime::build(config.io_threads)?;
-        let ctx = Arc::new(ServerCtx {
-            limits: config.limits,
-            events: Arc::new(EventQueue::new()?),
-            sockets: Mutex::new(HashMap::new()),
-            next_socket: AtomicU64::new(1),
-            shutting_down: AtomicBool::new(false),
-            stop_accepting: Notify::new(),
-            tls: config.tls.map(tokio_rustls::TlsAcceptor::from),
-        });
+        let ctx = Arc::new(ServerCtx::new(config.limits, config.tls.map(tokio_rustls::TlsAcceptor::from))?);
+        let gate = match &config.storage {
+            Some(storage) => {
+                let storage = Arc::new(Storage::open(storage)?);
+                let alarms = Arc::new(AlarmScheduler::new(ctx.events.clone()));
+                {
+                    let _guard = runtime.enter();
+                    runtime::spawn(alarms.clone().run());
+                }
+                Some(OutputGate::start(storage, alarms, ctx.events.clone())?)
+            }
+            None => None,
+        };
         let addr = config.addr;
         let listener = runtime.block_on(async move {
             let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
@@ -384,7 +295,7 @@ impl Server {
             let _guard = runtime.enter();
             runtime::spawn(accept_loop(listener, ctx.clone()));
         }
-        Ok(Self { ctx, runtime: Some(runtime), local_addr })
+        Ok(Self { ctx, runtime: Some(runtime), local_addr, objects: Arc::default(), gate })
     }
 
     #[must_use]
@@ -393,8 +304,20 @@ impl Server {
     }
 
     #[must_use]
-    pub fn events(&self) -> &EventQueue {
+    pub fn events(&self) -> &Events {
         &self.ctx.events
+    }
+
+    /// The core state of Durable Objects, by name.
+    #[must_use]
+    pub fn objects(&self) -> &Arc<ObjectRegistry> {
+        &self.objects
+    }
+
+    /// The output gate, when the server has storage.
+    #[must_use]
+    pub fn gate(&self) -> Option<&Arc<OutputGate>> {
+        self.gate.as_ref()
     }
 
     #[must_use]
@@ -411,7 +334,7 @@ impl Server {
     /// The open socket with this id, if any.
     #[must_use]
     pub fn socket(&self, id: u64) -> Option<Arc<SocketShared>> {
-        self.ctx.socket(id)
+        self.ctx.events.registry.socket(id)
     }
 
     /// Opens an outgoing WebSocket in the background; an `Event::Connected` with the request's
@@ -428,12 +351,17 @@ impl Server {
         }
     }
 
-    /// Stops accepting, refuses new upgrades, and starts closing every socket with `code`.
-    /// An `Event::AllClosed` follows once none is left (at once if there are none).
+    /// Stops accepting, refuses new upgrades, and starts closing every socket with `code` (after
+    /// what the output gate holds is released). An `Event::AllClosed` follows once none is left
+    /// (at once if there are none).
     pub fn shutdown(&self, code: u16, reason: &str) {
-        self.ctx.shutting_down.store(true, Ordering::Release);
+        self.ctx.events.registry.set_shutting_down();
         self.ctx.stop_accepting.notify_one();
-        let sockets: Vec<_> = self.ctx.sockets.lock().values().cloned().collect();
+        if let Some(gate) = &self.gate {
+            gate.commit_point();
+            gate.wait_released();
+        }
+        let sockets = self.ctx.events.registry.all();
         if sockets.is_empty() {
             self.ctx.events.push(Event::AllClosed);
         }
@@ -441,10 +369,18 @@ impl Server {
             socket.close(code, reason);
         }
     }
+
+    /// Commits and releases what is pending, and closes the stores (waits for the disk).
+    pub fn finish_storage(&self) {
+        if let Some(gate) = &self.gate {
+            gate.finish();
+        }
+    }
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
+        self.finish_storage();
         if let Some(runtime) = self.runtime.take() {
             runtime.shutdown_background();
         }
@@ -453,13 +389,5 @@ impl Drop for Server {
 
 #[cfg(test)]
 pub(crate) fn test_ctx() -> ServerCtx {
-    ServerCtx {
-        limits: Limits::default(),
-        events: Arc::new(EventQueue::new().unwrap()),
-        sockets: Mutex::new(HashMap::new()),
-        next_socket: AtomicU64::new(1),
-        shutting_down: AtomicBool::new(false),
-        stop_accepting: Notify::new(),
-        tls: None,
-    }
+    ServerCtx::new(Limits::default(), None).unwrap()
 }

@@ -183,8 +183,25 @@ impl SocketShared {
 
     /// Queues one message; never blocks on I/O.
     pub fn send(self: &Arc<Self>, text: bool, data: &[u8]) -> SendOutcome {
+        self.send_frame(self.encode(text, data))
+    }
+
+    /// One message as this socket sends it (masked when we are the client).
+    #[must_use]
+    pub fn encode(&self, text: bool, data: &[u8]) -> Bytes {
         let encoded = frame::encode_message(text, data);
-        self.send_frame(if self.client { frame::mask(&encoded) } else { encoded })
+        if self.client {
+            frame::mask(&encoded)
+        } else {
+            encoded
+        }
+    }
+
+    /// The key of the Durable Object this socket belongs to (accepted by it, hibernatable or
+    /// not, or opened by it), whose failed commit closes it.
+    #[must_use]
+    pub fn owner(&self) -> Option<u64> {
+        self.meta_if_any().and_then(|meta| meta.owner)
     }
 
     /// Queues an encoded frame (one encoding may be queued on many sockets).

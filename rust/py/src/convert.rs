@@ -7,6 +7,9 @@
 //!   (DRAINED, socket_id)
 //!   (ALL_CLOSED,)
 //!   (CONNECTED, token, SocketHandle | None, protocol, error message | None)
+//!   (ALARM, namespace, object_id, retry)
+//!   (RELEASED, token, ok)
+//!   (COMMIT_FAILED, owner key, message)
 
 use std::sync::Arc;
 
@@ -24,6 +27,9 @@ const ERROR: u8 = 3;
 const DRAINED: u8 = 4;
 const ALL_CLOSED: u8 = 5;
 const CONNECTED: u8 = 6;
+const ALARM: u8 = 7;
+const RELEASED: u8 = 8;
+const COMMIT_FAILED: u8 = 9;
 
 pub fn add_event_kinds(m: &Bound<'_, PyModule>) -> PyResult<()> {
     for (name, value) in [
@@ -34,6 +40,9 @@ pub fn add_event_kinds(m: &Bound<'_, PyModule>) -> PyResult<()> {
         ("EV_DRAINED", DRAINED),
         ("EV_ALL_CLOSED", ALL_CLOSED),
         ("EV_CONNECTED", CONNECTED),
+        ("EV_ALARM", ALARM),
+        ("EV_RELEASED", RELEASED),
+        ("EV_COMMIT_FAILED", COMMIT_FAILED),
     ] {
         m.add(name, value)?;
     }
@@ -129,6 +138,13 @@ fn event_tuple(py: Python<'_>, event: Event) -> PyResult<Bound<'_, PyAny>> {
             Event::Error { socket, message, .. } => (ERROR, socket, message).into_pyobject(py)?.into_any(),
             Event::Drained { socket } => (DRAINED, socket).into_pyobject(py)?.into_any(),
             Event::AllClosed => (ALL_CLOSED,).into_pyobject(py)?.into_any(),
+            Event::Alarm { namespace, object_id, retry } => {
+                (ALARM, namespace, object_id, retry).into_pyobject(py)?.into_any()
+            }
+            Event::Released { token, ok } => (RELEASED, token, ok).into_pyobject(py)?.into_any(),
+            Event::CommitFailed { owner, message } => {
+                (COMMIT_FAILED, owner, message).into_pyobject(py)?.into_any()
+            }
             Event::Connected { token, result } => match result {
                 Ok((socket, protocol)) => {
                     (CONNECTED, token, Some(SocketHandle { socket }), protocol, None::<String>)

@@ -37,6 +37,7 @@ pub fn to_pyerr(py: Python<'_>, error: CoreError) -> PyErr {
         CoreError::AlreadyAnswered | CoreError::NotAnUpgrade => raise!(py, "ResponseError", message),
         CoreError::SocketClosed => raise!(py, "ConnectionClosed", message),
         CoreError::LimitExceeded(_) => raise!(py, "LimitExceeded", message),
+        CoreError::Storage(_) => raise!(py, "StorageError", message),
     }
 }
 

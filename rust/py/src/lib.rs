@@ -7,6 +7,7 @@ mod meter;
 mod object;
 mod server;
 mod socket;
+mod storage;
 
 use pyo3::prelude::*;
 
@@ -20,6 +21,14 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     meter::add_units(m)?;
     m.add_class::<socket::SocketHandle>()?;
     m.add_class::<object::ObjectState>()?;
+    m.add_class::<storage::Store>()?;
+    for (name, value) in [
+        ("STORAGE_MAX_KEY_BYTES", sockworker_core::storage::MAX_KEY_BYTES),
+        ("STORAGE_MAX_VALUE_BYTES", sockworker_core::storage::MAX_VALUE_BYTES),
+        ("STORAGE_MAX_KEYS_PER_CALL", sockworker_core::storage::MAX_KEYS_PER_CALL),
+    ] {
+        m.add(name, value)?;
+    }
     convert::add_event_kinds(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

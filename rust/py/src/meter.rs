@@ -16,6 +16,8 @@ const UNIT_NAMES: [(&str, Unit); UNITS] = [
     ("UNIT_DURATION_US", Unit::DurationUs),
     ("UNIT_BYTES_IN", Unit::BytesIn),
     ("UNIT_BYTES_OUT", Unit::BytesOut),
+    ("UNIT_STORAGE_ROWS_READ", Unit::StorageRowsRead),
+    ("UNIT_STORAGE_ROWS_WRITTEN", Unit::StorageRowsWritten),
 ];
 
 pub fn add_units(m: &Bound<'_, PyModule>) -> PyResult<()> {

@@ -4,7 +4,9 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use pyo3::prelude::*;
+use pyo3::types::PyAny;
 use pyo3::types::{PyBytes, PyString};
+use sockworker_core::gate;
 use sockworker_core::{ObjectShared, Payload};
 
 use crate::errors::to_pyerr;
@@ -24,9 +26,25 @@ pub fn to_payload(data: &Bound<'_, PyAny>) -> PyResult<Payload> {
     Ok(Payload::Binary(Bytes::from(bytes)))
 }
 
+/// A message as Python sees it: str for text, bytes for binary.
+pub fn from_payload(py: Python<'_>, payload: &Payload) -> Py<PyAny> {
+    match payload {
+        Payload::Text(bytes) => PyString::new(py, &String::from_utf8_lossy(bytes)).into_any().unbind(),
+        Payload::Binary(bytes) => PyBytes::new(py, bytes).into_any().unbind(),
+    }
+}
+
+/// What the core keeps of one Durable Object: its hibernatable sockets, its auto-responses and
+/// event timeout. Made by `Server.object_state`; the same for an id while any of it is alive.
 #[pyclass(frozen, module = "sockworker._native")]
 pub struct ObjectState {
     object: Arc<ObjectShared>,
+}
+
+impl From<Arc<ObjectShared>> for ObjectState {
+    fn from(object: Arc<ObjectShared>) -> Self {
+        Self { object }
+    }
 }
 
 fn handles(sockets: Vec<Arc<sockworker_core::SocketShared>>) -> Vec<SocketHandle> {
@@ -35,14 +53,45 @@ fn handles(sockets: Vec<Arc<sockworker_core::SocketShared>>) -> Vec<SocketHandle
 
 #[pymethods]
 impl ObjectState {
-    #[new]
-    fn new(max_sockets: usize) -> Self {
-        Self { object: Arc::new(ObjectShared::new(max_sockets)) }
-    }
-
     #[getter]
     fn key(&self) -> u64 {
         self.object.key()
+    }
+
+    /// (namespace, object id).
+    #[getter]
+    fn name(&self) -> Option<(String, String)> {
+        self.object.name().map(|name| (name.namespace.to_string(), name.object_id.to_string()))
+    }
+
+    /// The name the id was made from, if known.
+    #[getter]
+    fn id_name(&self) -> Option<&str> {
+        self.object.id_name()
+    }
+
+    #[setter]
+    fn set_id_name(&self, name: &str) {
+        self.object.set_id_name(name);
+    }
+
+    #[getter]
+    fn event_timeout_ms(&self) -> Option<u64> {
+        self.object.event_timeout_ms()
+    }
+
+    #[setter]
+    fn set_event_timeout_ms(&self, ms: Option<u64>) {
+        self.object.set_event_timeout_ms(ms);
+    }
+
+    /// The auto-response pairs, as set.
+    fn auto_responses(&self, py: Python<'_>) -> Vec<(Py<PyAny>, Py<PyAny>)> {
+        let pairs = self.object.auto_responses();
+        pairs
+            .iter()
+            .map(|(request, response)| (from_payload(py, request), from_payload(py, response)))
+            .collect()
     }
 
     /// Raises when `more` sockets with these tags could not be accepted.
@@ -72,8 +121,8 @@ impl ObjectState {
         exclude: Option<u64>,
     ) -> PyResult<usize> {
         let sent = match to_payload(message)? {
-            Payload::Text(data) => self.object.broadcast(true, &data, tag, exclude),
-            Payload::Binary(data) => self.object.broadcast(false, &data, tag, exclude),
+            Payload::Text(data) => gate::broadcast(&self.object, true, &data, tag, exclude),
+            Payload::Binary(data) => gate::broadcast(&self.object, false, &data, tag, exclude),
         };
         Ok(sent)
     }

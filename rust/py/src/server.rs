@@ -7,14 +7,19 @@ use std::time::Duration;
 use bytes::Bytes;
 use parking_lot::Mutex;
 use pyo3::prelude::*;
+use sockworker_core::gate::OutputGate;
 use sockworker_core::meter::{thread_cpu_clock, thread_cpu_ns, BatchClock};
 use sockworker_core::watchdog::{current_thread_ident, tick_for, Watch, Watchdog};
-use sockworker_core::{ConnectRequest, CoreError, Limits, Reply, ServerConfig, Slot as CoreSlot, Unit};
+use sockworker_core::{
+    ConnectRequest, CoreError, Durability, Limits, Reply, ServerConfig, Slot as CoreSlot, StorageConfig, Unit,
+};
 
 use crate::convert::{events_to_vec, EventSlot};
 use crate::errors::{cpu_limit_exceeded, to_pyerr};
 use crate::meter::Slot;
+use crate::object::ObjectState;
 use crate::socket::SocketHandle;
+use crate::storage::Store;
 
 /// What the application thread is running, for CPU accounting and the watchdog.
 struct Dispatch {
@@ -55,6 +60,13 @@ fn start_watchdog(watch: &Arc<Watch>, smallest_limit: Duration) -> std::io::Resu
     })
 }
 
+impl Server {
+    /// The output gate of the running server, if it has storage.
+    fn gate(&self) -> Option<Arc<OutputGate>> {
+        self.inner.lock().as_ref()?.gate().cloned()
+    }
+}
+
 fn seconds(value: f64, name: &str) -> Result<Duration, CoreError> {
     Duration::try_from_secs_f64(value)
         .map_err(|_| CoreError::InvalidArgument(format!("{name} must be a number of seconds >= 0")))
@@ -63,7 +75,7 @@ fn seconds(value: f64, name: &str) -> Result<Duration, CoreError> {
 #[pymethods]
 impl Server {
     #[new]
-    #[pyo3(signature = (host, port, *, io_threads, max_message_size, max_buffered_bytes, handshake_timeout, idle_timeout, max_connections, max_body_size, metering=true, certfile=None, keyfile=None, smallest_cpu_limit=30.0))]
+    #[pyo3(signature = (host, port, *, io_threads, max_message_size, max_buffered_bytes, handshake_timeout, idle_timeout, max_connections, max_body_size, metering=true, certfile=None, keyfile=None, smallest_cpu_limit=30.0, data_dir=None, durability="full"))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -80,6 +92,8 @@ impl Server {
         certfile: Option<std::path::PathBuf>,
         keyfile: Option<std::path::PathBuf>,
         smallest_cpu_limit: f64,
+        data_dir: Option<std::path::PathBuf>,
+        durability: &str,
     ) -> PyResult<Self> {
         let build = || -> Result<sockworker_core::Server, CoreError> {
             let addr = (host, port)
@@ -105,7 +119,17 @@ impl Server {
                     return Err(CoreError::InvalidArgument("certfile and keyfile go together".into()));
                 }
             };
-            sockworker_core::Server::start(ServerConfig { addr, io_threads, limits, tls })
+            let durability = match durability {
+                "full" => Durability::Full,
+                "normal" => Durability::Normal,
+                other => {
+                    return Err(CoreError::InvalidArgument(format!(
+                        "durability is \"full\" or \"normal\", not {other:?}"
+                    )));
+                }
+            };
+            let storage = data_dir.map(|data_dir| StorageConfig { data_dir, durability });
+            sockworker_core::Server::start(ServerConfig { addr, io_threads, limits, tls, storage })
         };
         let server = py.detach(build).map_err(|e| to_pyerr(py, e))?;
         let watch = Arc::new(Watch::default());
@@ -115,6 +139,8 @@ impl Server {
         } else {
             None
         };
+        // This thread's sends go through the server's output gate from now on.
+        sockworker_core::gate::install(server.gate().cloned());
         Ok(Self {
             fd: server.events().fd(),
             address: server.local_addr(),
@@ -154,9 +180,9 @@ impl Server {
         Batch { events: events.into_iter(), dispatch, watch: self.watch.clone() }
     }
 
-    /// Ends the batch `drain` began: charges its CPU time, and writes what the handlers sent
-    /// (from this thread when few sockets were touched, else through their I/O tasks). Call it
-    /// after every `drain`.
+    /// Ends the batch `drain` began: charges its CPU time, commits what its handlers wrote (a
+    /// commit point of the output gate), and writes what they sent (from this thread when few
+    /// sockets were touched, else through their I/O tasks). Call it after every `drain`.
     fn flush(&self) {
         let mut dispatch = self.dispatch.lock();
         if dispatch.clock.in_batch() {
@@ -164,7 +190,77 @@ impl Server {
         }
         drop(dispatch);
         self.watch.leave();
+        self.commit();
         sockworker_core::socket::end_batch();
+    }
+
+    /// A commit point outside a batch (after a loop iteration whose tasks wrote).
+    fn commit(&self) {
+        if let Some(gate) = self.gate() {
+            gate.commit_point();
+        }
+    }
+
+    /// The open store of an object (opened now if it is not); `owner` is the key of its core
+    /// state, whose sockets a failed commit closes.
+    fn open_store(&self, py: Python<'_>, namespace: &str, object_id: &str, owner: u64) -> PyResult<Store> {
+        let gate = self.gate().ok_or_else(|| {
+            to_pyerr(py, CoreError::Storage("this server has no storage (no data directory)".into()))
+        })?;
+        let store = gate.storage().store(namespace, object_id, owner).map_err(|e| to_pyerr(py, e))?;
+        Ok(Store::new(store, gate))
+    }
+
+    /// The core state of an object: the same one for an id while any of it is alive.
+    fn object_state(&self, namespace: &str, object_id: &str, max_sockets: usize) -> PyResult<ObjectState> {
+        let inner = self.inner.lock();
+        let server =
+            inner.as_ref().ok_or_else(|| pyo3::exceptions::PyRuntimeError::new_err("the server stopped"))?;
+        let name = sockworker_core::storage::ObjectName::new(namespace, object_id);
+        Ok(ObjectState::from(server.objects().get_or_make(name, max_sockets)))
+    }
+
+    /// Objects whose core state is alive (they have sockets, or a host in Python).
+    #[getter]
+    fn live_objects(&self) -> usize {
+        self.inner.lock().as_ref().map_or(0, |server| server.objects().len())
+    }
+
+    /// A token to await before using a result of object `owner` (an RPC's): None when nothing is
+    /// held, else an RELEASED event with the token follows once what came before is durable.
+    fn hold_token(&self, owner: u64, token: u64) -> Option<u64> {
+        sockworker_core::gate::token(owner, token)
+    }
+
+    /// Arms an object's alarm in the scheduler only (a retry, or a re-check): it is not stored.
+    fn arm_alarm(&self, namespace: &str, object_id: &str, at: f64, retry: u32) {
+        if let Some(gate) = self.gate() {
+            let name = Arc::new(sockworker_core::storage::ObjectName::new(namespace, object_id));
+            gate.alarms().set(&name, at, retry);
+        }
+    }
+
+    /// Bytes in the data directory (counted at most 10 s ago; 0 without storage).
+    #[getter]
+    fn storage_bytes(&self) -> u64 {
+        self.gate().map_or(0, |gate| gate.storage().bytes())
+    }
+
+    /// (commit points, commits, log fsyncs, committer rounds, failed commits, open stores,
+    /// armed alarms): for the benchmarks and tests.
+    fn storage_stats(&self) -> (u64, u64, u64, u64, u64, usize, usize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let Some(gate) = self.gate() else { return (0, 0, 0, 0, 0, 0, 0) };
+        let stats = &gate.stats;
+        (
+            stats.commit_points.load(Relaxed),
+            stats.commits.load(Relaxed),
+            stats.syncs.load(Relaxed),
+            stats.rounds.load(Relaxed),
+            stats.failed.load(Relaxed),
+            gate.storage().open_count(),
+            gate.alarms().armed(),
+        )
     }
 
     /// The slot billed for the code running now (an event of the batch, or an async step).
@@ -246,15 +342,18 @@ impl Server {
         }
     }
 
-    /// Stops accepting and closes every socket with `code`; an ALL_CLOSED event follows.
-    fn shutdown(&self, code: u16, reason: &str) {
+    /// Stops accepting and closes every socket with `code` (after what the output gate holds
+    /// is released); an ALL_CLOSED event follows.
+    fn shutdown(&self, py: Python<'_>, code: u16, reason: &str) {
         if let Some(server) = &*self.inner.lock() {
-            server.shutdown(code, reason);
+            py.detach(|| server.shutdown(code, reason));
         }
     }
 
-    /// Stops the I/O threads and the watchdog. Open connections are dropped.
+    /// Commits and releases what storage holds, closes the stores, then stops the I/O threads
+    /// and the watchdog. Open connections are dropped.
     fn stop(&self, py: Python<'_>) {
+        sockworker_core::gate::install(None);
         let server = self.inner.lock().take();
         let watchdog = self.watchdog.lock().take();
         py.detach(move || {
@@ -342,7 +441,11 @@ impl PendingReply {
         headers: Vec<(String, Vec<u8>)>,
         body: Vec<u8>,
     ) -> PyResult<()> {
-        self.take(py)?.respond(status, header_list(headers), Bytes::from(body));
+        sockworker_core::gate::answer(self.take(py)?.respond(
+            status,
+            header_list(headers),
+            Bytes::from(body),
+        ));
         Ok(())
     }
 
@@ -355,7 +458,10 @@ impl PendingReply {
     ) -> PyResult<SocketHandle> {
         let slot = slot.map(|slot| slot.inner.clone());
         match self.take(py)?.accept_websocket(header_list(headers), slot) {
-            Ok(socket) => Ok(SocketHandle { socket }),
+            Ok((socket, answering)) => {
+                sockworker_core::gate::answer(answering);
+                Ok(SocketHandle { socket })
+            }
             Err((reply, error)) => {
                 *self.reply.lock() = Some(reply);
                 Err(to_pyerr(py, error))

@@ -5,9 +5,11 @@ use std::sync::Arc;
 
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyString};
+use sockworker_core::gate;
 use sockworker_core::{SendOutcome, SocketShared};
 
 use crate::errors::to_pyerr;
+use crate::object::ObjectState;
 
 #[pyclass(frozen, module = "sockworker._native")]
 pub struct SocketHandle {
@@ -25,9 +27,9 @@ impl SocketHandle {
     /// dropped because the socket is closing, 2 when the queue overflowed (closing with 1008).
     fn send(&self, data: &Bound<'_, PyAny>) -> PyResult<u8> {
         let outcome = if let Ok(text) = data.cast::<PyString>() {
-            self.socket.send(true, text.to_str()?.as_bytes())
+            gate::send(&self.socket, true, text.to_str()?.as_bytes())
         } else if let Ok(bytes) = data.cast::<PyBytes>() {
-            self.socket.send(false, bytes.as_bytes())
+            gate::send(&self.socket, false, bytes.as_bytes())
         } else {
             let bytes: Vec<u8> = data.extract().map_err(|_| {
                 pyo3::exceptions::PyTypeError::new_err(format!(
@@ -35,7 +37,7 @@ impl SocketHandle {
                     data.get_type().name().map_or_else(|_| "?".into(), |n| n.to_string())
                 ))
             })?;
-            self.socket.send(false, &bytes)
+            gate::send(&self.socket, false, &bytes)
         };
         Ok(match outcome {
             SendOutcome::Queued => 0,
@@ -44,9 +46,10 @@ impl SocketHandle {
         })
     }
 
-    /// Starts the closing handshake; false if it had started already.
+    /// Starts the closing handshake (after what the output gate holds); false if it had
+    /// started already.
     fn close(&self, code: u16, reason: &str) -> bool {
-        self.socket.close(code, reason)
+        gate::close(&self.socket, code, reason)
     }
 
     #[getter]
@@ -63,10 +66,22 @@ impl SocketHandle {
         self.socket.set_paused(paused);
     }
 
-    /// The key of the Durable Object that accepted this socket, if any.
+    /// The key of the Durable Object that accepted this socket as hibernatable, if any.
     #[getter]
     fn object_key(&self) -> Option<u64> {
         self.socket.meta_if_any()?.object.as_ref().map(|object| object.key())
+    }
+
+    /// The core state of the Durable Object that accepted this socket as hibernatable.
+    #[getter]
+    fn object(&self) -> Option<ObjectState> {
+        let object = self.socket.meta_if_any()?.object.clone()?;
+        Some(ObjectState::from(object))
+    }
+
+    /// Makes the object with key `owner` the socket's owner: its failed commit closes the socket.
+    fn set_owner(&self, owner: u64) {
+        self.socket.meta().owner = Some(owner);
     }
 
     #[getter]

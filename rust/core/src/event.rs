@@ -1,0 +1,221 @@
+//! What the core tells the application (events, carried by the bridge's queue) and the requests
+//! that wait for its answer. [`Events`] is the queue with the socket registry: a socket is
+//! registered and its end reported in one place.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::sync::oneshot;
+
+use crate::bridge::EventQueue;
+use crate::config::Limits;
+use crate::error::CoreError;
+use crate::frame::{close_code, Payload};
+use crate::meter::{Slot, Unit};
+use crate::registry::Registry;
+use crate::socket::SocketShared;
+
+/// Everything the core tells the application.
+#[derive(Debug)]
+pub enum Event {
+    /// An HTTP request (possibly a WebSocket upgrade) waiting for its answer.
+    Request(PendingRequest),
+    Message {
+        socket: u64,
+        data: Payload,
+        /// The address of the socket's meter slot (0: none): tells runs of events of one slot
+        /// apart without touching the slot's reference count on the I/O thread.
+        slot: usize,
+    },
+    /// The socket is closed; always the last event of a socket, sent exactly once.
+    Close {
+        socket: u64,
+        code: u16,
+        reason: String,
+        was_clean: bool,
+        /// The socket itself when it belonged to a Durable Object.
+        object_socket: Option<Arc<SocketShared>>,
+        slot: Option<Arc<Slot>>,
+    },
+    /// Something went wrong on the socket (a protocol violation, an I/O error); a Close follows.
+    Error { socket: u64, message: String, slot: Option<Arc<Slot>> },
+    /// The send queue fell below the low-water mark after `SocketShared::request_drain`.
+    Drained { socket: u64 },
+    /// During shutdown, the last socket has closed.
+    AllClosed,
+    /// The outcome of `Server::connect`: the new outgoing socket and its subprotocol, or why not.
+    Connected { token: u64, result: Result<(Arc<SocketShared>, String), String> },
+    /// An object's alarm is due (`retry`: how many times it failed before).
+    Alarm { namespace: String, object_id: String, retry: u32 },
+    /// The output gate released (`ok`) or dropped (a failed commit) what waited on `token`.
+    Released { token: u64, ok: bool },
+    /// A storage commit of the object with this key failed; its held output was dropped.
+    CommitFailed { owner: u64, message: String },
+}
+
+/// The event queue and the registry of the sockets whose events it carries.
+pub struct Events {
+    queue: EventQueue<Event>,
+    pub registry: Registry,
+}
+
+impl Events {
+    /// # Errors
+    /// When the queue's eventfd cannot be created.
+    pub fn new() -> std::io::Result<Self> {
+        Ok(Self { queue: EventQueue::new()?, registry: Registry::default() })
+    }
+
+    #[must_use]
+    pub fn fd(&self) -> std::os::fd::RawFd {
+        self.queue.fd()
+    }
+
+    pub fn push(&self, event: Event) {
+        self.queue.push(event);
+    }
+
+    pub fn push_all(&self, batch: &mut Vec<Event>) {
+        self.queue.push_all(batch);
+    }
+
+    pub fn drain(&self) -> Vec<Event> {
+        self.queue.drain()
+    }
+
+    /// Forgets a socket and reports its Close event (the last event of a socket).
+    pub fn finish_socket(&self, id: u64, code: u16, reason: String, was_clean: bool) {
+        let (socket, remaining) = self.registry.remove(id);
+        let slot = socket.as_ref().and_then(|socket| socket.slot().cloned());
+        // A socket of an object travels with its Close event: the application may have no
+        // object of its own for it (hibernated) and needs its tags and attachment.
+        let socket = socket.filter(|socket| {
+            let object = socket.meta_if_any().and_then(|meta| meta.object.clone());
+            object.inspect(|object| object.forget(id)).is_some()
+        });
+        self.push(Event::Close { socket: id, code, reason, was_clean, object_socket: socket, slot });
+        if remaining == 0 && self.registry.is_shutting_down() {
+            self.push(Event::AllClosed);
+        }
+    }
+}
+
+/// An HTTP request waiting for the application's answer.
+#[derive(Debug)]
+pub struct PendingRequest {
+    pub method: String,
+    /// Path and query, as sent.
+    pub target: String,
+    pub headers: Vec<(String, Bytes)>,
+    pub body: Bytes,
+    pub peer: SocketAddr,
+    pub reply: Reply,
+}
+
+/// What the application answers.
+#[derive(Debug)]
+pub enum Answer {
+    Http { status: u16, headers: Vec<(String, Bytes)>, body: Bytes },
+    Upgrade { headers: Vec<(String, Bytes)>, socket: Arc<SocketShared> },
+}
+
+/// The way back to the connection that made a request. Dropping it unanswered gives a 500.
+pub struct Reply {
+    tx: oneshot::Sender<Answer>,
+    websocket: bool,
+    events: Arc<Events>,
+    limits: Arc<Limits>,
+}
+
+impl std::fmt::Debug for Reply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reply").field("websocket", &self.websocket).finish_non_exhaustive()
+    }
+}
+
+impl Reply {
+    pub(crate) fn new(
+        tx: oneshot::Sender<Answer>,
+        websocket: bool,
+        events: Arc<Events>,
+        limits: Arc<Limits>,
+    ) -> Self {
+        Self { tx, websocket, events, limits }
+    }
+
+    /// The request is a valid WebSocket upgrade.
+    #[must_use]
+    pub fn is_websocket(&self) -> bool {
+        self.websocket
+    }
+
+    /// The HTTP answer, ready to go (now, or when the output gate releases it).
+    #[must_use]
+    pub fn respond(self, status: u16, headers: Vec<(String, Bytes)>, body: Bytes) -> Answering {
+        Answering { tx: self.tx, answer: Answer::Http { status, headers, body }, events: self.events }
+    }
+
+    /// Makes the socket the connection will become, and the 101 answer that opens it; `slot` is
+    /// billed the connection (when the 101 goes out) and then the socket's traffic.
+    ///
+    /// # Errors
+    /// `NotAnUpgrade` (with the reply given back) when the request is not a WebSocket upgrade.
+    pub fn accept_websocket(
+        self,
+        headers: Vec<(String, Bytes)>,
+        slot: Option<Arc<Slot>>,
+    ) -> Result<(Arc<SocketShared>, Answering), (Self, CoreError)> {
+        if !self.websocket {
+            return Err((self, CoreError::NotAnUpgrade));
+        }
+        let socket = self.events.registry.register(&self.limits, false);
+        if let Some(slot) = slot {
+            socket.set_slot(slot);
+        }
+        if self.events.registry.is_shutting_down() {
+            socket.close(close_code::GOING_AWAY, "server shutting down");
+        }
+        let answer = Answer::Upgrade { headers, socket: socket.clone() };
+        Ok((socket, Answering { tx: self.tx, answer, events: self.events }))
+    }
+}
+
+/// An answer made and not yet sent: the output gate may hold it until a commit is durable.
+pub struct Answering {
+    tx: oneshot::Sender<Answer>,
+    answer: Answer,
+    events: Arc<Events>,
+}
+
+impl Answering {
+    pub fn send(self) {
+        let upgraded = match &self.answer {
+            Answer::Upgrade { socket, .. } => Some(socket.clone()),
+            Answer::Http { .. } => None,
+        };
+        let sent = self.tx.send(self.answer).is_ok();
+        if let Some(socket) = upgraded {
+            if sent {
+                if let Some(slot) = socket.slot() {
+                    slot.add(Unit::Connections, 1);
+                }
+            } else {
+                // The client went away before the answer: the socket never opened (nor is billed).
+                self.events.finish_socket(socket.id(), close_code::ABNORMAL, "connection lost".into(), false);
+            }
+        }
+    }
+
+    /// Drops the answer: the client gets a 500, and a socket made for a 101 is ended unopened.
+    pub fn abandon(self) {
+        if let Answer::Upgrade { socket, .. } = self.answer {
+            self.events.finish_socket(
+                socket.id(),
+                close_code::INTERNAL_ERROR,
+                "the answer was dropped".into(),
+                false,
+            );
+        }
+    }
+}
