@@ -47,8 +47,13 @@ def make_server() -> Iterator[Callable[..., ServerProcess]]:
     """Start a server owned by one test (for tests that stop it themselves)."""
     started: list[ServerProcess] = []
 
-    def start(app: str, *extra: str) -> ServerProcess:
-        server = ServerProcess(app, extra)
+    def start(
+        app: str,
+        *extra: str,
+        env: dict[str, str] | None = None,
+        preexec: Callable[[], None] | None = None,
+    ) -> ServerProcess:
+        server = ServerProcess(app, extra, env=env, preexec=preexec)
         started.append(server)
         return server
 

@@ -52,7 +52,11 @@ class ServerProcess:
     until the test session ends so that a restarted server can be pointed at it."""
 
     def __init__(
-        self, app: str, extra: tuple[str, ...] = (), env: dict[str, str] | None = None
+        self,
+        app: str,
+        extra: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+        preexec: Callable[[], None] | None = None,
     ) -> None:
         self.app = app
         if "--data-dir" in extra:
@@ -80,6 +84,7 @@ class ServerProcess:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
+            preexec_fn=preexec,
         )
         self.lines: list[str] = []
         self._eof = False

@@ -367,7 +367,7 @@ class _Runtime:
                         if waiter is not None and not waiter.done():
                             waiter.set_result(event[2])
                     elif kind == _EV_ALARM:
-                        self.on_alarm(event[1], event[2], event[3])
+                        self.on_alarm(event[1], event[2], event[3], event[4])
                     elif kind == _EV_COMMIT_FAILED:
                         host = self.hosts_by_key.get(event[1])
                         if host is not None:
@@ -407,7 +407,7 @@ class _Runtime:
                 "a storage commit failed; the object was reset and its result dropped"
             )
 
-    def on_alarm(self, binding: str, object_id: str, retry: int) -> None:
+    def on_alarm(self, binding: str, object_id: str, id_name: str | None, retry: int) -> None:
         namespace = self.app.namespaces.get(binding)
         if namespace is None:
             logger.warning(
@@ -416,7 +416,7 @@ class _Runtime:
                 binding,
             )
             return
-        namespace._host(DurableObjectId(object_id)).fire_alarm(retry)
+        namespace._host(DurableObjectId(object_id, id_name)).fire_alarm(retry)
 
     # -- outgoing sockets ------------------------------------------------------------------------
 

@@ -680,7 +680,7 @@ class _ObjectHost:
         at, account = alarm
         if at > time.time() + 0.001:
             # Set again for later since it was armed.
-            self.runtime.server.arm_alarm(self.namespace.binding, str(self.id), at, 0)
+            self.runtime.server.arm_alarm(self.namespace.binding, str(self.id), at, 0, self.id.name)
             self.touch()
             return
         self.in_flight += 1
@@ -722,7 +722,9 @@ class _ObjectHost:
         binding, object_id = self.namespace.binding, str(self.id)
         if retry < ALARM_RETRIES:
             delay = ALARM_FIRST_RETRY * 2**retry
-            self.runtime.server.arm_alarm(binding, object_id, time.time() + delay, retry + 1)
+            self.runtime.server.arm_alarm(
+                binding, object_id, time.time() + delay, retry + 1, self.id.name
+            )
             return
         logger.error(
             "the alarm of object %s (%s) failed %d times; it is dropped",

@@ -261,7 +261,8 @@ class DurableObjectStorage:
         """Sets the object's one alarm: ``alarm()`` runs at or after ``when`` (seconds since the
         epoch, or an aware datetime), waking the object if it hibernated, also after a restart."""
         at = _epoch_seconds(when)
-        self._store().set_alarm(at, self._host.runtime.current_account())
+        host = self._host
+        self._store().set_alarm(at, host.runtime.current_account(), host.id.name)
         self._wrote(1)
 
     def delete_alarm(self) -> None:

@@ -21,7 +21,7 @@ use tokio::time::{sleep_until, Instant};
 
 use crate::error::CoreError;
 use crate::event::{Event, Events};
-use crate::storage::ObjectName;
+use crate::storage::{Alarm, ObjectName};
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -45,6 +45,8 @@ struct Due {
     generation: u64,
     name: Arc<ObjectName>,
     retry: u32,
+    /// The name the object's id was made from, if known.
+    id_name: Option<Arc<str>>,
 }
 
 #[derive(Default)]
@@ -69,8 +71,8 @@ impl AlarmScheduler {
     }
 
     /// Arms (or re-arms) the alarm of `name` for `at` (seconds since the epoch); `retry` is how
-    /// many times it has failed so far.
-    pub fn set(&self, name: &Arc<ObjectName>, at: f64, retry: u32) {
+    /// many times it has failed so far; `id_name` the name the id was made from, if known.
+    pub fn set(&self, name: &Arc<ObjectName>, at: f64, retry: u32, id_name: Option<&str>) {
         let at_ms = to_ms(at);
         let earliest = {
             let mut schedule = self.schedule.lock();
@@ -78,7 +80,8 @@ impl AlarmScheduler {
             let generation = schedule.next_generation;
             schedule.armed.insert(name.clone(), generation);
             let earliest = schedule.heap.peek().is_none_or(|Reverse(top)| at_ms < top.at_ms);
-            schedule.heap.push(Reverse(Due { at_ms, generation, name: name.clone(), retry }));
+            let id_name = id_name.map(Arc::from);
+            schedule.heap.push(Reverse(Due { at_ms, generation, name: name.clone(), retry, id_name }));
             earliest
         };
         if earliest {
@@ -124,6 +127,7 @@ impl AlarmScheduler {
                 due.push(Event::Alarm {
                     namespace: top.name.namespace.to_string(),
                     object_id: top.name.object_id.to_string(),
+                    id_name: top.id_name.as_deref().map(str::to_owned),
                     retry: top.retry,
                 });
             }
@@ -170,7 +174,7 @@ impl AlarmIndex {
             conn.pragma_update(None, "synchronous", "NORMAL")?;
             conn.execute_batch(
                 "CREATE TABLE IF NOT EXISTS alarms (
-                     namespace TEXT NOT NULL, object_id TEXT NOT NULL, at REAL NOT NULL,
+                     namespace TEXT NOT NULL, object_id TEXT NOT NULL, at REAL NOT NULL, id_name TEXT,
                      PRIMARY KEY (namespace, object_id)) WITHOUT ROWID",
             )?;
             Ok(conn)
@@ -186,17 +190,17 @@ impl AlarmIndex {
         Ok(Self { conn: Mutex::new(conn), log: Mutex::new(None), path })
     }
 
-    /// Every object the index names, with its alarm time.
+    /// Every object the index names, with its alarm time and the name of its id.
     ///
     /// # Errors
     /// `Storage` for SQLite's errors.
-    pub fn all(&self) -> Result<Vec<(ObjectName, f64)>, CoreError> {
+    pub fn all(&self) -> Result<Vec<(ObjectName, f64, Option<String>)>, CoreError> {
         let conn = self.conn.lock();
-        let mut statement = conn.prepare("SELECT namespace, object_id, at FROM alarms")?;
+        let mut statement = conn.prepare("SELECT namespace, object_id, at, id_name FROM alarms")?;
         let rows = statement.query_map([], |row| {
             let namespace: String = row.get(0)?;
             let object_id: String = row.get(1)?;
-            Ok((ObjectName::new(&namespace, &object_id), row.get(2)?))
+            Ok((ObjectName::new(&namespace, &object_id), row.get(2)?, row.get(3)?))
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
@@ -207,18 +211,18 @@ impl AlarmIndex {
     /// `Storage` for SQLite's errors (nothing is written then).
     pub fn write(
         &self,
-        upserts: &[(Arc<ObjectName>, f64)],
+        upserts: &[(Arc<ObjectName>, Alarm)],
         deletes: &[Arc<ObjectName>],
     ) -> Result<Option<Arc<File>>, CoreError> {
         let mut conn = self.conn.lock();
         let transaction = conn.transaction()?;
         {
             let mut upsert = transaction.prepare_cached(
-                "INSERT INTO alarms (namespace, object_id, at) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (namespace, object_id) DO UPDATE SET at = excluded.at",
+                "INSERT INTO alarms (namespace, object_id, at, id_name) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (namespace, object_id) DO UPDATE SET at = excluded.at, id_name = excluded.id_name",
             )?;
-            for (name, at) in upserts {
-                upsert.execute(params![&*name.namespace, &*name.object_id, at])?;
+            for (name, alarm) in upserts {
+                upsert.execute(params![&*name.namespace, &*name.object_id, alarm.at, alarm.id_name])?;
             }
             let mut delete =
                 transaction.prepare_cached("DELETE FROM alarms WHERE namespace = ?1 AND object_id = ?2")?;
@@ -246,26 +250,26 @@ mod tests {
         let a = Arc::new(ObjectName::new("NS", "a"));
         let b = Arc::new(ObjectName::new("NS", "b"));
         let past = now_ms() as f64 / 1000.0 - 10.0;
-        scheduler.set(&a, past + 2.0, 0);
-        scheduler.set(&b, past + 1.0, 3);
-        scheduler.set(&a, past + 5.0, 0); // replaces the first
+        scheduler.set(&a, past + 2.0, 0, None);
+        scheduler.set(&b, past + 1.0, 3, Some("bee"));
+        scheduler.set(&a, past + 5.0, 0, None); // replaces the first
         let c = Arc::new(ObjectName::new("NS", "c"));
-        scheduler.set(&c, past + 0.5, 0);
+        scheduler.set(&c, past + 0.5, 0, None);
         scheduler.cancel(&c);
         let later = scheduler.fire_due();
         assert_eq!(later, None);
-        let fired: Vec<(String, u32)> = events
+        let fired: Vec<(String, u32, Option<String>)> = events
             .drain()
             .into_iter()
             .map(|event| match event {
-                Event::Alarm { object_id, retry, .. } => (object_id, retry),
+                Event::Alarm { object_id, retry, id_name, .. } => (object_id, retry, id_name),
                 other => panic!("{other:?}"),
             })
             .collect();
-        assert_eq!(fired, [("b".to_owned(), 3), ("a".to_owned(), 0)]);
+        assert_eq!(fired, [("b".to_owned(), 3, Some("bee".to_owned())), ("a".to_owned(), 0, None)]);
         assert_eq!(scheduler.armed(), 0);
         let future = Arc::new(ObjectName::new("NS", "f"));
-        scheduler.set(&future, now_ms() as f64 / 1000.0 + 60.0, 0);
+        scheduler.set(&future, now_ms() as f64 / 1000.0 + 60.0, 0, None);
         assert!(scheduler.fire_due().is_some());
         assert_eq!(scheduler.armed(), 1);
     }
@@ -277,12 +281,13 @@ mod tests {
         let index = AlarmIndex::open(&dir).unwrap();
         let a = Arc::new(ObjectName::new("NS", "a"));
         let b = Arc::new(ObjectName::new("NS", "b"));
-        assert!(index.write(&[(a.clone(), 1.0), (b.clone(), 2.0)], &[]).unwrap().is_some());
-        index.write(&[(a.clone(), 3.0)], &[b]).unwrap();
+        let alarm = |at: f64| Alarm { at, account: "default".into(), id_name: Some("ay".into()) };
+        assert!(index.write(&[(a.clone(), alarm(1.0)), (b.clone(), alarm(2.0))], &[]).unwrap().is_some());
+        index.write(&[(a.clone(), alarm(3.0))], &[b]).unwrap();
         drop(index);
         let again = AlarmIndex::open(&dir).unwrap();
         let all = again.all().unwrap();
-        assert_eq!(all, vec![(ObjectName::new("NS", "a"), 3.0)]);
+        assert_eq!(all, vec![(ObjectName::new("NS", "a"), 3.0, Some("ay".to_owned()))]);
         let _ = std::fs::remove_dir_all(dir);
     }
 }

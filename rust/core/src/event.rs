@@ -46,8 +46,9 @@ pub enum Event {
     AllClosed,
     /// The outcome of `Server::connect`: the new outgoing socket and its subprotocol, or why not.
     Connected { token: u64, result: Result<(Arc<SocketShared>, String), String> },
-    /// An object's alarm is due (`retry`: how many times it failed before).
-    Alarm { namespace: String, object_id: String, retry: u32 },
+    /// An object's alarm is due (`retry`: how many times it failed before; `id_name`: the name
+    /// its id was made from, if known).
+    Alarm { namespace: String, object_id: String, id_name: Option<String>, retry: u32 },
     /// The output gate released (`ok`) or dropped (a failed commit) what waited on `token`.
     Released { token: u64, ok: bool },
     /// A storage commit of the object with this key failed; its held output was dropped.

@@ -28,7 +28,7 @@ use crate::event::{Answering, Event, Events};
 use crate::frame::close_code;
 use crate::object::ObjectShared;
 use crate::socket::{SendOutcome, SocketShared};
-use crate::storage::{Durability, ObjectName, Storage, Store};
+use crate::storage::{Alarm, Durability, ObjectName, Storage, Store};
 
 /// Something the application sent, held until the writes before it are durable.
 pub enum Held {
@@ -108,8 +108,9 @@ pub struct OutputGate {
     events: Arc<Events>,
     pub stats: GateStats,
     committer: Mutex<Option<JoinHandle<()>>>,
-    /// A pause before each round's fsyncs, for the tests of the gate (`SOCKWORKER_COMMIT_DELAY_MS`).
-    delay: Option<Duration>,
+    /// For the tests of the gate (`SOCKWORKER_TEST_COMMIT_GATE`): each round waits, before its
+    /// fsyncs, until this file exists, so a test can hold commits as long as it likes.
+    test_gate: Option<PathBuf>,
 }
 
 thread_local! {
@@ -243,13 +244,10 @@ impl OutputGate {
         events: Arc<Events>,
     ) -> Result<Arc<Self>, CoreError> {
         let index = AlarmIndex::open(storage.root())?;
-        for (name, at) in index.all()? {
-            alarms.set(&Arc::new(name), at, 0);
+        for (name, at, id_name) in index.all()? {
+            alarms.set(&Arc::new(name), at, 0, id_name.as_deref());
         }
-        let delay = std::env::var("SOCKWORKER_COMMIT_DELAY_MS")
-            .ok()
-            .and_then(|ms| ms.parse().ok())
-            .map(Duration::from_millis);
+        let test_gate = std::env::var_os("SOCKWORKER_TEST_COMMIT_GATE").map(PathBuf::from);
         let gate = Arc::new(Self {
             state: Mutex::new(State::default()),
             holding: AtomicBool::new(false),
@@ -261,7 +259,7 @@ impl OutputGate {
             events,
             stats: GateStats::default(),
             committer: Mutex::new(None),
-            delay,
+            test_gate,
         });
         let worker = gate.clone();
         let handle =
@@ -324,23 +322,25 @@ impl OutputGate {
             if state.dirty.is_empty() {
                 if state.unreleased == 0 && !state.held.is_empty() {
                     let held = std::mem::take(&mut state.held);
-                    self.holding.store(false, Ordering::Release);
-                    drop(state);
                     release_all(held, &[], &self.events);
+                    self.holding.store(false, Ordering::Release);
                 }
                 return;
             }
+            // The epoch counts from now: until it is sealed, the committer must not release what
+            // is held (it would overtake these commits).
+            state.unreleased += 1;
             std::mem::take(&mut state.dirty)
         };
         let mut epoch = Epoch::default();
         let (kept, committable): (Vec<_>, Vec<_>) = dirty.into_iter().partition(|store| store.in_block());
         // Alarms being set go into the index before their objects commit, so the index always
         // names every object with an alarm.
-        let mut upserts: Vec<(Arc<ObjectName>, f64)> = Vec::new();
+        let mut upserts: Vec<(Arc<ObjectName>, Alarm)> = Vec::new();
         let mut index_failed: HashSet<*const Store> = HashSet::new();
         for store in &committable {
-            if let Ok(Some(Some(at))) = store.pending_alarm() {
-                upserts.push((store.name().clone(), at));
+            if let Ok(Some(Some(alarm))) = store.pending_alarm() {
+                upserts.push((store.name().clone(), alarm));
             }
         }
         if !upserts.is_empty() {
@@ -373,7 +373,9 @@ impl OutputGate {
                         epoch.dirs.extend(committed.new_dirs);
                     }
                     match committed.alarm {
-                        Some(Some(at)) => self.alarms.set(store.name(), at, 0),
+                        Some(Some(alarm)) => {
+                            self.alarms.set(store.name(), alarm.at, 0, alarm.id_name.as_deref());
+                        }
                         Some(None) => {
                             self.alarms.cancel(store.name());
                             deletes.push(store.name().clone());
@@ -404,16 +406,17 @@ impl OutputGate {
         state.dirty.extend(kept);
         epoch.held = std::mem::take(&mut state.held);
         let synced = epoch.logs.is_empty() && epoch.dirs.is_empty() && epoch.checkpoints.is_empty();
-        if synced && state.unreleased == 0 {
-            // Nothing to wait for: release here, in order, before this batch's writes go out.
+        if synced && state.unreleased == 1 {
+            // Nothing to wait for: release here, in order, before this batch's writes go out
+            // (under the lock, as the committer does, so that no send can overtake it).
+            state.unreleased = 0;
+            release_all(epoch.held, &epoch.failed, &self.events);
             if state.dirty.is_empty() {
                 self.holding.store(false, Ordering::Release);
             }
-            drop(state);
-            release_all(epoch.held, &epoch.failed, &self.events);
+            self.released.notify_all();
             return;
         }
-        state.unreleased += 1;
         state.sealed.push_back(epoch);
         self.work.notify_one();
     }
@@ -453,8 +456,10 @@ impl OutputGate {
     }
 
     fn sync_and_release(&self, mut round: Vec<Epoch>) {
-        if let Some(delay) = self.delay {
-            std::thread::sleep(delay);
+        if let Some(gate) = &self.test_gate {
+            while !gate.exists() && !self.state.lock().stop {
+                std::thread::sleep(Duration::from_millis(5));
+            }
         }
         self.stats.rounds.fetch_add(1, Ordering::Relaxed);
         // Each log once, the index's first, however many epochs wrote it.

@@ -40,6 +40,8 @@ pub struct SocketMeta {
 #[derive(Default)]
 pub struct ObjectRegistry {
     objects: Mutex<HashMap<Arc<ObjectName>, Weak<ObjectShared>>>,
+    /// Objects forgotten so far (the memory they held is free to return to the system).
+    forgotten: AtomicU64,
 }
 
 impl ObjectRegistry {
@@ -70,7 +72,18 @@ impl ObjectRegistry {
         let mut objects = self.objects.lock();
         if objects.get(name).is_some_and(|object| object.strong_count() == 0) {
             objects.remove(name);
+            self.forgotten.fetch_add(1, Ordering::Relaxed);
+            let len = objects.len();
+            if objects.capacity() > 64 && len < objects.capacity() / 4 {
+                objects.shrink_to(len * 2);
+            }
         }
+    }
+
+    /// Objects forgotten since the registry was made.
+    #[must_use]
+    pub fn forgotten(&self) -> u64 {
+        self.forgotten.load(Ordering::Relaxed)
     }
 }
 

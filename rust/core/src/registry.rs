@@ -58,7 +58,18 @@ impl Registry {
     /// Forgets a socket; returns it (if it was registered) and how many remain.
     pub fn remove(&self, id: u64) -> (Option<Arc<SocketShared>>, usize) {
         let mut sockets = self.sockets.lock();
-        (sockets.remove(&id), sockets.len())
+        let socket = sockets.remove(&id);
+        let len = sockets.len();
+        if sockets.capacity() > 1024 && len < sockets.capacity() / 4 {
+            sockets.shrink_to(len * 2);
+        }
+        (socket, len)
+    }
+
+    /// Sockets registered so far (each one closed since frees what it held).
+    #[must_use]
+    pub fn registered(&self) -> u64 {
+        self.next_socket.load(Ordering::Relaxed) - 1
     }
 
     #[must_use]

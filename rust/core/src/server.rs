@@ -251,6 +251,29 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<ServerCtx>) {
     }
 }
 
+/// How often the server looks whether memory was freed in bulk, and how many sockets or objects
+/// must have gone since the last look for it to hand the free memory back to the system.
+const RETURN_MEMORY_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+const RETURN_MEMORY_AFTER: u64 = 1_000;
+
+/// After a burst (thousands of sockets closed, or of objects hibernated), the allocator keeps the
+/// freed memory as its own: the process would stay at its peak. `malloc_trim` returns the free
+/// pages (it takes a few milliseconds, on a blocking thread, only after such a burst).
+async fn return_memory(ctx: Arc<ServerCtx>, objects: Arc<ObjectRegistry>) {
+    let churn = || ctx.events.registry.registered() + objects.forgotten();
+    let mut seen = churn();
+    loop {
+        tokio::time::sleep(RETURN_MEMORY_EVERY).await;
+        let now = churn();
+        if now - seen >= RETURN_MEMORY_AFTER {
+            seen = now;
+            #[cfg(all(target_os = "linux", target_env = "gnu"))]
+            // SAFETY: malloc_trim only releases free memory of the allocator's own arenas.
+            let _ = tokio::task::spawn_blocking(|| unsafe { libc::malloc_trim(0) }).await;
+        }
+    }
+}
+
 /// A running server. Dropping it stops the I/O threads.
 pub struct Server {
     ctx: Arc<ServerCtx>,
@@ -291,11 +314,13 @@ impl Server {
             socket.listen(4096)
         })?;
         let local_addr = listener.local_addr()?;
+        let objects = Arc::<ObjectRegistry>::default();
         {
             let _guard = runtime.enter();
             runtime::spawn(accept_loop(listener, ctx.clone()));
+            runtime::spawn(return_memory(ctx.clone(), objects.clone()));
         }
-        Ok(Self { ctx, runtime: Some(runtime), local_addr, objects: Arc::default(), gate })
+        Ok(Self { ctx, runtime: Some(runtime), local_addr, objects, gate })
     }
 
     #[must_use]

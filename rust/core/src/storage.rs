@@ -117,6 +117,18 @@ pub struct ListOptions {
     pub reverse: bool,
 }
 
+/// An object's alarm, as its database keeps it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Alarm {
+    /// Seconds since the epoch.
+    pub at: f64,
+    /// The account billed for it (the one whose event set it).
+    pub account: String,
+    /// The name the object's id was made from, if known (so that `ctx.id.name` is there when
+    /// the alarm wakes a hibernated object).
+    pub id_name: Option<String>,
+}
+
 /// What a commit hands to the output gate.
 #[derive(Debug, Default)]
 pub struct Committed {
@@ -125,7 +137,7 @@ pub struct Committed {
     /// Directories whose entries are new (a new database, new shard folders): fsynced once.
     pub new_dirs: Vec<PathBuf>,
     /// The object's alarm after this commit, when the commit changed it.
-    pub alarm: Option<Option<f64>>,
+    pub alarm: Option<Option<Alarm>>,
     /// The log is long enough to be checkpointed (by the committer, off the application thread).
     pub wants_checkpoint: bool,
 }
@@ -705,6 +717,7 @@ impl Store {
                 })?;
                 statement.raw_bind_parameter(index, Value::from(value))?;
             }
+            let changes_before = connection.total_changes();
             let columns: Vec<String> = statement.column_names().map(str::to_owned).collect();
             let mut rows = Vec::new();
             {
@@ -714,11 +727,14 @@ impl Store {
                     rows.push(values.collect::<Result<Vec<_>, _>>()?);
                 }
             }
-            let scanned = u64::try_from(statement.get_status(StatementStatus::FullscanStep)).unwrap_or(0);
+            // A full scan of n rows steps forward n - 1 times (the first row is reached by the
+            // rewind): rows read are the rows it went over, or those returned, whichever is more.
+            let steps = u64::try_from(statement.get_status(StatementStatus::FullscanStep)).unwrap_or(0);
+            let scanned = if steps > 0 { steps + 1 } else { 0 };
             result.rows_read += scanned.max(rows.len() as u64);
-            if !statement.readonly() {
-                result.rows_written += connection.changes();
-            }
+            // (The delta of the total: `changes()` keeps the count of the last DML statement, so a
+            // CREATE after an INSERT would report the INSERT's rows.)
+            result.rows_written += connection.total_changes() - changes_before;
             if !columns.is_empty() {
                 result.columns = columns;
                 result.rows = rows;
@@ -780,50 +796,42 @@ impl Store {
         })
     }
 
-    /// The alarm (seconds since the epoch) and the account that set it.
+    /// The alarm, if set.
     ///
     /// # Errors
     /// `Storage` for SQLite's errors.
-    pub fn alarm(&self) -> Result<Option<(f64, String)>, CoreError> {
+    pub fn alarm(&self) -> Result<Option<Alarm>, CoreError> {
         self.with(|inner| Self::read_alarm(conn(inner)))
     }
 
-    fn read_alarm(conn: &Connection) -> Result<Option<(f64, String)>, CoreError> {
-        let when: Option<f64> = conn
-            .prepare_cached("SELECT value FROM _sw_meta WHERE name = 'alarm'")?
-            .query_row([], |row| row.get(0))
-            .optional()?;
-        let Some(when) = when else { return Ok(None) };
-        let account: Option<String> = conn
-            .prepare_cached("SELECT value FROM _sw_meta WHERE name = 'alarm_account'")?
-            .query_row([], |row| row.get(0))
-            .optional()?;
-        Ok(Some((when, account.unwrap_or_else(|| "default".into()))))
+    fn read_alarm(conn: &Connection) -> Result<Option<Alarm>, CoreError> {
+        let mut statement = conn.prepare_cached("SELECT value FROM _sw_meta WHERE name = ?1")?;
+        let at: Option<f64> = statement.query_row(["alarm"], |row| row.get(0)).optional()?;
+        let Some(at) = at else { return Ok(None) };
+        let account: Option<String> = statement.query_row(["alarm_account"], |row| row.get(0)).optional()?;
+        let id_name: Option<String> = statement.query_row(["alarm_name"], |row| row.get(0)).optional()?;
+        Ok(Some(Alarm { at, account: account.unwrap_or_else(|| "default".into()), id_name }))
     }
 
     /// Sets (`Some`) or deletes (`None`) the alarm. True when the writes of a new commit begin.
     ///
     /// # Errors
     /// `InvalidArgument` for a time that is not finite; `Storage` for SQLite's errors.
-    pub fn set_alarm(&self, alarm: Option<(f64, &str)>) -> Result<bool, CoreError> {
-        if alarm.is_some_and(|(when, _)| !when.is_finite()) {
+    pub fn set_alarm(&self, alarm: Option<&Alarm>) -> Result<bool, CoreError> {
+        if alarm.is_some_and(|alarm| !alarm.at.is_finite()) {
             return Err(CoreError::InvalidArgument("an alarm time is a finite number of seconds".into()));
         }
         self.with(|inner| {
             let began = Self::begin_write(inner)?;
             inner.alarm_touched = true;
             let conn = conn(inner);
-            match alarm {
-                Some((when, account)) => {
-                    let mut upsert = conn.prepare_cached(
-                        "INSERT INTO _sw_meta (name, value) VALUES (?1, ?2)
-                         ON CONFLICT (name) DO UPDATE SET value = excluded.value",
-                    )?;
-                    upsert.execute(params!["alarm", when])?;
-                    upsert.execute(params!["alarm_account", account])?;
-                }
-                None => {
-                    conn.execute("DELETE FROM _sw_meta WHERE name IN ('alarm', 'alarm_account')", [])?;
+            conn.execute("DELETE FROM _sw_meta WHERE name IN ('alarm', 'alarm_account', 'alarm_name')", [])?;
+            if let Some(alarm) = alarm {
+                let mut insert = conn.prepare_cached("INSERT INTO _sw_meta (name, value) VALUES (?1, ?2)")?;
+                insert.execute(params!["alarm", alarm.at])?;
+                insert.execute(params!["alarm_account", alarm.account])?;
+                if let Some(id_name) = &alarm.id_name {
+                    insert.execute(params!["alarm_name", id_name])?;
                 }
             }
             Ok(began)
@@ -832,12 +840,12 @@ impl Store {
 
     /// The alarm the open transaction would commit, when it touched the alarm (read before the
     /// commit: the gate writes the alarm index first, so the index always covers the stores).
-    pub(crate) fn pending_alarm(&self) -> Result<Option<Option<f64>>, CoreError> {
+    pub(crate) fn pending_alarm(&self) -> Result<Option<Option<Alarm>>, CoreError> {
         self.with(|inner| {
             if !inner.alarm_touched {
                 return Ok(None);
             }
-            Ok(Some(Self::read_alarm(conn(inner))?.map(|(when, _)| when)))
+            Ok(Some(Self::read_alarm(conn(inner))?))
         })
     }
 
@@ -855,11 +863,7 @@ impl Store {
         }
         inner.write_txn = false;
         let alarm_touched = std::mem::take(&mut inner.alarm_touched);
-        let alarm = if alarm_touched {
-            Self::read_alarm(conn(&inner)).ok().map(|a| a.map(|(when, _)| when))
-        } else {
-            None
-        };
+        let alarm = if alarm_touched { Self::read_alarm(conn(&inner)).ok() } else { None };
         if let Err(error) = conn(&inner).execute_batch("COMMIT") {
             let _ = conn(&inner).execute_batch("ROLLBACK");
             return Err(storage_error(&error));
@@ -1083,9 +1087,10 @@ mod tests {
         let (storage, dir) = temp_storage(Durability::Full);
         let store = storage.store("NS", ID, 1).unwrap();
         store.put(&[("a", b"1")]).unwrap();
-        store.set_alarm(Some((123.5, "acct"))).unwrap();
+        let alarm = Alarm { at: 123.5, account: "acct".into(), id_name: Some("room".into()) };
+        store.set_alarm(Some(&alarm)).unwrap();
         let committed = store.commit().unwrap();
-        assert_eq!(committed.alarm, Some(Some(123.5)));
+        assert_eq!(committed.alarm, Some(Some(alarm.clone())));
         assert!(committed.log.is_some());
         store.put(&[("b", b"2")]).unwrap();
         store.close_requested.store(true, Ordering::Release);
@@ -1093,7 +1098,7 @@ mod tests {
         assert!(store.get(&["a"]).is_err(), "a closed store says so");
         let again = storage.store("NS", ID, 1).unwrap();
         assert_eq!(again.get(&["a", "b"]).unwrap(), vec![Some(b"1".to_vec()), None]);
-        assert_eq!(again.alarm().unwrap(), Some((123.5, "acct".to_owned())));
+        assert_eq!(again.alarm().unwrap(), Some(alarm));
         let _ = fs::remove_dir_all(dir);
     }
 
@@ -1116,7 +1121,7 @@ mod tests {
         let store = storage.store("NS", ID, 1).unwrap();
         store.exec("CREATE TABLE t (x); CREATE VIEW v AS SELECT x FROM t", vec![]).unwrap();
         store.put(&[("a", b"1"), ("b", b"2")]).unwrap();
-        store.set_alarm(Some((5.0, "default"))).unwrap();
+        store.set_alarm(Some(&Alarm { at: 5.0, account: "default".into(), id_name: None })).unwrap();
         assert_eq!(store.delete_all().unwrap().0, 2);
         assert!(store.exec("SELECT * FROM t", vec![]).is_err());
         assert!(store.alarm().unwrap().is_some());

@@ -7,7 +7,7 @@
 //!   (DRAINED, socket_id)
 //!   (ALL_CLOSED,)
 //!   (CONNECTED, token, SocketHandle | None, protocol, error message | None)
-//!   (ALARM, namespace, object_id, retry)
+//!   (ALARM, namespace, object_id, id name | None, retry)
 //!   (RELEASED, token, ok)
 //!   (COMMIT_FAILED, owner key, message)
 
@@ -138,8 +138,8 @@ fn event_tuple(py: Python<'_>, event: Event) -> PyResult<Bound<'_, PyAny>> {
             Event::Error { socket, message, .. } => (ERROR, socket, message).into_pyobject(py)?.into_any(),
             Event::Drained { socket } => (DRAINED, socket).into_pyobject(py)?.into_any(),
             Event::AllClosed => (ALL_CLOSED,).into_pyobject(py)?.into_any(),
-            Event::Alarm { namespace, object_id, retry } => {
-                (ALARM, namespace, object_id, retry).into_pyobject(py)?.into_any()
+            Event::Alarm { namespace, object_id, id_name, retry } => {
+                (ALARM, namespace, object_id, id_name, retry).into_pyobject(py)?.into_any()
             }
             Event::Released { token, ok } => (RELEASED, token, ok).into_pyobject(py)?.into_any(),
             Event::CommitFailed { owner, message } => {

@@ -32,7 +32,10 @@ macro_rules! raise {
 pub fn to_pyerr(py: Python<'_>, error: CoreError) -> PyErr {
     let message = error.to_string();
     match error {
-        CoreError::Io(e) => raise!(py, "ServerStartError", (e.raw_os_error().unwrap_or(0), message)),
+        CoreError::Io(e) => match e.raw_os_error() {
+            Some(errno) => raise!(py, "ServerStartError", (errno, message)),
+            None => raise!(py, "ServerStartError", message),
+        },
         CoreError::InvalidArgument(_) => raise!(py, "InvalidArgument", message),
         CoreError::AlreadyAnswered | CoreError::NotAnUpgrade => raise!(py, "ResponseError", message),
         CoreError::SocketClosed => raise!(py, "ConnectionClosed", message),

@@ -233,10 +233,11 @@ impl Server {
     }
 
     /// Arms an object's alarm in the scheduler only (a retry, or a re-check): it is not stored.
-    fn arm_alarm(&self, namespace: &str, object_id: &str, at: f64, retry: u32) {
+    #[pyo3(signature = (namespace, object_id, at, retry, id_name=None))]
+    fn arm_alarm(&self, namespace: &str, object_id: &str, at: f64, retry: u32, id_name: Option<&str>) {
         if let Some(gate) = self.gate() {
             let name = Arc::new(sockworker_core::storage::ObjectName::new(namespace, object_id));
-            gate.alarms().set(&name, at, retry);
+            gate.alarms().set(&name, at, retry, id_name);
         }
     }
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyBytes, PyFloat, PyInt, PyString};
 use sockworker_core::gate::OutputGate;
-use sockworker_core::storage::{ListOptions, SqlValue};
+use sockworker_core::storage::{Alarm, ListOptions, SqlValue};
 use sockworker_core::{CoreError, Store as CoreStore};
 
 use crate::errors::to_pyerr;
@@ -141,14 +141,22 @@ impl Store {
 
     /// (seconds since the epoch, account that set it), or None.
     fn get_alarm(&self, py: Python<'_>) -> PyResult<Option<(f64, String)>> {
-        self.store.alarm().map_err(|e| to_pyerr(py, e))
+        let alarm = self.store.alarm().map_err(|e| to_pyerr(py, e))?;
+        Ok(alarm.map(|alarm| (alarm.at, alarm.account)))
     }
 
-    /// Sets the alarm for `at` on behalf of `account`, or (None) deletes it.
-    #[pyo3(signature = (at, account="default"))]
-    fn set_alarm(&self, py: Python<'_>, at: Option<f64>, account: &str) -> PyResult<()> {
-        let alarm = at.map(|at| (at, account));
-        self.wrote(py, self.store.set_alarm(alarm).map(|began| ((), began)))
+    /// Sets the alarm for `at` on behalf of `account` (`id_name`: the name of the object's id,
+    /// if it has one), or (None) deletes it.
+    #[pyo3(signature = (at, account="default", id_name=None))]
+    fn set_alarm(
+        &self,
+        py: Python<'_>,
+        at: Option<f64>,
+        account: &str,
+        id_name: Option<String>,
+    ) -> PyResult<()> {
+        let alarm = at.map(|at| Alarm { at, account: account.to_owned(), id_name });
+        self.wrote(py, self.store.set_alarm(alarm.as_ref()).map(|began| ((), began)))
     }
 
     /// Closes the database once what it wrote is committed (the object hibernated).
