@@ -31,6 +31,9 @@ from .limits import Limits
 from .outgoing import ConnectError, connect, fetch
 from .websocket import CloseEvent, ErrorEvent, MessageEvent, WebSocket, WebSocketPair
 
+#: Cloudflare's name of ``AutoResponse`` (``ctx.setWebSocketAutoResponse(pair)``).
+WebSocketRequestResponsePair = AutoResponse
+
 __all__ = [
     "App",
     "AutoResponse",
@@ -63,6 +66,7 @@ __all__ = [
     "UsageRecord",
     "WebSocket",
     "WebSocketPair",
+    "WebSocketRequestResponsePair",
     "connect",
     "fetch",
     "now",

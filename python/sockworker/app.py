@@ -70,6 +70,8 @@ class ExecutionContext:
     def pass_through_on_exception(self) -> None:
         """Accepted for code ported from Cloudflare; there is no origin to pass through to."""
 
+    passThroughOnException = pass_through_on_exception
+
 
 class App:
     """A Worker: ``fetch`` handles every HTTP request and may answer with a WebSocket."""

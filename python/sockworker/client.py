@@ -938,6 +938,16 @@ class Client:
                 self._closed.set()
         return self._closed
 
+    # The camelCase names of the WebSocket surface, as partysocket and Cloudflare spell them.
+    addEventListener = add_event_listener
+    removeEventListener = remove_event_listener
+    readyState = ready_state
+    bufferedAmount = buffered_amount
+    bufferedMessages = buffered_messages
+    backoffDelay = backoff_delay
+    sendAsync = send_async
+    waitClosed = wait_closed
+
     def __repr__(self) -> str:
         state = ("CONNECTING", "OPEN", "CLOSING", "CLOSED")[self._ready_state]
         return f"<Client {state} {self._where}>"

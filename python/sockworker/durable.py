@@ -229,6 +229,7 @@ class DurableObjectState:
     setHibernatableWebSocketEventTimeout = set_hibernatable_websocket_event_timeout
     getHibernatableWebSocketEventTimeout = get_hibernatable_websocket_event_timeout
     waitUntil = wait_until
+    webSocketCount = websocket_count
 
 
 class _ObjectHost:

@@ -59,6 +59,18 @@ class Headers(Mapping[str, str]):
     def get_all(self, name: str) -> list[str]:
         return list(self._items.get(name.lower(), ()))
 
+    # Cloudflare's (the Fetch standard's) names, for code ported from Workers.
+    getAll = get_all
+
+    def has(self, name: str) -> bool:
+        return name in self
+
+    def set(self, name: str, value: str) -> None:
+        self[name] = value
+
+    def delete(self, name: str) -> None:
+        self._items.pop(name.lower(), None)
+
     def raw(self) -> list[tuple[str, bytes]]:
         return [(n, v.encode("latin-1")) for n, vs in self._items.items() for v in vs]
 
@@ -108,6 +120,11 @@ class Request:
             self._query = MappingProxyType(values)
         return self._query
 
+    @property
+    def queryString(self) -> str:
+        """The camelCase name of ``query_string``."""
+        return self.query_string
+
     async def text(self) -> str:
         return self.body.decode("utf-8")
 
@@ -129,7 +146,14 @@ class Response:
         status: int = 200,
         headers: HeadersInit | Headers = None,
         websocket: WebSocket | None = None,
+        *,
+        webSocket: WebSocket | None = None,
     ) -> None:
+        """``webSocket`` is Cloudflare's name of ``websocket``: give one or the other."""
+        if webSocket is not None:
+            if websocket is not None:
+                raise TypeError("give websocket or webSocket (the same argument), not both")
+            websocket = webSocket
         if not isinstance(status, int) or not 100 <= status <= 999:
             raise ValueError(f"status must be an int from 100 to 999, not {status!r}")
         self.status = status
@@ -145,6 +169,11 @@ class Response:
         else:
             raise TypeError(f"a Response body is str, bytes or None, not {type(body).__name__}")
         self.websocket = websocket
+
+    @property
+    def webSocket(self) -> WebSocket | None:
+        """Cloudflare's name of ``websocket``."""
+        return self.websocket
 
     @classmethod
     def json(cls, value: Any, status: int = 200, headers: HeadersInit = None) -> Response:

@@ -62,6 +62,11 @@ class CloseEvent:
         self.reason = reason
         self.was_clean = was_clean
 
+    @property
+    def wasClean(self) -> bool:
+        """Cloudflare's name of ``was_clean``."""
+        return self.was_clean
+
 
 class ErrorEvent:
     __slots__ = ("error",)
@@ -69,6 +74,11 @@ class ErrorEvent:
 
     def __init__(self, error: BaseException) -> None:
         self.error = error
+
+    @property
+    def message(self) -> str:
+        """The error's text, as Cloudflare's ``ErrorEvent.message``."""
+        return str(self.error)
 
 
 class ObjectEvents(Protocol):
@@ -270,6 +280,17 @@ class WebSocket:
 
     serializeAttachment = serialize_attachment
     deserializeAttachment = deserialize_attachment
+
+    # Cloudflare's names, for code ported from Workers.
+    addEventListener = add_event_listener
+    removeEventListener = remove_event_listener
+    readyState = ready_state
+    bufferedAmount = buffered_amount
+    sendAsync = send_async
+    READY_STATE_CONNECTING = CONNECTING
+    READY_STATE_OPEN = OPEN
+    READY_STATE_CLOSING = CLOSING
+    READY_STATE_CLOSED = CLOSED
 
     # -- pull API --------------------------------------------------------------------------------
 
