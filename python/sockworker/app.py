@@ -17,6 +17,7 @@ from .durable import DurableObjectNamespace, _ObjectHost
 from .errors import CpuLimitExceeded, ResponseError
 from .http import Request, Response
 from .limits import Limits
+from .logs import TEXT_FORMAT, CoreLogs
 from .outgoing import ConnectError
 from .websocket import WebSocket
 
@@ -122,7 +123,7 @@ class App:
         """Serves until SIGINT or SIGTERM, then closes every socket with 1001 and returns.
         With ``certfile`` and ``keyfile`` (PEM) it serves https:// and wss://."""
         if not logging.getLogger().handlers:
-            logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+            logging.basicConfig(level=logging.INFO, format=TEXT_FORMAT)
         asyncio.run(
             self.serve(host, port, io_threads=io_threads, certfile=certfile, keyfile=keyfile)
         )
@@ -138,8 +139,14 @@ class App:
     ) -> None:
         """Serves on the running loop until SIGINT or SIGTERM (or ``stop`` of the runtime)."""
         _raise_fd_limit()
-        runtime = _Runtime(self, host, port, io_threads, certfile, keyfile)
-        await runtime.run()
+        # First, so that what the core logs while it starts is delivered too.
+        core_logs = CoreLogs(asyncio.get_running_loop())
+        core_logs.start()
+        try:
+            runtime = _Runtime(self, host, port, io_threads, certfile, keyfile)
+            await runtime.run()
+        finally:
+            core_logs.stop()
 
 
 def _raise_fd_limit() -> None:

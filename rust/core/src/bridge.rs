@@ -49,12 +49,11 @@ pub enum Event {
     Connected { token: u64, result: Result<(std::sync::Arc<crate::socket::SocketShared>, String), String> },
 }
 
-pub struct EventQueue {
-    events: Mutex<Vec<Event>>,
-    wakeup: OwnedFd,
-}
+/// An eventfd the application thread polls (`loop.add_reader`): readable once woken, until
+/// consumed. Queues write it only when they go from empty to non-empty.
+pub struct Wakeup(OwnedFd);
 
-impl EventQueue {
+impl Wakeup {
     /// # Errors
     /// When the eventfd cannot be created.
     pub fn new() -> io::Result<Self> {
@@ -64,14 +63,50 @@ impl EventQueue {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: fd is a fresh descriptor that nothing else owns.
-        let wakeup = unsafe { OwnedFd::from_raw_fd(fd) };
-        Ok(Self { events: Mutex::new(Vec::new()), wakeup })
+        Ok(Self(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    #[must_use]
+    pub fn fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+
+    pub fn wake(&self) {
+        let one = 1u64;
+        // SAFETY: writes 8 bytes from a live u64. It can only fail when the counter would
+        // overflow, and then the descriptor is readable anyway.
+        unsafe {
+            libc::write(self.fd(), std::ptr::from_ref(&one).cast(), 8);
+        }
+    }
+
+    /// Makes the descriptor unreadable until the next `wake`. Consume before taking what is
+    /// queued, so that anything queued after the take wakes the reader again.
+    pub fn consume(&self) {
+        let mut counter = 0u64;
+        // SAFETY: reads 8 bytes into a live u64; EAGAIN (nothing to consume) is fine.
+        unsafe {
+            libc::read(self.fd(), std::ptr::from_mut(&mut counter).cast(), 8);
+        }
+    }
+}
+
+pub struct EventQueue {
+    events: Mutex<Vec<Event>>,
+    wakeup: Wakeup,
+}
+
+impl EventQueue {
+    /// # Errors
+    /// When the eventfd cannot be created.
+    pub fn new() -> io::Result<Self> {
+        Ok(Self { events: Mutex::new(Vec::new()), wakeup: Wakeup::new()? })
     }
 
     /// The descriptor that becomes readable when events are waiting.
     #[must_use]
     pub fn fd(&self) -> RawFd {
-        self.wakeup.as_raw_fd()
+        self.wakeup.fd()
     }
 
     pub fn push(&self, event: Event) {
@@ -82,7 +117,7 @@ impl EventQueue {
             was_empty
         };
         if was_empty {
-            self.wake();
+            self.wakeup.wake();
         }
     }
 
@@ -102,36 +137,23 @@ impl EventQueue {
             was_empty
         };
         if was_empty {
-            self.wake();
+            self.wakeup.wake();
         }
     }
 
     /// Takes every waiting event. The wake-up is consumed first, so an event pushed after the
     /// swap always writes the eventfd again and is never left without a wake-up.
     pub fn drain(&self) -> Vec<Event> {
-        let mut counter = 0u64;
-        // SAFETY: reads 8 bytes into a live u64; EAGAIN (nothing to consume) is fine.
-        unsafe {
-            libc::read(self.fd(), std::ptr::from_mut(&mut counter).cast(), 8);
-        }
+        self.wakeup.consume();
         std::mem::take(&mut *self.events.lock())
-    }
-
-    fn wake(&self) {
-        let one = 1u64;
-        // SAFETY: writes 8 bytes from a live u64. It can only fail when the counter would
-        // overflow, and then the descriptor is readable anyway.
-        unsafe {
-            libc::write(self.fd(), std::ptr::from_ref(&one).cast(), 8);
-        }
     }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn readable(fd: RawFd) -> bool {
+    pub(crate) fn readable(fd: RawFd) -> bool {
         let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
         // SAFETY: one valid pollfd, zero timeout.
         unsafe { libc::poll(&raw mut pfd, 1, 0) == 1 }

@@ -8,6 +8,7 @@ pub mod connection;
 pub mod error;
 pub mod frame;
 pub mod handshake;
+pub mod logs;
 pub mod meter;
 pub mod object;
 pub mod runtime;
