@@ -10,8 +10,10 @@ export VIRTUAL_ENV := $(abspath $(VENV))
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 RUST_SOURCES := $(shell find rust -name '*.rs' -o -name Cargo.toml) Cargo.toml pyproject.toml
+# A venv with nothing but the wheel in it, for the smoke test.
+WHEEL_VENV := target/wheel-venv
 
-.PHONY: help build demo demo-echo test test-rust test-python lint fmt clean browser-deps
+.PHONY: help build demo demo-echo test test-rust test-python test-wheel wheel lint fmt clean browser-deps
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -41,13 +43,24 @@ demo-echo: build ## build, then serve examples/echo.py (echoes every message) on
 	@echo "  try: $(PY) -m websockets ws://127.0.0.1:8787/"
 	$(VENV)/bin/sockworker serve examples.echo:app --host 127.0.0.1 --port 8787
 
-test: build test-rust test-python ## build, then run cargo test and pytest
+test: build test-rust test-python test-wheel ## build, then run cargo test, pytest and the wheel's smoke test
 
 test-rust:
 	$(CARGO) test --release -p sockworker-core
 
 test-python: build
 	$(PY) -m pytest tests
+
+wheel: $(VENV)/.deps ## build the abi3 wheel (CPython 3.11 and later) into dist/
+	rm -f dist/sockworker-*.whl
+	$(VENV)/bin/maturin build --release --out dist --quiet
+
+test-wheel: wheel ## install the wheel into a clean venv and serve an echo app from it
+	rm -rf $(WHEEL_VENV)
+	python3 -m venv $(WHEEL_VENV)
+	$(WHEEL_VENV)/bin/pip install --quiet dist/sockworker-*-abi3-*.whl
+	@# From outside the source tree, so that only the installed package can be imported.
+	cd $(WHEEL_VENV) && bin/python $(abspath tests/wheel_smoke.py)
 
 browser-deps: ## install Debian's chromium and chromium-driver for the browser test (needs root)
 	@command -v chromedriver >/dev/null && command -v chromium >/dev/null || \
@@ -66,6 +79,6 @@ fmt: $(VENV)/.deps ## format Rust and Python
 	$(VENV)/bin/ruff check --fix python tests examples bench
 
 clean: ## remove build output and the venv
-	rm -rf target $(VENV) python/sockworker/*.so
+	rm -rf target dist $(VENV) python/sockworker/*.so
 
 -include bench/bench.mk
