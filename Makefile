@@ -13,7 +13,7 @@ RUST_SOURCES := $(shell find rust -name '*.rs' -o -name Cargo.toml) Cargo.toml p
 # A venv with nothing but the wheel in it, for the smoke test.
 WHEEL_VENV := target/wheel-venv
 
-.PHONY: help build demo demo-echo test test-rust test-python test-wheel wheel lint fmt clean browser-deps
+.PHONY: help build demo demo-echo test test-rust test-python test-wheel wheel docs lint fmt clean browser-deps
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -21,9 +21,9 @@ help: ## list the targets
 $(VENV)/.deps: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	@# One list of packages, pyproject's: the runtime dependencies and the test and lint extras.
+	@# One list of packages, pyproject's: the runtime dependencies and the test, lint and docs extras.
 	$(VENV)/bin/python -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; \
-		x = p["optional-dependencies"]; print("\n".join(p["dependencies"] + x["test"] + x["lint"]))' \
+		x = p["optional-dependencies"]; print("\n".join(p["dependencies"] + x["test"] + x["lint"] + x["docs"]))' \
 		> $(VENV)/requirements.txt
 	$(PIP) install --quiet "maturin>=1.7,<2" -r $(VENV)/requirements.txt
 	touch $@
@@ -65,6 +65,9 @@ test-wheel: wheel ## install the wheel into a clean venv and serve an echo app f
 browser-deps: ## install Debian's chromium and chromium-driver for the browser test (needs root)
 	@command -v chromedriver >/dev/null && command -v chromium >/dev/null || \
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; }
+
+docs: $(VENV)/.deps ## build the documentation site into target/site (mkdocs --strict: a warning fails)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
 
 lint: $(VENV)/.deps ## rustfmt --check, clippy -D warnings, ruff, mypy --strict
 	$(CARGO) fmt --all -- --check

@@ -41,7 +41,9 @@ _EV_CONNECTED = _native.EV_CONNECTED
 
 
 class Env:
-    """The bindings given to handlers: ``env.NAME`` for each variable given to ``App(env=...)``."""
+    """The bindings given to handlers: ``env.NAME`` for each item of ``App(env=...)`` and each
+    Durable Object namespace of ``App(durable_objects=...)``. An unbound name raises
+    ``AttributeError``."""
 
     def __init__(self, values: Mapping[str, Any] | None = None) -> None:
         self.__dict__.update(values or {})
@@ -55,7 +57,8 @@ class Env:
 
 
 class ExecutionContext:
-    """The ``ctx`` argument of a Worker's ``fetch``."""
+    """The ``ctx`` argument of a Worker's ``fetch``. Cloudflare's names ``waitUntil`` and
+    ``passThroughOnException`` are the same methods."""
 
     __slots__ = ("_runtime",)
 
@@ -75,7 +78,17 @@ class ExecutionContext:
 
 
 class App:
-    """A Worker: ``fetch`` handles every HTTP request and may answer with a WebSocket."""
+    """A Worker: ``fetch(request, env, ctx)`` (a ``def`` or an ``async def``) handles every
+    HTTP request and returns a ``Response``, which may carry a WebSocket (status 101). With no
+    ``fetch``, every request gets 404.
+
+    An uncaught exception in ``fetch`` is logged (logger ``sockworker``, with its traceback) and
+    answered ``500 Internal Server Error`` with no detail in the body; returning something else
+    than a ``Response`` is treated the same way. ``CpuLimitExceeded`` (the event passed
+    ``Limits.cpu_ms``) is answered ``503 Service Unavailable``.
+
+    ``app.meter.totals()`` is a ``UsageRecord`` of everything counted since the app was made.
+    """
 
     def __init__(
         self,
@@ -90,10 +103,24 @@ class App:
         metrics_path: str | None = None,
         metering: bool = True,
     ) -> None:
-        """``account(request)`` labels what a request costs (default ``"default"``);
-        ``billing`` receives usage records and may refuse requests (``admit``); ``pricing``
-        sets the ratios; ``metrics_path`` (off by default) serves the totals as Prometheus
-        text; ``metering=False`` turns CPU accounting, CPU limits and the meter off."""
+        """
+        Args:
+            fetch: the Worker's handler, ``fetch(request, env, ctx) -> Response``.
+            limits: the app's ``Limits``; a Durable Object class may override fields for its
+                namespace with a class attribute ``limits``.
+            env: items that become attributes of the ``env`` argument.
+            durable_objects: ``{"BINDING": DurableObjectSubclass}``; each becomes
+                ``env.BINDING``, a ``DurableObjectNamespace``. A binding may not also be in
+                ``env`` (``ValueError``).
+            account: ``account(request) -> str``, the label every unit the request causes is
+                billed to (default ``"default"``). Raising, or returning something else than a
+                ``str``, answers 500.
+            billing: a ``BillingHook``: receives the usage records, and may refuse requests.
+            pricing: the ``Pricing`` ratios.
+            metrics_path: a path answered with the totals as Prometheus text (off by default;
+                not billed, not admitted).
+            metering: False turns CPU accounting, CPU limits and the meter off.
+        """
         self.fetch = fetch
         self.limits = limits or Limits()
         self.account = account
@@ -121,7 +148,14 @@ class App:
         keyfile: str | None = None,
     ) -> None:
         """Serves until SIGINT or SIGTERM, then closes every socket with 1001 and returns.
-        With ``certfile`` and ``keyfile`` (PEM) it serves https:// and wss://."""
+
+        With ``certfile`` (a PEM certificate chain) and ``keyfile`` (its PEM key) it serves
+        ``https://`` and ``wss://`` (rustls; TLS 1.2 and 1.3). A missing or unreadable file, or
+        one without a usable certificate or key, raises ``ServerStartError`` before anything
+        is served, as does an address in use. ``io_threads`` is the number of tokio threads
+        doing socket I/O; the application always runs on one Python thread. Logging is set up
+        (INFO, to stderr) unless the program configured it.
+        """
         if not logging.getLogger().handlers:
             logging.basicConfig(level=logging.INFO, format=TEXT_FORMAT)
         asyncio.run(
@@ -137,7 +171,7 @@ class App:
         certfile: str | None = None,
         keyfile: str | None = None,
     ) -> None:
-        """Serves on the running loop until SIGINT or SIGTERM (or ``stop`` of the runtime)."""
+        """``run``, on the running asyncio loop: serves until SIGINT or SIGTERM."""
         _raise_fd_limit()
         # First, so that what the core logs while it starts is delivered too.
         core_logs = CoreLogs(asyncio.get_running_loop())

@@ -380,6 +380,7 @@ class Client:
     on = add_event_listener
 
     def remove_event_listener(self, type: EventType, listener: Listener) -> None:
+        """Stops calling ``listener`` for ``type`` events (nothing if it was not added)."""
         if type in self._listeners:
             self._listeners[type] = [pair for pair in self._listeners[type] if pair[0] != listener]
 

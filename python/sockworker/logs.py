@@ -33,6 +33,7 @@ class JsonFormatter(logging.Formatter):
     formatted traceback) when there is one."""
 
     def format(self, record: logging.LogRecord) -> str:
+        """The record as one line of JSON."""
         created = datetime.datetime.fromtimestamp(record.created, datetime.UTC)
         entry: dict[str, str] = {
             "time": created.isoformat(timespec="milliseconds"),
@@ -67,6 +68,7 @@ class CoreLogs:
         self.fd: int | None = None
 
     def start(self) -> None:
+        """Applies the ``sockworker`` logger's level in the core and watches the queue."""
         try:
             self.fd = _native.install_log_queue(logger.getEffectiveLevel())
         except OSError as error:
@@ -83,6 +85,7 @@ class CoreLogs:
             self.deliver()
 
     def deliver(self) -> None:
+        """Hands every waiting record to its logger (called when the queue's fd is readable)."""
         records, dropped = _native.take_log_records()
         for level, target, message, file, line in records:
             crate = target.partition("::")[0]
