@@ -716,6 +716,7 @@ class Client:
         """Runs one open connection until it closes; returns its close event (not yet emitted)."""
         loop = asyncio.get_running_loop()
         self._conn = conn
+        self._retry_now = False  # a reconnect() during the attempt that opened it is answered
         self._idle_closing = False
         self._draining = False
         self._last_activity = loop.time()
