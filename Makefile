@@ -10,8 +10,10 @@ export VIRTUAL_ENV := $(abspath $(VENV))
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 RUST_SOURCES := $(shell find rust -name '*.rs' -o -name Cargo.toml) Cargo.toml pyproject.toml
+# A venv with nothing but the wheel in it, for the smoke test.
+WHEEL_VENV := target/wheel-venv
 
-.PHONY: help build demo demo-echo test test-rust test-python lint fmt clean browser-deps
+.PHONY: help build demo demo-echo test test-rust test-python test-wheel wheel docs lint fmt clean browser-deps
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -19,9 +21,9 @@ help: ## list the targets
 $(VENV)/.deps: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	@# One list of packages, pyproject's: the runtime dependencies and the test and lint extras.
+	@# One list of packages, pyproject's: the runtime dependencies and the test, lint and docs extras.
 	$(VENV)/bin/python -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; \
-		x = p["optional-dependencies"]; print("\n".join(p["dependencies"] + x["test"] + x["lint"]))' \
+		x = p["optional-dependencies"]; print("\n".join(p["dependencies"] + x["test"] + x["lint"] + x["docs"]))' \
 		> $(VENV)/requirements.txt
 	$(PIP) install --quiet "maturin>=1.7,<2" -r $(VENV)/requirements.txt
 	touch $@
@@ -41,7 +43,7 @@ demo-echo: build ## build, then serve examples/echo.py (echoes every message) on
 	@echo "  try: $(PY) -m websockets ws://127.0.0.1:8787/"
 	$(VENV)/bin/sockworker serve examples.echo:app --host 127.0.0.1 --port 8787
 
-test: build test-rust test-python ## build, then run cargo test and pytest
+test: build test-rust test-python test-wheel ## build, then run cargo test, pytest and the wheel's smoke test
 
 test-rust:
 	$(CARGO) test --release -p sockworker-core
@@ -49,9 +51,23 @@ test-rust:
 test-python: build
 	$(PY) -m pytest tests
 
+wheel: $(VENV)/.deps ## build the abi3 wheel (CPython 3.11 and later) into dist/
+	rm -f dist/sockworker-*.whl
+	$(VENV)/bin/maturin build --release --out dist --quiet
+
+test-wheel: wheel ## install the wheel into a clean venv and serve an echo app from it
+	rm -rf $(WHEEL_VENV)
+	python3 -m venv $(WHEEL_VENV)
+	$(WHEEL_VENV)/bin/pip install --quiet dist/sockworker-*-abi3-*.whl
+	@# From outside the source tree, so that only the installed package can be imported.
+	cd $(WHEEL_VENV) && bin/python $(abspath tests/wheel_smoke.py)
+
 browser-deps: ## install Debian's chromium and chromium-driver for the browser test (needs root)
 	@command -v chromedriver >/dev/null && command -v chromium >/dev/null || \
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; }
+
+docs: $(VENV)/.deps ## build the documentation site into target/site (mkdocs --strict: a warning fails)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
 
 lint: $(VENV)/.deps ## rustfmt --check, clippy -D warnings, ruff, mypy --strict
 	$(CARGO) fmt --all -- --check
@@ -66,6 +82,6 @@ fmt: $(VENV)/.deps ## format Rust and Python
 	$(VENV)/bin/ruff check --fix python tests examples bench
 
 clean: ## remove build output and the venv
-	rm -rf target $(VENV) python/sockworker/*.so
+	rm -rf target dist $(VENV) python/sockworker/*.so
 
 -include bench/bench.mk

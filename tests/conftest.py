@@ -60,3 +60,6 @@ def make_server() -> Iterator[Callable[..., ServerProcess]]:
     yield start
     for server in started:
         server.kill()
+
+
+ported_server = _module_server("ported_server", "tests.apps.ported:app")

@@ -422,6 +422,9 @@ def test_backoff_delays_grow_to_the_cap_and_are_jittered() -> None:
         ({"protocols": [""]}, InvalidArgument),
         ({"headers": {"x-a": "b\r\nx-evil: 1"}}, InvalidArgument),
         ({"max_buffered_messages": True}, TypeError),
+        ({"query": {"n": 1}}, TypeError),
+        ({"query": "n=1"}, TypeError),
+        ({"should_reconnect": True}, TypeError),
     ],
 )
 def test_bad_arguments_are_rejected(kwargs: dict[str, Any], error: type[Exception]) -> None:
@@ -483,5 +486,189 @@ async def test_a_message_too_large_for_the_client_is_an_error_then_it_reconnects
     await events.wait_for("open", 2)
     client.send("small")
     assert await events.messages(1) == ["small"]
+    client.close()
+    await asyncio.wait_for(client.wait_closed(), WITHIN)
+
+
+# -- computed URLs, should_reconnect, reconnect() ------------------------------------------------
+
+
+async def _server_url(client: Client, events: Events) -> str:
+    """The URL the echo server's socket saw for the client's current connection."""
+    count = len(events.seen["message"]) + 1
+    client.send("!info")
+    info: str = (await events.messages(count))[-1]  # type: ignore[assignment]
+    url: str = json.loads(info)["url"]
+    return url
+
+
+@run_async
+async def test_the_url_and_the_query_are_computed_for_each_attempt(
+    echo_server: ServerProcess,
+) -> None:
+    conn_id = _id()
+    attempts = 0
+
+    def next_url() -> str:
+        nonlocal attempts
+        attempts += 1
+        return f"{echo_server.ws}/ws?id={conn_id}&attempt={attempts}"
+
+    tokens = iter(["t1", "t2"])
+
+    async def next_query() -> dict[str, str]:
+        await asyncio.sleep(0)  # a token from somewhere that takes a round trip
+        return {"token": next(tokens)}
+
+    client = Client(next_url, query=next_query, backoff_initial=0.01)
+    events = Events(client)
+    assert client.url is None  # nothing computed before the first attempt
+    first = f"{echo_server.ws}/ws?id={conn_id}&attempt=1&token=t1"
+    assert await _server_url(client, events) == first
+    assert client.url == first
+
+    client.send("!close 4000 again")  # the server closes; the client reconnects
+    await events.wait_for("open", 2)
+    second = f"{echo_server.ws}/ws?id={conn_id}&attempt=2&token=t2"
+    assert await _server_url(client, events) == second
+    assert client.url == second
+    client.close()
+    await asyncio.wait_for(client.wait_closed(), WITHIN)
+
+    static = Client(f"{echo_server.ws}/ws?id={conn_id}", query={"room": "a b"})
+    assert static.url == f"{echo_server.ws}/ws?id={conn_id}&room=a+b"
+    async with static:
+        assert await _server_url(static, Events(static)) == static.url
+
+
+@run_async
+async def test_what_the_url_callable_raises_fails_the_attempt(echo_server: ServerProcess) -> None:
+    calls = 0
+
+    def flaky() -> str:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise OSError("the token service is down")
+        return f"{echo_server.ws}/ws?id={_id()}"
+
+    client = Client(flaky, backoff_initial=0.01)
+    events = Events(client)
+    await asyncio.wait_for(client.connect(), WITHIN)  # an OSError is retried
+    [retry] = events.seen["reconnecting"]
+    assert isinstance(retry.error, OSError) and retry.attempt == 2
+    assert events.seen["open"][0].attempt == 2
+    client.close()
+    await asyncio.wait_for(client.wait_closed(), WITHIN)
+
+    for bad, cause in [(lambda: "http://127.0.0.1/", InvalidArgument), (lambda: 42, TypeError)]:
+        broken = Client(bad, backoff_initial=0.01)  # type: ignore[arg-type]
+        with pytest.raises(ConnectFailed, match="not retried") as failed:
+            await asyncio.wait_for(broken.connect(), WITHIN)
+        assert isinstance(failed.value.__cause__, cause)
+
+
+@run_async
+async def test_should_reconnect_decides_from_the_close_code(
+    echo_server: ServerProcess, caplog: pytest.LogCaptureFixture
+) -> None:
+    asked: list[tuple[int, str]] = []
+
+    def should_reconnect(code: int, reason: str) -> bool:
+        asked.append((code, reason))
+        if code == 4002:
+            raise RuntimeError("predicate-broke")
+        return code != 4001  # the application's "banned"
+
+    client = Client(
+        f"{echo_server.ws}/ws?id={_id()}", should_reconnect=should_reconnect, backoff_initial=0.01
+    )
+    events = Events(client)
+    client.send("!close 4000 retry")
+    await events.wait_for("open", 2)
+    with caplog.at_level(logging.ERROR, logger="sockworker"):
+        client.send("!close 4002 odd")  # a predicate that raises is logged; the default holds
+        await events.wait_for("open", 3)
+    assert any(r.exc_info and str(r.exc_info[1]) == "predicate-broke" for r in caplog.records)
+    client.send("!close 4001 banned")
+    await asyncio.wait_for(client.wait_closed(), WITHIN)
+
+    assert asked == [(4000, "retry"), (4002, "odd"), (4001, "banned")]
+    codes = [(e.code, e.reason) for e in events.seen["close"]]
+    assert codes == [(4000, "retry"), (4002, "odd"), (4001, "banned")]
+    assert events.states["close"] == [Client.CONNECTING, Client.CONNECTING, Client.CLOSED]
+    assert len(events.seen["reconnecting"]) == 2 and events.seen["error"] == []
+    with pytest.raises(ConnectionClosed):
+        client.send("after")
+
+
+@run_async
+async def test_reconnect_after_giving_up_and_after_close(
+    make_server: Callable[..., ServerProcess],
+) -> None:
+    port = _free_port()
+    client = Client(f"ws://127.0.0.1:{port}/ws?id={_id()}", max_attempts=2, backoff_initial=0.01)
+    events = Events(client)
+    with pytest.raises(ConnectFailed):
+        await asyncio.wait_for(client.connect(), WITHIN)
+    assert client.ready_state == Client.CLOSED
+
+    make_server("tests.apps.echo:app", "--port", str(port))
+    client.reconnect()
+    assert client.ready_state == Client.CONNECTING
+    await asyncio.wait_for(client.connect(), WITHIN)
+    assert [e.attempt for e in events.seen["open"]] == [1]  # a fresh count
+    client.send("back")
+    assert await events.messages(1) == ["back"]
+
+    client.close(4000, "bye")
+    client.reconnect()  # during the closing handshake: it completes, then the client restarts
+    await events.wait_for("open", 2)
+    client.send("again")
+    assert await events.messages(2) == ["back", "again"]
+    gave_up, closed = events.seen["close"][:2]
+    assert gave_up.code == 1006 and (closed.code, closed.reason) == (4000, "bye")
+    assert events.states["close"][:2] == [Client.CLOSED, Client.CLOSED]
+    client.close()
+    await asyncio.wait_for(client.wait_closed(), WITHIN)
+
+
+@run_async
+async def test_reconnect_while_open_closes_and_connects_to_the_new_url(
+    echo_server: ServerProcess,
+) -> None:
+    first_id, second_id = _id(), _id()
+    ids = iter([first_id, second_id])
+    async with observer(echo_server) as watch:
+        client = Client(lambda: f"{echo_server.ws}/ws?id={next(ids)}")
+        events = Events(client)
+        await asyncio.wait_for(client.connect(), WITHIN)
+        client.reconnect(4000, "new token")
+        seen = await server_saw_close(watch, first_id)
+        assert (seen["code"], seen["reason"]) == (4000, "new token")
+        await events.wait_for("open", 2)
+    [closed] = events.seen["close"]
+    assert (closed.code, closed.reason) == (4000, "new token")
+    assert events.states["close"] == [Client.CONNECTING]
+    assert f"id={second_id}" in await _server_url(client, events)
+    assert events.seen["reconnecting"] == []  # no backoff for a reconnect asked for
+    client.close()
+    await asyncio.wait_for(client.wait_closed(), WITHIN)
+
+
+@run_async
+async def test_reconnect_cuts_a_backoff_wait_short(
+    make_server: Callable[..., ServerProcess],
+) -> None:
+    port = _free_port()
+    client = Client(f"ws://127.0.0.1:{port}/ws?id={_id()}", backoff_initial=60, backoff_max=60)
+    events = Events(client)
+    client.send("queued")
+    await events.wait_for("reconnecting")  # the first attempt was refused; now 30-60 s to wait
+    make_server("tests.apps.echo:app", "--port", str(port))
+    client.reconnect()
+    # Within the 10 s of WITHIN, far inside the backoff: only reconnect() can have connected.
+    assert await events.messages(1) == ["queued"]
+    assert [e.attempt for e in events.seen["open"]] == [1]
     client.close()
     await asyncio.wait_for(client.wait_closed(), WITHIN)

@@ -33,6 +33,9 @@ from .outgoing import ConnectError, connect, fetch
 from .storage import AlarmInfo, DurableObjectStorage, SqlCursor, SqlStorage
 from .websocket import CloseEvent, ErrorEvent, MessageEvent, WebSocket, WebSocketPair
 
+#: Cloudflare's name of ``AutoResponse`` (``ctx.setWebSocketAutoResponse(pair)``).
+WebSocketRequestResponsePair = AutoResponse
+
 __all__ = [
     "AlarmInfo",
     "App",
@@ -70,6 +73,7 @@ __all__ = [
     "UsageRecord",
     "WebSocket",
     "WebSocketPair",
+    "WebSocketRequestResponsePair",
     "connect",
     "fetch",
     "now",

@@ -19,6 +19,7 @@ from .durable import DurableObjectId, DurableObjectNamespace, _ObjectHost, curre
 from .errors import CpuLimitExceeded, ResponseError, StorageError
 from .http import Request, Response
 from .limits import Limits
+from .logs import TEXT_FORMAT, CoreLogs
 from .outgoing import ConnectError
 from .websocket import WebSocket
 
@@ -48,7 +49,9 @@ DEFAULT_DATA_DIR = "./.sockworker/data"
 
 
 class Env:
-    """The bindings given to handlers: ``env.NAME`` for each variable given to ``App(env=...)``."""
+    """The bindings given to handlers: ``env.NAME`` for each item of ``App(env=...)`` and each
+    Durable Object namespace of ``App(durable_objects=...)``. An unbound name raises
+    ``AttributeError``."""
 
     def __init__(self, values: Mapping[str, Any] | None = None) -> None:
         self.__dict__.update(values or {})
@@ -62,7 +65,8 @@ class Env:
 
 
 class ExecutionContext:
-    """The ``ctx`` argument of a Worker's ``fetch``."""
+    """The ``ctx`` argument of a Worker's ``fetch``. Cloudflare's names ``waitUntil`` and
+    ``passThroughOnException`` are the same methods."""
 
     __slots__ = ("_runtime",)
 
@@ -78,9 +82,21 @@ class ExecutionContext:
     def pass_through_on_exception(self) -> None:
         """Accepted for code ported from Cloudflare; there is no origin to pass through to."""
 
+    passThroughOnException = pass_through_on_exception
+
 
 class App:
-    """A Worker: ``fetch`` handles every HTTP request and may answer with a WebSocket."""
+    """A Worker: ``fetch(request, env, ctx)`` (a ``def`` or an ``async def``) handles every
+    HTTP request and returns a ``Response``, which may carry a WebSocket (status 101). With no
+    ``fetch``, every request gets 404.
+
+    An uncaught exception in ``fetch`` is logged (logger ``sockworker``, with its traceback) and
+    answered ``500 Internal Server Error`` with no detail in the body; returning something else
+    than a ``Response`` is treated the same way. ``CpuLimitExceeded`` (the event passed
+    ``Limits.cpu_ms``) is answered ``503 Service Unavailable``.
+
+    ``app.meter.totals()`` is a ``UsageRecord`` of everything counted since the app was made.
+    """
 
     def __init__(
         self,
@@ -97,14 +113,28 @@ class App:
         data_dir: str | os.PathLike[str] | None = None,
         durability: str = "full",
     ) -> None:
-        """``account(request)`` labels what a request costs (default ``"default"``);
-        ``billing`` receives usage records and may refuse requests (``admit``); ``pricing``
-        sets the ratios; ``metrics_path`` (off by default) serves the totals as Prometheus
-        text; ``metering=False`` turns CPU accounting, CPU limits and the meter off.
-        ``data_dir`` is where Durable Object storage lives (default ``./.sockworker/data``);
-        ``durability`` is ``"full"`` (a commit is on disk before what depends on it is sent)
-        or ``"normal"`` (in the operating system's cache: it survives a crash of the server,
-        not of the machine)."""
+        """
+        Args:
+            fetch: the Worker's handler, ``fetch(request, env, ctx) -> Response``.
+            limits: the app's ``Limits``; a Durable Object class may override fields for its
+                namespace with a class attribute ``limits``.
+            env: items that become attributes of the ``env`` argument.
+            durable_objects: ``{"BINDING": DurableObjectSubclass}``; each becomes
+                ``env.BINDING``, a ``DurableObjectNamespace``. A binding may not also be in
+                ``env`` (``ValueError``).
+            account: ``account(request) -> str``, the label every unit the request causes is
+                billed to (default ``"default"``). Raising, or returning something else than a
+                ``str``, answers 500.
+            billing: a ``BillingHook``: receives the usage records, and may refuse requests.
+            pricing: the ``Pricing`` ratios.
+            metrics_path: a path answered with the totals as Prometheus text (off by default;
+                not billed, not admitted).
+            metering: False turns CPU accounting, CPU limits and the meter off.
+            data_dir: where Durable Object storage lives (default ``./.sockworker/data``).
+            durability: ``"full"`` (a commit is on disk before what depends on it is sent) or
+                ``"normal"`` (in the operating system's cache: it survives a crash of the
+                server, not of the machine).
+        """
         if durability not in ("full", "normal"):
             raise ValueError(f'durability is "full" or "normal", not {durability!r}')
         self.fetch = fetch
@@ -136,9 +166,16 @@ class App:
         keyfile: str | None = None,
     ) -> None:
         """Serves until SIGINT or SIGTERM, then closes every socket with 1001 and returns.
-        With ``certfile`` and ``keyfile`` (PEM) it serves https:// and wss://."""
+
+        With ``certfile`` (a PEM certificate chain) and ``keyfile`` (its PEM key) it serves
+        ``https://`` and ``wss://`` (rustls; TLS 1.2 and 1.3). A missing or unreadable file, or
+        one without a usable certificate or key, raises ``ServerStartError`` before anything
+        is served, as does an address in use. ``io_threads`` is the number of tokio threads
+        doing socket I/O; the application always runs on one Python thread. Logging is set up
+        (INFO, to stderr) unless the program configured it.
+        """
         if not logging.getLogger().handlers:
-            logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+            logging.basicConfig(level=logging.INFO, format=TEXT_FORMAT)
         asyncio.run(
             self.serve(host, port, io_threads=io_threads, certfile=certfile, keyfile=keyfile)
         )
@@ -152,13 +189,19 @@ class App:
         certfile: str | None = None,
         keyfile: str | None = None,
     ) -> None:
-        """Serves on the running loop until SIGINT or SIGTERM (or ``stop`` of the runtime)."""
+        """``run``, on the running asyncio loop: serves until SIGINT or SIGTERM."""
         _raise_fd_limit()
         # A file past RLIMIT_FSIZE is then an error (a full disk for that object), not a kill.
         with contextlib.suppress(ValueError, OSError, AttributeError):
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        runtime = _Runtime(self, host, port, io_threads, certfile, keyfile)
-        await runtime.run()
+        # First, so that what the core logs while it starts is delivered too.
+        core_logs = CoreLogs(asyncio.get_running_loop())
+        core_logs.start()
+        try:
+            runtime = _Runtime(self, host, port, io_threads, certfile, keyfile)
+            await runtime.run()
+        finally:
+            core_logs.stop()
 
 
 def _raise_fd_limit() -> None:

@@ -44,7 +44,8 @@ assert [getattr(_native, f"UNIT_{name}") for name in (
 @dataclass(frozen=True)
 class Pricing:
     """The ratios of SPEC §4: how many incoming messages make one billable request, and the
-    memory allotment of one resident Durable Object (for GB-s)."""
+    memory allotment of one resident Durable Object (for GB-s). Non-positive values raise
+    ``ValueError``."""
 
     messages_per_request: int = 20
     memory_mb: int = 128
@@ -115,6 +116,7 @@ class UsageRecord:
         )
 
     def as_dict(self) -> dict[str, object]:
+        """The fields as a dict (for JSON)."""
         return dataclasses.asdict(self)
 
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import os
 import sys
 
 from .app import App
 from .errors import ServerStartError
+from .logs import configure
 
 __all__ = ["load_app", "main"]
 
@@ -41,7 +41,18 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8787, help="0 picks a free port (it is logged)")
     serve.add_argument("--io-threads", type=int, default=1, help="tokio threads doing socket I/O")
-    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="the least severe record shown, the core's included (filtered in the core)",
+    )
+    serve.add_argument(
+        "--log-format",
+        default="text",
+        choices=["text", "json"],
+        help="text: 'LEVEL logger: message'; json: one JSON object per line",
+    )
     serve.add_argument("--certfile", help="PEM certificate chain: serve https:// and wss://")
     serve.add_argument("--keyfile", help="PEM private key of --certfile")
     serve.add_argument(
@@ -60,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         help="turn CPU accounting, CPU limits and the meter off (as App(metering=False))",
     )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    configure(args.log_level, args.log_format)
     app = load_app(args.app)
     if args.no_metering:
         app.metering = False

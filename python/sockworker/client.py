@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from ssl import SSLContext
 from types import TracebackType
 from typing import Any, Literal
+from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
@@ -43,6 +44,12 @@ logger = logging.getLogger("sockworker")
 
 EventType = Literal["message", "close", "error", "open", "reconnecting"]
 Listener = Callable[[Any], Awaitable[None] | None]
+#: Computes the URL before each connection attempt (a ``def`` or an ``async def``).
+UrlProvider = Callable[[], str | Awaitable[str]]
+#: Computes query parameters added to the URL before each connection attempt.
+QueryProvider = Callable[[], Mapping[str, str] | Awaitable[Mapping[str, str]]]
+#: Decides, from the code and reason of a lost connection, whether to reconnect.
+ReconnectPredicate = Callable[[int, str], bool]
 
 # Code 1006 is never sent on the wire: it reports a connection that ended without a closing
 # handshake (RFC 6455 §7.1.5), which is also what a client that gave up has to report.
@@ -58,7 +65,7 @@ class BufferFull(LimitExceeded):
 class ConnectFailed(ConnectError, ConnectionClosed):
     """The client gave up connecting: ``attempts`` consecutive attempts failed (``max_attempts``
     reached, ``reconnect=False``, or an error retrying cannot fix, such as HTTP 404). The last
-    attempt's exception is the ``__cause__``. The client is closed."""
+    attempt's exception is the ``__cause__``. The client is closed until ``reconnect()``."""
 
     def __init__(self, message: str, url: str, attempts: int) -> None:
         super().__init__(message)
@@ -118,6 +125,36 @@ def _integer(name: str, value: object, *, minimum: int) -> int:
     return value
 
 
+def _secure(url: str) -> bool:
+    """Whether ``url`` is ``wss://``; ``InvalidArgument`` unless it is a WebSocket URL."""
+    try:
+        return parse_uri(url).secure
+    except InvalidURI as exc:
+        raise InvalidArgument(f"url must be a ws:// or wss:// URL, not {url!r}") from exc
+
+
+def _query_pairs(values: object) -> list[tuple[str, str]]:
+    if not isinstance(values, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in values.items()
+    ):
+        raise TypeError(f"query parameters are a mapping of str to str, not {values!r}")
+    return list(values.items())
+
+
+def _with_query(url: str, pairs: list[tuple[str, str]]) -> str:
+    """``url`` with ``pairs`` appended to its query string (after any it already has)."""
+    if not pairs:
+        return url
+    parts = urlsplit(url)
+    extra = urlencode(pairs)
+    return urlunsplit(parts._replace(query=f"{parts.query}&{extra}" if parts.query else extra))
+
+
+async def _resolved(value: Any) -> Any:
+    """The value of a provider's call: awaited when it is awaitable (an ``async def``)."""
+    return await value if inspect.isawaitable(value) else value
+
+
 def _handshake_headers(
     headers: Mapping[str, str] | Iterable[tuple[str, str]] | None,
 ) -> list[tuple[str, str]]:
@@ -142,7 +179,14 @@ class Client:
 
     It connects on the first ``send`` (or ``await connect()``), reconnects with exponential
     backoff and jitter, keeps messages sent while disconnected (at most
-    ``max_buffered_messages``) and sends them, in order, once connected. ``close()`` is final.
+    ``max_buffered_messages``) and sends them, in order, once connected. ``close()`` ends it,
+    and only ``reconnect()`` starts it again.
+
+    ``url`` is a ``ws://`` or ``wss://`` URL, or a callable (``def`` or ``async def``) called
+    before every connection attempt that returns one; ``query`` (a mapping, or such a callable
+    returning one) adds parameters to it, a fresh token per attempt for example.
+    ``should_reconnect(code, reason)`` is asked whether to reconnect after a connection was lost;
+    returning False closes the client with that code.
     """
 
     CONNECTING = 0
@@ -152,8 +196,9 @@ class Client:
 
     def __init__(
         self,
-        url: str,
+        url: str | UrlProvider,
         *,
+        query: Mapping[str, str] | QueryProvider | None = None,
         protocols: Sequence[str] = (),
         headers: Mapping[str, str] | Iterable[tuple[str, str]] | None = None,
         ssl: SSLContext | None = None,
@@ -167,13 +212,18 @@ class Client:
         idle_timeout: float | None = None,
         connect_timeout: float | None = 10.0,
         max_message_size: int | None = 1 << 20,
+        should_reconnect: ReconnectPredicate | None = None,
     ) -> None:
-        if not isinstance(url, str):
-            raise TypeError(f"url is a str, not {type(url).__name__}")
-        try:
-            secure = parse_uri(url).secure
-        except InvalidURI as exc:
-            raise InvalidArgument(f"url must be a ws:// or wss:// URL, not {url!r}") from exc
+        if isinstance(url, str):
+            secure = _secure(url)
+        elif callable(url):
+            secure = ssl is not None  # checked against each computed URL
+        else:
+            raise TypeError(f"url is a str or a callable returning one, not {type(url).__name__}")
+        if query is not None and not callable(query):
+            _query_pairs(query)
+        if should_reconnect is not None and not callable(should_reconnect):
+            raise TypeError(f"should_reconnect is callable, not {should_reconnect!r}")
         if isinstance(protocols, str):
             protocols = [protocols]
         if not all(isinstance(p, str) and p and p.isprintable() for p in protocols):
@@ -184,7 +234,13 @@ class Client:
             raise InvalidArgument("ssl is for wss:// URLs; this one is ws://")
         if not isinstance(reconnect, bool):
             raise TypeError(f"reconnect is a bool, not {type(reconnect).__name__}")
-        self._url = url
+        self._url_source = url
+        self._query_source = query
+        # The URL of the current (or last) connection attempt; a computed one is known only then.
+        self._url: str | None = None
+        if isinstance(url, str) and not callable(query):
+            self._url = _with_query(url, _query_pairs(query or {}))
+        self._should_reconnect = should_reconnect
         self._protocols = [Subprotocol(p) for p in protocols]
         self._headers = _handshake_headers(headers)
         self._ssl = ssl
@@ -246,17 +302,32 @@ class Client:
         self._final = False
         self._close_request: tuple[int, str] = (1000, "")
         self._failure: ConnectFailed | None = None
+        # reconnect(): attempt now with a fresh count (_retry_now); close the open connection
+        # with this code and reason first (_restart); start again once close() completes.
+        self._retry_now = False
+        self._restart: tuple[int, str] | None = None
+        self._reopen_when_closed = False
+        # Counts reopenings, so that a connection task of an earlier life stays out of this one.
+        self._generation = 0
         # Made on first use, inside the event loop.
         self._wake_writer: asyncio.Event | None = None
         self._inbox_room: asyncio.Event | None = None
         self._stop: asyncio.Event | None = None
+        # Cuts a backoff wait short: set by close() and reconnect().
+        self._interrupt: asyncio.Event | None = None
         self._closed: asyncio.Event | None = None
 
     # -- state ---------------------------------------------------------------------------------
 
     @property
-    def url(self) -> str:
+    def url(self) -> str | None:
+        """The URL of the current or last connection attempt: the one given, or the one the
+        ``url`` or ``query`` callables computed (None before they were first called)."""
         return self._url
+
+    @property
+    def _where(self) -> str:
+        return self._url or f"a URL from {self._url_source!r}"
 
     @property
     def ready_state(self) -> int:
@@ -309,6 +380,7 @@ class Client:
     on = add_event_listener
 
     def remove_event_listener(self, type: EventType, listener: Listener) -> None:
+        """Stops calling ``listener`` for ``type`` events (nothing if it was not added)."""
         if type in self._listeners:
             self._listeners[type] = [pair for pair in self._listeners[type] if pair[0] != listener]
 
@@ -331,6 +403,42 @@ class Client:
     def _start(self) -> None:
         if self._task is None and not self._final:
             self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def reconnect(self, code: int = 1000, reason: str = "") -> None:
+        """Connects again now, with a fresh count of attempts and no backoff wait, computing
+        the URL anew. An open connection is closed first with ``code`` and ``reason`` (the
+        messages still queued wait for the new one); a client that gave up, or was closed,
+        starts again (a ``close()`` still in progress completes first). ``await connect()``
+        after it waits until the connection is open."""
+        check_close(code, reason)
+        asyncio.get_running_loop()  # RuntimeError outside one, as for send()
+        state = self._ready_state
+        if state == Client.CLOSED:
+            self._reopen()
+        elif state == Client.CLOSING:
+            self._reopen_when_closed = True
+        else:
+            self._retry_now = True
+            if self._conn is not None and state == Client.OPEN:
+                self._restart = (code, reason)
+                self._wake_event().set()
+            self._interrupt_event().set()
+            self._start()  # a dormant client (never connected, or closed when idle)
+
+    def _reopen(self) -> None:
+        """A CLOSED client becomes CONNECTING again, as if new, and connects."""
+        self._generation += 1
+        self._final = False
+        self._failure = None
+        self._close_request = (1000, "")
+        self._reopen_when_closed = False
+        self._retry_now = False
+        self._restart = None
+        self._ready_state = Client.CONNECTING
+        for event in (self._stop, self._interrupt, self._closed):
+            if event is not None:
+                event.clear()
+        self._start()
 
     # -- sending -------------------------------------------------------------------------------
 
@@ -358,7 +466,7 @@ class Client:
         if len(self._outgoing) >= self._max_buffered:
             state = "connected" if self._ready_state == Client.OPEN else "not connected"
             raise BufferFull(
-                f"{len(self._outgoing)} messages are already waiting to be sent to {self._url} "
+                f"{len(self._outgoing)} messages are already waiting to be sent to {self._where} "
                 f"({state}); max_buffered_messages is {self._max_buffered}"
             )
         self._start()  # first, so that without a running loop nothing is queued
@@ -377,10 +485,9 @@ class Client:
         self._final = True
         self._close_request = (code, reason)
         self._ready_state = Client.CLOSING
-        if self._stop is not None:
-            self._stop.set()
-        if self._wake_writer is not None:
-            self._wake_writer.set()
+        for event in (self._stop, self._interrupt, self._wake_writer):
+            if event is not None:
+                event.set()
         if self._task is None:
             # Dormant: no connection to close. The event still follows close(), not inside it.
             try:
@@ -444,16 +551,22 @@ class Client:
     async def _run(self) -> None:
         """Connects, serves the connection until it ends, and decides what comes next."""
         after_loss = False
+        generation = self._generation
         try:
             while True:
                 opened = await self._open(after_loss)
                 if opened is None:
-                    if self._ready_state != Client.CLOSED:  # close() during connecting
+                    # close() during connecting; unless a listener of the give-up already
+                    # called reconnect(), and this task has no say any more.
+                    if self._generation == generation and self._ready_state != Client.CLOSED:
                         self._finish(self._unconnected_close_event())
                     return
                 conn, attempt = opened
                 event = await self._serve(conn, attempt)
-                if self._final or (not self._idle_closing and not self._reconnect):
+                restarted, self._restart = self._restart is not None, None
+                if self._final or not (
+                    restarted or self._idle_closing or self._wants_reconnect(event)
+                ):
                     self._final = True
                     self._finish(event)
                     return
@@ -463,7 +576,7 @@ class Client:
                 if self._final:  # a close listener called close()
                     self._finish(self._unconnected_close_event())
                     return
-                if idle and not self._outgoing and not self._open_waiters:
+                if idle and not self._outgoing and not self._open_waiters and not self._retry_now:
                     # Dormant until the next send. No await between the check and here, so
                     # a send() from now on starts a new task.
                     self._task = None
@@ -473,8 +586,21 @@ class Client:
             self._abandon("the client's task was cancelled")
             raise
         except Exception as exc:  # a bug here must not leave senders waiting forever
-            logger.exception("sockworker client for %s failed", self._url)
+            logger.exception("sockworker client for %s failed", self._where)
             self._abandon(f"the client failed: {exc!r}")
+
+    def _wants_reconnect(self, event: CloseEvent) -> bool:
+        """After a lost connection: ``reconnect=True`` and ``should_reconnect`` agrees."""
+        if not self._reconnect:
+            return False
+        if self._should_reconnect is None:
+            return True
+        try:
+            return bool(self._should_reconnect(event.code, event.reason))
+        except Exception:
+            # As with a failing listener: logged, and the client does what it would by default.
+            logger.exception("exception in should_reconnect (%s); reconnecting", self._where)
+            return True
 
     def _abandon(self, why: str) -> None:
         self._final = True
@@ -488,21 +614,29 @@ class Client:
         stop = self._stop_event()
         attempt = 0
         last_error: BaseException | None = None
+        interrupt = self._interrupt_event()
         while True:
             if stop.is_set():
                 return None
+            if self._retry_now:  # reconnect(): start counting again, and attempt at once
+                self._retry_now = False
+                attempt, after_loss, last_error = 0, False, None
             retry = attempt + 1 if after_loss else attempt
             if retry:
                 delay = self.backoff_delay(retry)
                 logger.debug(
-                    "reconnecting to %s in %.3fs (attempt %d)", self._url, delay, attempt + 1
+                    "reconnecting to %s in %.3fs (attempt %d)", self._where, delay, attempt + 1
                 )
                 self._emit("reconnecting", ReconnectingEvent(delay, attempt + 1, last_error))
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(delay):
-                        await stop.wait()
+                interrupt.clear()
+                if not (stop.is_set() or self._retry_now):  # (a listener may have called them)
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(delay):
+                            await interrupt.wait()
                 if stop.is_set():
                     return None
+                if self._retry_now:
+                    continue
             attempt += 1
             dial = asyncio.get_running_loop().create_task(self._dial())
             stopped = asyncio.get_running_loop().create_task(stop.wait())
@@ -530,27 +664,48 @@ class Client:
             if fatal is not None or not self._reconnect or out_of_attempts:
                 self._give_up(attempt, error, retryable=fatal is None)
                 return None
-            logger.debug("connecting to %s failed: %r", self._url, error)
+            logger.debug("connecting to %s failed: %r", self._where, error)
 
     async def _dial(self) -> ClientConnection:
-        extra: dict[str, Any] = {}
-        if self._ssl is not None:
-            extra["ssl"] = self._ssl
-        return await ws_connect(
-            self._url,
-            subprotocols=self._protocols or None,
-            additional_headers=self._headers or None,
-            open_timeout=self._connect_timeout,
-            max_size=self._max_message_size,
-            **extra,
-        )
+        # One timeout for computing the URL and opening the connection: an attempt is bounded.
+        async with asyncio.timeout(self._connect_timeout):
+            url = await self._next_url()
+            extra: dict[str, Any] = {}
+            if self._ssl is not None:
+                extra["ssl"] = self._ssl
+            return await ws_connect(
+                url,
+                subprotocols=self._protocols or None,
+                additional_headers=self._headers or None,
+                open_timeout=None,
+                max_size=self._max_message_size,
+                **extra,
+            )
+
+    async def _next_url(self) -> str:
+        """The URL for this attempt, from the ``url`` and ``query`` given (calling them when
+        they are callables). What they raise fails the attempt, retried as a connection error
+        would be: an ``OSError`` or a timeout is retried, anything else gives up."""
+        source = self._url_source
+        url = source if isinstance(source, str) else await _resolved(source())
+        if not isinstance(url, str):
+            raise TypeError(f"the url callable returned {url!r}, not a str")
+        query = self._query_source
+        if query is not None:
+            values = await _resolved(query()) if callable(query) else query
+            url = _with_query(url, _query_pairs(values))
+        secure = _secure(url)
+        self._url = url
+        if self._ssl is not None and not secure:
+            raise InvalidArgument(f"ssl is for wss:// URLs; {url!r} is ws://")
+        return url
 
     def _give_up(self, attempts: int, error: BaseException, *, retryable: bool) -> None:
         if retryable:
-            why = f"gave up connecting to {self._url} after {attempts} failed attempt(s)"
+            why = f"gave up connecting to {self._where} after {attempts} failed attempt(s)"
         else:
-            why = f"cannot connect to {self._url} (not retried)"
-        failure = ConnectFailed(f"{why}: {error}", self._url, attempts)
+            why = f"cannot connect to {self._where} (not retried)"
+        failure = ConnectFailed(f"{why}: {error}", self._url or "", attempts)
         failure.__cause__ = error
         self._failure = failure
         self._final = True
@@ -561,6 +716,7 @@ class Client:
         """Runs one open connection until it closes; returns its close event (not yet emitted)."""
         loop = asyncio.get_running_loop()
         self._conn = conn
+        self._retry_now = False  # a reconnect() during the attempt that opened it is answered
         self._idle_closing = False
         self._draining = False
         self._last_activity = loop.time()
@@ -643,6 +799,10 @@ class Client:
         loop = asyncio.get_running_loop()
         wake = self._wake_event()
         while not self._draining and conn.state is State.OPEN:
+            if self._restart is not None and not self._final:
+                # reconnect(): what is still queued goes to the next connection.
+                await conn.close(*self._restart)
+                return
             if self._outgoing:
                 item = self._outgoing[0]
                 # The state is OPEN and send() writes before its first await, so even when it
@@ -676,7 +836,7 @@ class Client:
                 continue
             self._idle_closing = True
             self._ready_state = Client.CONNECTING
-            logger.debug("closing the idle connection to %s", self._url)
+            logger.debug("closing the idle connection to %s", self._where)
             await conn.close(1000, IDLE_REASON)
             return
 
@@ -688,10 +848,10 @@ class Client:
 
     def _closed_error(self) -> ConnectionClosed:
         if self._failure is not None:
-            failure = ConnectFailed(str(self._failure), self._url, self._failure.attempts)
+            failure = ConnectFailed(str(self._failure), self._failure.url, self._failure.attempts)
             failure.__cause__ = self._failure.__cause__
             return failure
-        return ConnectionClosed(f"the client for {self._url} is closing or closed")
+        return ConnectionClosed(f"the client for {self._where} is closing or closed")
 
     def _finish(self, event: CloseEvent, error: ConnectFailed | None = None) -> None:
         """The client is CLOSED: fail whoever waits, then the "error" and "close" events."""
@@ -705,7 +865,9 @@ class Client:
             if item.waiter is not None and not item.waiter.done():
                 item.waiter.set_exception(self._closed_error())
         if dropped:
-            logger.info("%d message(s) to %s dropped unsent: the client closed", dropped, self._url)
+            logger.info(
+                "%d message(s) to %s dropped unsent: the client closed", dropped, self._where
+            )
         waiters, self._open_waiters = self._open_waiters, []
         for waiter in waiters:
             if not waiter.done():
@@ -719,6 +881,8 @@ class Client:
         if error is not None:
             self._emit("error", ErrorEvent(error))
         self._emit("close", event)
+        if self._reopen_when_closed:  # reconnect() during close(), or from a listener of it
+            self._reopen()
 
     # -- events --------------------------------------------------------------------------------
 
@@ -727,7 +891,7 @@ class Client:
             try:
                 result = listener(event)
             except Exception:
-                logger.exception("exception in a client %s listener (%s)", kind, self._url)
+                logger.exception("exception in a client %s listener (%s)", kind, self._where)
                 continue
             if is_async or inspect.isawaitable(result):
                 assert result is not None
@@ -745,7 +909,7 @@ class Client:
         try:
             await result
         except Exception:
-            logger.exception("exception in a client %s listener (%s)", kind, self._url)
+            logger.exception("exception in a client %s listener (%s)", kind, self._where)
 
     def _wake_event(self) -> asyncio.Event:
         if self._wake_writer is None:
@@ -764,6 +928,11 @@ class Client:
                 self._stop.set()
         return self._stop
 
+    def _interrupt_event(self) -> asyncio.Event:
+        if self._interrupt is None:
+            self._interrupt = asyncio.Event()
+        return self._interrupt
+
     def _closed_event(self) -> asyncio.Event:
         if self._closed is None:
             self._closed = asyncio.Event()
@@ -771,6 +940,16 @@ class Client:
                 self._closed.set()
         return self._closed
 
+    # The camelCase names of the WebSocket surface, as partysocket and Cloudflare spell them.
+    addEventListener = add_event_listener
+    removeEventListener = remove_event_listener
+    readyState = ready_state
+    bufferedAmount = buffered_amount
+    bufferedMessages = buffered_messages
+    backoffDelay = backoff_delay
+    sendAsync = send_async
+    waitClosed = wait_closed
+
     def __repr__(self) -> str:
         state = ("CONNECTING", "OPEN", "CLOSING", "CLOSED")[self._ready_state]
-        return f"<Client {state} {self._url}>"
+        return f"<Client {state} {self._where}>"

@@ -262,6 +262,7 @@ class DurableObjectState:
     getHibernatableWebSocketEventTimeout = get_hibernatable_websocket_event_timeout
     waitUntil = wait_until
     blockConcurrencyWhile = block_concurrency_while
+    webSocketCount = websocket_count
 
 
 def _takes_info(method: Callable[..., Any]) -> bool:

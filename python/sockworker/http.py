@@ -17,8 +17,9 @@ HeadersInit = Mapping[str, str] | Iterable[tuple[str, str]] | None
 
 
 class Headers(Mapping[str, str]):
-    """Case-insensitive, multi-valued HTTP headers. ``headers[name]`` joins repeated values
-    with ", "; ``get_all(name)`` returns each value."""
+    """Case-insensitive, multi-valued HTTP headers, a ``Mapping[str, str]``: ``headers[name]``
+    joins repeated values with ", ", ``headers.get(name, default)``, ``name in headers``;
+    ``headers[name] = value`` replaces. Built from a mapping or from (name, value) pairs."""
 
     __slots__ = ("_items",)
 
@@ -39,6 +40,7 @@ class Headers(Mapping[str, str]):
         return headers
 
     def append(self, name: str, value: str) -> None:
+        """Adds a value to those of ``name``."""
         self._items.setdefault(name.lower(), []).append(str(value))
 
     def __setitem__(self, name: str, value: str) -> None:
@@ -57,9 +59,26 @@ class Headers(Mapping[str, str]):
         return len(self._items)
 
     def get_all(self, name: str) -> list[str]:
+        """Every value of ``name``, in order (``[]`` if absent)."""
         return list(self._items.get(name.lower(), ()))
 
+    # Cloudflare's (the Fetch standard's) names, for code ported from Workers.
+    getAll = get_all
+
+    def has(self, name: str) -> bool:
+        """``name in headers``."""
+        return name in self
+
+    def set(self, name: str, value: str) -> None:
+        """``headers[name] = value``."""
+        self[name] = value
+
+    def delete(self, name: str) -> None:
+        """Removes every value of ``name`` (nothing if absent)."""
+        self._items.pop(name.lower(), None)
+
     def raw(self) -> list[tuple[str, bytes]]:
+        """The headers as (lowercase name, Latin-1 bytes) pairs, as they go on the wire."""
         return [(n, v.encode("latin-1")) for n, vs in self._items.items() for v in vs]
 
     def __repr__(self) -> str:
@@ -67,8 +86,12 @@ class Headers(Mapping[str, str]):
 
 
 class Request:
-    """An incoming HTTP request. The body has been read by the core before the handler runs
-    (at most ``Limits.max_body_size`` bytes; a larger body is answered 413 by the core)."""
+    """An HTTP request, as ``fetch`` receives it (or as built for ``stub.fetch``).
+
+    Attributes: ``method``, ``url`` (``http://HOST/path?query``), ``path``, ``query_string``,
+    ``headers`` (``Headers``), ``body`` (bytes), ``client`` (the peer, ``"ip:port"``). The body
+    has been read by the core before the handler runs (at most ``Limits.max_body_size`` bytes;
+    a larger body is answered 413 by the core)."""
 
     __slots__ = ("_query", "body", "client", "headers", "method", "path", "query_string", "url")
 
@@ -108,10 +131,17 @@ class Request:
             self._query = MappingProxyType(values)
         return self._query
 
+    @property
+    def queryString(self) -> str:
+        """The camelCase name of ``query_string``."""
+        return self.query_string
+
     async def text(self) -> str:
+        """The body decoded as UTF-8 (``UnicodeDecodeError`` if it is not)."""
         return self.body.decode("utf-8")
 
     async def json(self) -> Any:
+        """The body parsed as JSON (``json.JSONDecodeError`` if it is not)."""
         return _json.loads(self.body)
 
     def __repr__(self) -> str:
@@ -119,7 +149,16 @@ class Request:
 
 
 class Response:
-    """An HTTP response, or with ``status=101`` and ``websocket=client`` a WebSocket upgrade."""
+    """An HTTP response, or with ``status=101`` and ``websocket=client`` a WebSocket upgrade.
+
+    ``body`` is str (sent as UTF-8, with ``text/plain; charset=utf-8`` unless a content type is
+    given), bytes or None. ``headers`` is a mapping, a list of pairs or a ``Headers``.
+    ``Response(status=101, websocket=client)`` answers a WebSocket upgrade with the client end of
+    a ``WebSocketPair``; add ``headers={"sec-websocket-protocol": name}`` to select a subprotocol
+    the client offered (``request.headers.get("sec-websocket-protocol")`` lists them). Returning
+    a WebSocket for a request that is not a valid upgrade, with a status other than 101, or
+    before ``server.accept()`` is a handler error: 500, and the reason is logged.
+    """
 
     __slots__ = ("body", "headers", "status", "websocket")
 
@@ -129,7 +168,14 @@ class Response:
         status: int = 200,
         headers: HeadersInit | Headers = None,
         websocket: WebSocket | None = None,
+        *,
+        webSocket: WebSocket | None = None,
     ) -> None:
+        """``webSocket`` is Cloudflare's name of ``websocket``: give one or the other."""
+        if webSocket is not None:
+            if websocket is not None:
+                raise TypeError("give websocket or webSocket (the same argument), not both")
+            websocket = webSocket
         if not isinstance(status, int) or not 100 <= status <= 999:
             raise ValueError(f"status must be an int from 100 to 999, not {status!r}")
         self.status = status
@@ -146,8 +192,14 @@ class Response:
             raise TypeError(f"a Response body is str, bytes or None, not {type(body).__name__}")
         self.websocket = websocket
 
+    @property
+    def webSocket(self) -> WebSocket | None:
+        """Cloudflare's name of ``websocket``."""
+        return self.websocket
+
     @classmethod
     def json(cls, value: Any, status: int = 200, headers: HeadersInit = None) -> Response:
+        """A response whose body is ``value`` as JSON (``content-type: application/json``)."""
         response = cls(_json.dumps(value), status=status, headers=headers)
         response.headers["content-type"] = "application/json"
         return response

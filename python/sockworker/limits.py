@@ -20,6 +20,9 @@ class Limits:
     - ``cpu_ms``: CPU one event may use; past it ``CpuLimitExceeded`` is raised inside the
       handler, the object resets and an HTTP event answers 503.
     - ``hibernate_after``: an idle Durable Object drops its instance after this long.
+
+    Invalid values (a size or ``cpu_ms`` that is not a positive int, a negative duration, a zero
+    ``handshake_timeout``) raise ``ValueError`` when the ``Limits`` is built.
     """
 
     cpu_ms: int = 30_000

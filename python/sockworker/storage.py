@@ -49,9 +49,7 @@ class AlarmInfo:
     def retryCount(self) -> int:
         return self.retry_count
 
-    @property
-    def isRetry(self) -> bool:
-        return self.is_retry
+    isRetry = is_retry
 
     def __repr__(self) -> str:
         return f"AlarmInfo(retry_count={self.retry_count})"
@@ -324,6 +322,7 @@ class SqlCursor:
 
     # Cloudflare's names.
     toArray = to_list
+    toList = to_list
 
     @property
     def columnNames(self) -> list[str]:
@@ -367,6 +366,4 @@ class SqlStorage:
         """The size of the database in bytes."""
         return self._storage._store().database_size
 
-    @property
-    def databaseSize(self) -> int:
-        return self.database_size
+    databaseSize = database_size

@@ -46,6 +46,8 @@ def check_close(code: int, reason: str) -> None:
 
 
 class MessageEvent:
+    """What a "message" listener receives: ``data``, a str (text message) or bytes (binary)."""
+
     __slots__ = ("data",)
     type = "message"
 
@@ -54,6 +56,9 @@ class MessageEvent:
 
 
 class CloseEvent:
+    """What a "close" listener receives: ``code``, ``reason`` and ``was_clean`` (False when the
+    connection ended without a closing handshake: code 1006)."""
+
     __slots__ = ("code", "reason", "was_clean")
     type = "close"
 
@@ -62,13 +67,26 @@ class CloseEvent:
         self.reason = reason
         self.was_clean = was_clean
 
+    @property
+    def wasClean(self) -> bool:
+        """Cloudflare's name of ``was_clean``."""
+        return self.was_clean
+
 
 class ErrorEvent:
+    """What an "error" listener receives: ``error``, the exception (a ``ProtocolError`` when the
+    peer broke the protocol; the close event follows)."""
+
     __slots__ = ("error",)
     type = "error"
 
     def __init__(self, error: BaseException) -> None:
         self.error = error
+
+    @property
+    def message(self) -> str:
+        """The error's text, as Cloudflare's ``ErrorEvent.message``."""
+        return str(self.error)
 
 
 class ObjectEvents(Protocol):
@@ -164,7 +182,9 @@ class WebSocket:
         return sum(len(m) for m in self._pending)
 
     def accept(self) -> None:
-        """Accepts the server end for the standard API: events go to listeners or ``async for``."""
+        """Accepts the server end for the standard API: events go to listeners or ``async for``.
+        Messages sent before the handler returns are queued and go out right after the 101.
+        (A Durable Object's hibernatable socket uses ``ctx.accept_websocket`` instead.)"""
         if self._is_client_end:
             raise ResponseError("accept() the server end of the pair; return the client end")
         if self._accepted:
@@ -176,8 +196,11 @@ class WebSocket:
     # -- listeners -----------------------------------------------------------------------------
 
     def add_event_listener(self, type: EventType, listener: Listener) -> None:
-        """Calls ``listener(event)`` for each "message", "close" or "error" event; it may be a
-        ``def`` (called directly) or an ``async def`` (run as a task, in event order)."""
+        """Calls ``listener(event)`` for each "message" (``MessageEvent``), "close"
+        (``CloseEvent``) or "error" (``ErrorEvent``) event; it may be a ``def`` (called
+        directly, the fast path) or an ``async def`` (run as a task; tasks start in event
+        order). An exception in a listener is logged with its traceback and the socket is
+        closed with 1011. ``on`` is the same method."""
         if type not in self._listeners:
             raise InvalidArgument(f"event type is 'message', 'close' or 'error', not {type!r}")
         self._listeners[type].append((listener, inspect.iscoroutinefunction(listener)))
@@ -198,6 +221,7 @@ class WebSocket:
     on = add_event_listener
 
     def remove_event_listener(self, type: EventType, listener: Listener) -> None:
+        """Stops calling ``listener`` for ``type`` events (nothing if it was not added)."""
         self._listeners[type] = [
             pair for pair in self._listeners.get(type, []) if pair[0] != listener
         ]
@@ -205,7 +229,8 @@ class WebSocket:
     # -- sending -------------------------------------------------------------------------------
 
     def send(self, data: str | bytes) -> None:
-        """Queues a message (str: text, bytes: binary) and returns at once."""
+        """Queues a message (str: text, bytes: binary) and returns at once. Raises
+        ``ConnectionClosed`` after ``close()`` or after the close event."""
         handle = self._handle
         if handle is not None and self._ready_state == WebSocket.OPEN:
             if handle.send(data):
@@ -242,7 +267,9 @@ class WebSocket:
             await waiter
 
     def close(self, code: int = 1000, reason: str = "") -> None:
-        """Starts the closing handshake. The close event follows when it completes."""
+        """Starts the closing handshake. The code must be 1000-1003, 1007-1014 or 3000-4999 and
+        the reason at most 123 bytes of UTF-8, else ``InvalidArgument`` (a ``ValueError``). The
+        close event follows when the peer answers (or after 5 s, as 1006)."""
         check_close(code, reason)
         if self._ready_state >= WebSocket.CLOSING:
             return
@@ -268,11 +295,23 @@ class WebSocket:
             self._attachment = data
 
     def deserialize_attachment(self) -> Any:
+        """A copy of the value given to ``serialize_attachment`` (None if there is none)."""
         data = self._handle.attachment if self._handle is not None else self._attachment
         return None if data is None else pickle.loads(data)
 
     serializeAttachment = serialize_attachment
     deserializeAttachment = deserialize_attachment
+
+    # Cloudflare's names, for code ported from Workers.
+    addEventListener = add_event_listener
+    removeEventListener = remove_event_listener
+    readyState = ready_state
+    bufferedAmount = buffered_amount
+    sendAsync = send_async
+    READY_STATE_CONNECTING = CONNECTING
+    READY_STATE_OPEN = OPEN
+    READY_STATE_CLOSING = CLOSING
+    READY_STATE_CLOSED = CLOSED
 
     # -- pull API --------------------------------------------------------------------------------
 
@@ -298,7 +337,11 @@ class WebSocket:
         return message
 
     async def receive(self) -> str | bytes:
-        """The next message; raises ``ConnectionClosed`` once the socket is closed."""
+        """The next message; raises ``ConnectionClosed`` once the socket is closed.
+
+        ``async for message in ws`` and ``receive()`` are the pull API, used when no "message"
+        listener is registered. While more than 64 messages wait unread, the core stops reading
+        the socket (TCP backpressure reaches the peer); it resumes once 16 or fewer wait."""
         try:
             return await self.__anext__()
         except StopAsyncIteration:

@@ -1,19 +1,17 @@
-//! The queue from the I/O threads to the one application thread, and its wake-up (the bottom
-//! layer: it knows nothing of what it carries).
-//! An eventfd is written only when the queue goes from empty to non-empty: one wake-up per batch.
+//! The queues from the I/O threads to the one application thread, and their wake-up (the bottom
+//! layer: it knows nothing of what they carry). An eventfd is written only when a queue goes
+//! from empty to non-empty: one wake-up per batch.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use parking_lot::Mutex;
 
-/// A queue of `T` from any thread to the one application thread, with its wake-up descriptor.
-pub struct EventQueue<T> {
-    events: Mutex<Vec<T>>,
-    wakeup: OwnedFd,
-}
+/// An eventfd the application thread polls (`loop.add_reader`): readable once woken, until
+/// consumed. Queues write it only when they go from empty to non-empty.
+pub struct Wakeup(OwnedFd);
 
-impl<T> EventQueue<T> {
+impl Wakeup {
     /// # Errors
     /// When the eventfd cannot be created.
     pub fn new() -> io::Result<Self> {
@@ -23,14 +21,51 @@ impl<T> EventQueue<T> {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: fd is a fresh descriptor that nothing else owns.
-        let wakeup = unsafe { OwnedFd::from_raw_fd(fd) };
-        Ok(Self { events: Mutex::new(Vec::new()), wakeup })
+        Ok(Self(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    #[must_use]
+    pub fn fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+
+    pub fn wake(&self) {
+        let one = 1u64;
+        // SAFETY: writes 8 bytes from a live u64. It can only fail when the counter would
+        // overflow, and then the descriptor is readable anyway.
+        unsafe {
+            libc::write(self.fd(), std::ptr::from_ref(&one).cast(), 8);
+        }
+    }
+
+    /// Makes the descriptor unreadable until the next `wake`. Consume before taking what is
+    /// queued, so that anything queued after the take wakes the reader again.
+    pub fn consume(&self) {
+        let mut counter = 0u64;
+        // SAFETY: reads 8 bytes into a live u64; EAGAIN (nothing to consume) is fine.
+        unsafe {
+            libc::read(self.fd(), std::ptr::from_mut(&mut counter).cast(), 8);
+        }
+    }
+}
+
+/// A queue of `T` from any thread to the one application thread, with its wake-up.
+pub struct EventQueue<T> {
+    events: Mutex<Vec<T>>,
+    wakeup: Wakeup,
+}
+
+impl<T> EventQueue<T> {
+    /// # Errors
+    /// When the eventfd cannot be created.
+    pub fn new() -> io::Result<Self> {
+        Ok(Self { events: Mutex::new(Vec::new()), wakeup: Wakeup::new()? })
     }
 
     /// The descriptor that becomes readable when events are waiting.
     #[must_use]
     pub fn fd(&self) -> RawFd {
-        self.wakeup.as_raw_fd()
+        self.wakeup.fd()
     }
 
     pub fn push(&self, event: T) {
@@ -41,7 +76,7 @@ impl<T> EventQueue<T> {
             was_empty
         };
         if was_empty {
-            self.wake();
+            self.wakeup.wake();
         }
     }
 
@@ -61,36 +96,23 @@ impl<T> EventQueue<T> {
             was_empty
         };
         if was_empty {
-            self.wake();
+            self.wakeup.wake();
         }
     }
 
     /// Takes every waiting event. The wake-up is consumed first, so an event pushed after the
     /// swap always writes the eventfd again and is never left without a wake-up.
     pub fn drain(&self) -> Vec<T> {
-        let mut counter = 0u64;
-        // SAFETY: reads 8 bytes into a live u64; EAGAIN (nothing to consume) is fine.
-        unsafe {
-            libc::read(self.fd(), std::ptr::from_mut(&mut counter).cast(), 8);
-        }
+        self.wakeup.consume();
         std::mem::take(&mut *self.events.lock())
-    }
-
-    fn wake(&self) {
-        let one = 1u64;
-        // SAFETY: writes 8 bytes from a live u64. It can only fail when the counter would
-        // overflow, and then the descriptor is readable anyway.
-        unsafe {
-            libc::write(self.fd(), std::ptr::from_ref(&one).cast(), 8);
-        }
     }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn readable(fd: RawFd) -> bool {
+    pub(crate) fn readable(fd: RawFd) -> bool {
         let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
         // SAFETY: one valid pollfd, zero timeout.
         unsafe { libc::poll(&raw mut pfd, 1, 0) == 1 }

@@ -11,6 +11,7 @@ pub mod event;
 pub mod frame;
 pub mod gate;
 pub mod handshake;
+pub mod logs;
 pub mod meter;
 pub mod object;
 pub mod registry;

@@ -190,7 +190,7 @@ async fn handle(
         }
     };
     Ok(response.unwrap_or_else(|e| {
-        log::error!("invalid response from the application: {e}");
+        log::error!("invalid response from the application to {} {}: {e}", parts.method, parts.uri.path());
         plain(StatusCode::INTERNAL_SERVER_ERROR, "Internal Server Error")
     }))
 }

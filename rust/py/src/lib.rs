@@ -3,6 +3,7 @@
 
 mod convert;
 mod errors;
+mod logs;
 mod meter;
 mod object;
 mod server;
@@ -30,6 +31,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
         m.add(name, value)?;
     }
     convert::add_event_kinds(m)?;
+    m.add_function(wrap_pyfunction!(logs::install_log_queue, m)?)?;
+    m.add_function(wrap_pyfunction!(logs::take_log_records, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }
