@@ -3,12 +3,17 @@ and open http://127.0.0.1:8787/room/lobby in two browser tabs.
 
 Each room is a Durable Object: one instance per name, holding the room's WebSockets. The sockets
 are accepted as *hibernatable*, so an idle room is dropped from Python memory while its sockets stay
-open in the Rust core; the next message brings it back. See docs/howto/chat.md.
+open in the Rust core; the next message brings it back. The room keeps its last 100 messages in
+its own SQLite database (``ctx.storage.sql``) and shows them to whoever joins, also after the
+server restarts. See docs/howto/chat.md.
 """
 
 import json
+import time
 
 import sockworker as sw
+
+HISTORY = 100
 
 
 class ChatRoom(sw.DurableObject):
@@ -16,18 +21,37 @@ class ChatRoom(sw.DurableObject):
         super().__init__(ctx, env)
         # The page sends "ping" every 20 s; the core answers "pong" without waking the room.
         ctx.set_websocket_auto_response(sw.AutoResponse("ping", "pong"))
+        # Runs at every wake-up; a no-op once the table exists.
+        ctx.storage.sql.exec(
+            "CREATE TABLE IF NOT EXISTS messages"
+            " (id INTEGER PRIMARY KEY, user TEXT, text TEXT, at REAL)"
+        )
 
     def fetch(self, request: sw.Request) -> sw.Response:
         user = request.query.get("user", "").strip()[:32] or "anonymous"
         client, server = sw.WebSocketPair()
         self.ctx.accept_websocket(server, tags=[user])  # hibernatable: no server.accept()
         server.serialize_attachment({"user": user})  # kept in the core, survives hibernation
+        # The newcomer first gets what was said before (sent once the socket opens).
+        history = self.ctx.storage.sql.exec(
+            "SELECT user, text, at FROM"
+            " (SELECT * FROM messages ORDER BY id DESC LIMIT ?) ORDER BY id",
+            HISTORY,
+        )
+        server.send(json.dumps({"kind": "history", "messages": history.to_list()}))
         self.send_all("join", user)
         return sw.Response(status=101, websocket=client)
 
     def websocket_message(self, ws: sw.WebSocket, message: str | bytes) -> None:
         if isinstance(message, str):
-            self.send_all("message", ws.deserialize_attachment()["user"], message[:2000])
+            user, text = ws.deserialize_attachment()["user"], message[:2000]
+            sql = self.ctx.storage.sql
+            sql.exec(
+                "INSERT INTO messages (user, text, at) VALUES (?, ?, ?)", user, text, time.time()
+            )
+            sql.exec("DELETE FROM messages WHERE id <= (SELECT max(id) FROM messages) - ?", HISTORY)
+            # Sent once the insert is durable: nobody sees a message that a crash could lose.
+            self.send_all("message", user, text)
 
     def websocket_close(self, ws: sw.WebSocket, code: int, reason: str, was_clean: bool) -> None:
         self.send_all("leave", ws.deserialize_attachment()["user"])
@@ -89,7 +113,10 @@ $("join").onsubmit = (event) => {
   ws.onmessage = (event) => {
     if (event.data === "pong") return;  // the answer to our keep-alive
     const m = JSON.parse(event.data);
-    if (m.kind === "message") show(m.user + ": " + m.text);
+    if (m.kind === "history") {
+      if (m.messages.length) show("earlier in this room:", true);
+      for (const old of m.messages) show(old.user + ": " + old.text);
+    } else if (m.kind === "message") show(m.user + ": " + m.text);
     else show(m.user + (m.kind === "join" ? " joined" : " left"), true);
   };
   ws.onclose = () => show("disconnected; reload the page to join again", true);

@@ -1,6 +1,7 @@
 """The chat example in a real browser: headless Chromium (Debian's chromium and chromium-driver,
 installed by `make browser-deps`, which CI runs) driven with Selenium. Two people join one room,
-talk, and leave, through the page the worker serves and the browser's own WebSocket."""
+talk, and leave, through the page the worker serves and the browser's own WebSocket; after the
+server restarts, a newcomer sees what was said (the room's history is in its storage)."""
 
 from __future__ import annotations
 
@@ -28,13 +29,6 @@ if CHROMEDRIVER is not None:
     from selenium.webdriver.support.ui import WebDriverWait
 
 WAIT = 15.0
-
-
-@pytest.fixture(scope="module")
-def chat() -> Iterator[ServerProcess]:
-    server = ServerProcess("examples.chat:app")
-    yield server
-    assert server.stop() == 0
 
 
 def _browser() -> WebDriver:
@@ -70,10 +64,9 @@ def _join(driver: WebDriver, url: str, name: str) -> None:
     _wait_log(driver, f"connected as {name}")
 
 
-@pytest.mark.timeout(90)
-def test_two_people_chat_in_the_browser(
-    chat: ServerProcess, two_browsers: tuple[WebDriver, WebDriver]
-) -> None:
+@pytest.mark.timeout(120)
+def test_two_people_chat_in_the_browser(two_browsers: tuple[WebDriver, WebDriver]) -> None:
+    chat = ServerProcess("examples.chat:app")
     ann, bob = two_browsers
     url = f"{chat.http}/room/browser-test"
     _join(ann, url, "ann")
@@ -99,3 +92,13 @@ def test_two_people_chat_in_the_browser(
     bob.execute_script("ws.close(1000)")  # what closing the tab does (no bfcache questions)
     _wait_log(ann, "bob left")
     assert "bob: " not in _log(ann)
+
+    # The room keeps its history: after a restart of the server, a newcomer reads it.
+    assert chat.stop() == 0
+    again = ServerProcess("examples.chat:app", ("--data-dir", str(chat.data_dir)))
+    try:
+        _join(bob, f"{again.http}/room/browser-test", "cy")
+        _wait_log(bob, "earlier in this room:")
+        _wait_log(bob, "ann: hello from ann")
+    finally:
+        assert again.stop() == 0

@@ -689,11 +689,19 @@ def chat() -> Iterator[ServerProcess]:
 
 
 async def _next_event(ws: ClientConnection, me: str) -> Any:
-    """The next chat event, skipping the notice of one's own join (if the room sends it)."""
+    """The next chat event, skipping the notice of one's own join (if the room sends it) and the
+    history a newcomer is sent first."""
     while True:
         event = json.loads(await asyncio.wait_for(ws.recv(), 10))
-        if event != {"kind": "join", "user": me, "text": ""}:
+        if event != {"kind": "join", "user": me, "text": ""} and event["kind"] != "history":
             return event
+
+
+async def _history(ws: ClientConnection) -> list[tuple[str, str]]:
+    """What a newcomer is sent first: the room's last messages, oldest first."""
+    event = json.loads(await asyncio.wait_for(ws.recv(), 10))
+    assert event["kind"] == "history", event
+    return [(m["user"], m["text"]) for m in event["messages"]]
 
 
 @run_async
@@ -712,6 +720,7 @@ async def test_chat_example(chat: ServerProcess) -> None:
         room_socket(chat, "room", room, user="ann") as ann,
         room_socket(chat, "room", fresh("elsewhere"), user="carol") as carol,
     ):
+        assert await _history(ann) == [] and await _history(carol) == []
         async with room_socket(chat, "room", room, user="bob") as bob:
             assert await _next_event(ann, "ann") == {"kind": "join", "user": "bob", "text": ""}
             await bob.send("hello, ann")
@@ -727,3 +736,12 @@ async def test_chat_example(chat: ServerProcess) -> None:
             "user": "carol",
             "text": "anyone?",
         }
+    # A newcomer gets the last 100 messages of the room, oldest first.
+    async with room_socket(chat, "room", room, user="dan") as dan:
+        assert await _history(dan) == [("bob", "hello, ann")]
+        for i in range(105):
+            await dan.send(f"m{i}")
+            assert (await _next_event(dan, "dan"))["text"] == f"m{i}"
+    async with room_socket(chat, "room", room, user="eve") as eve:
+        history = await _history(eve)
+        assert len(history) == 100 and history[0] == ("dan", "m5") and history[-1] == ("dan", "m104")

@@ -295,6 +295,7 @@ class _Runtime:
         )
         server = self.server
         self.meter._storage_bytes = lambda: server.storage_bytes
+        self.meter._storage_stats = server.storage_stats
         logger.info("listening on %s://%s:%d", self.scheme, shown, port)
         try:
             await self.stopped
@@ -313,6 +314,7 @@ class _Runtime:
                     future.set_exception(ConnectError("the server stopped"))
             loop.set_task_factory(previous_factory)
             self.meter._storage_bytes = lambda: 0
+            self.meter._storage_stats = lambda: (0,) * 7
             for waiter in self.gate_waiters.values():
                 if not waiter.done():
                     waiter.set_result(False)

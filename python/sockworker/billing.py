@@ -145,8 +145,10 @@ class Meter:
         self._started = time.time()
         self._last_drain = self._started
         self._unsent: list[UsageRecord] = []
-        # The storage gauge of the server running the app (set while it serves).
+        # The storage gauge, and the storage counters, of the server running the app (set while
+        # it serves).
         self._storage_bytes: Callable[[], int] = lambda: 0
+        self._storage_stats: Callable[[], tuple[int, ...]] = lambda: (0,) * 7
 
     def totals(self) -> UsageRecord:
         """Everything counted since the app was made, delivered to the hook or not, and the
@@ -180,7 +182,7 @@ class Meter:
             self._unsent = records
 
     def _prometheus(self) -> str:
-        """The totals in the Prometheus text exposition format."""
+        """The totals in the Prometheus text exposition format, and the storage's counters."""
         totals = self.totals()
         lines = []
         for field, kind, help_text in _METRICS:
@@ -190,6 +192,9 @@ class Meter:
                 f"# TYPE {name} {kind}",
                 f"{name} {getattr(totals, field)}",
             ]
+        stats = (*self._storage_stats(), totals.storage_bytes)
+        for (name, kind, help_text), value in zip(_STORAGE_METRICS, stats, strict=True):
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value}"]
         return "\n".join(lines) + "\n"
 
 
@@ -206,4 +211,16 @@ _METRICS = (
     ("storage_rows_read", "counter", "Durable Object storage rows (KV keys) read."),
     ("storage_rows_written", "counter", "Durable Object storage rows (KV keys) written."),
     ("billable_requests", "counter", "Requests as billed, messages at the configured ratio."),
+)
+
+# In the order of _native.Server.storage_stats(), then the storage gauge.
+_STORAGE_METRICS = (
+    ("sockworker_storage_commit_points_total", "counter", "Commit points that committed writes."),
+    ("sockworker_storage_commits_total", "counter", "Object databases committed."),
+    ("sockworker_storage_fsyncs_total", "counter", "Write-ahead logs synced to disk."),
+    ("sockworker_storage_sync_rounds_total", "counter", "Rounds of the committer thread."),
+    ("sockworker_storage_failed_commits_total", "counter", "Commits that failed."),
+    ("sockworker_storage_open_databases", "gauge", "Object databases open now."),
+    ("sockworker_alarms_armed", "gauge", "Alarms waiting to fire."),
+    ("sockworker_storage_bytes", "gauge", "Bytes in the data directory (counted every 10 s)."),
 )

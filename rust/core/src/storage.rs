@@ -345,6 +345,9 @@ struct Inner {
     /// the reserved tables and from transaction control.
     user_sql: Arc<AtomicBool>,
     denied: Arc<Mutex<Option<String>>>,
+    /// Pages in the log after the last commit that wrote to it (SQLite's WAL hook); -1 when no
+    /// commit wrote since it was reset (an empty transaction needs no fsync).
+    log_pages: Arc<std::sync::atomic::AtomicI32>,
 }
 
 impl std::fmt::Debug for Store {
@@ -477,6 +480,15 @@ impl Store {
                 }
             }))?;
         }
+        let log_pages = Arc::new(std::sync::atomic::AtomicI32::new(-1));
+        {
+            // (After wal_autocheckpoint, which would replace it.)
+            let log_pages = log_pages.clone();
+            conn.wal_hook(Some(move |_: &mut rusqlite::hooks::Wal, pages: std::ffi::c_int| {
+                log_pages.store(pages, Ordering::Relaxed);
+                Ok(())
+            }))?;
+        }
         let log_path = PathBuf::from(format!("{}-wal", path.display()));
         let log = File::open(&log_path).ok().map(Arc::new);
         Ok(Self {
@@ -492,6 +504,7 @@ impl Store {
                 new_dirs,
                 user_sql,
                 denied,
+                log_pages,
             }),
             in_epoch: AtomicBool::new(false),
             close_requested: AtomicBool::new(false),
@@ -864,20 +877,25 @@ impl Store {
         inner.write_txn = false;
         let alarm_touched = std::mem::take(&mut inner.alarm_touched);
         let alarm = if alarm_touched { Self::read_alarm(conn(&inner)).ok() } else { None };
+        inner.log_pages.store(-1, Ordering::Relaxed);
         if let Err(error) = conn(&inner).execute_batch("COMMIT") {
             let _ = conn(&inner).execute_batch("ROLLBACK");
             return Err(storage_error(&error));
+        }
+        let pages = inner.log_pages.load(Ordering::Relaxed);
+        if pages < 0 {
+            // The transaction wrote nothing (a CREATE TABLE IF NOT EXISTS, say): no log to sync.
+            return Ok(Committed { alarm, ..Committed::default() });
         }
         if inner.log.is_none() {
             let log_path = PathBuf::from(format!("{}-wal", self.path.display()));
             inner.log = File::open(log_path).ok().map(Arc::new);
         }
-        let pages = inner.log.as_ref().and_then(|log| log.metadata().ok()).map_or(0, |m| m.len() / 4096);
         Ok(Committed {
             log: inner.log.clone(),
             new_dirs: std::mem::take(&mut inner.new_dirs),
             alarm,
-            wants_checkpoint: pages > CHECKPOINT_PAGES as u64,
+            wants_checkpoint: pages > CHECKPOINT_PAGES,
         })
     }
 
@@ -1099,6 +1117,17 @@ mod tests {
         let again = storage.store("NS", ID, 1).unwrap();
         assert_eq!(again.get(&["a", "b"]).unwrap(), vec![Some(b"1".to_vec()), None]);
         assert_eq!(again.alarm().unwrap(), Some(alarm));
+        let _ = fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_commit_that_wrote_nothing_has_no_log_to_sync() {
+        let (storage, dir) = temp_storage(Durability::Full);
+        let store = storage.store("NS", ID, 1).unwrap();
+        assert!(store.exec("CREATE TABLE IF NOT EXISTS t (x)", vec![]).unwrap().1);
+        assert!(store.commit().unwrap().log.is_some());
+        assert!(store.exec("CREATE TABLE IF NOT EXISTS t (x)", vec![]).unwrap().1, "a write, to SQLite");
+        assert!(store.commit().unwrap().log.is_none(), "but nothing reached the log");
         let _ = fs::remove_dir_all(dir);
     }
 
