@@ -744,4 +744,5 @@ async def test_chat_example(chat: ServerProcess) -> None:
             assert (await _next_event(dan, "dan"))["text"] == f"m{i}"
     async with room_socket(chat, "room", room, user="eve") as eve:
         history = await _history(eve)
-        assert len(history) == 100 and history[0] == ("dan", "m5") and history[-1] == ("dan", "m104")
+        assert len(history) == 100
+        assert history[0] == ("dan", "m5") and history[-1] == ("dan", "m104")
