@@ -3,7 +3,7 @@
 
 BENCH_DEPS := $(VENV)/.bench-deps
 
-.PHONY: bench bench-quick bench-micro
+.PHONY: bench bench-quick bench-micro bench-storage
 
 # The peers' pinned versions, into the project's venv. socketify also needs libuv.so.1: as root
 # with apt-get it is installed, otherwise the runner skips socketify and says why.
@@ -15,8 +15,12 @@ $(BENCH_DEPS): bench/requirements.txt $(VENV)/.deps
 	$(PIP) install --quiet -r bench/requirements.txt
 	touch $@
 
-bench: build $(BENCH_DEPS) ## sockworker vs every peer, all scenarios (~20 min) -> bench/results/
+bench: build $(BENCH_DEPS) ## sockworker vs every peer, all scenarios, then storage (~25 min) -> bench/results/
 	$(PY) bench/run.py
+	$(PY) bench/storage.py
+
+bench-storage: build $(BENCH_DEPS) ## storage through the stack vs a plain sqlite3 loop, and its memory (~4 min)
+	$(PY) bench/storage.py
 
 bench-quick: build $(BENCH_DEPS) ## pingpong + pipeline at 64 B and idle 10,000 (~3 min) -> bench/results/
 	$(PY) bench/run.py --quick

@@ -281,6 +281,18 @@ def pin(cpu: str, cmd: list[str], pinned: bool) -> list[str]:
     return ["taskset", "-c", cpu, *cmd] if pinned else cmd
 
 
+def run_loadgen(cmd: list[str], timeout: float) -> dict[str, Any]:
+    """Runs the load generator; its last JSON line, or RuntimeError with why there is none."""
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
+    if not lines:
+        raise RuntimeError(f"loadgen exited {out.returncode}: {out.stderr.strip()[-500:]}")
+    result: dict[str, Any] = json.loads(lines[-1])
+    if "error" in result:
+        raise RuntimeError(result["error"])
+    return result
+
+
 def measure(
     server: Server,
     case: Case,
@@ -325,19 +337,7 @@ def measure(
             str(warmup),
             *case.args,
         ]
-        out = subprocess.run(
-            pin(LOADGEN_CPU, lg, pinned),
-            capture_output=True,
-            text=True,
-            timeout=duration + warmup + 300,
-            check=False,
-        )
-        lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
-        if not lines:
-            raise RuntimeError(f"loadgen exited {out.returncode}: {out.stderr.strip()[-500:]}")
-        result: dict[str, Any] = json.loads(lines[-1])
-        if "error" in result:
-            raise RuntimeError(result["error"])
+        result = run_loadgen(pin(LOADGEN_CPU, lg, pinned), timeout=duration + warmup + 300)
         if not result.get("messages"):
             why = result.get("first_error", "no error given")
             raise RuntimeError(f"no message measured: {why}")

@@ -49,6 +49,7 @@ from run import (  # the runner's helpers
     machine,
     pin,
     raise_nofile,
+    run_loadgen,
     stop,
     wait_for_port,
 )
@@ -100,16 +101,7 @@ def loadgen(
         str(binary), scenario, "--url", f"ws://{HOST}:{port}{path}", "--server-pid", str(pid),
         "--duration", str(duration), "--warmup", str(warmup), *args,
     ]  # fmt: skip
-    out = subprocess.run(
-        pin(LOADGEN_CPU, cmd, pinned), capture_output=True, text=True, timeout=600, check=False
-    )
-    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
-    if not lines:
-        raise RuntimeError(f"loadgen exited {out.returncode}: {out.stderr.strip()[-500:]}")
-    result: dict[str, Any] = json.loads(lines[-1])
-    if "error" in result:
-        raise RuntimeError(result["error"])
-    return result
+    return run_loadgen(pin(LOADGEN_CPU, cmd, pinned), timeout=duration + warmup + 300)
 
 
 def sqlite_loop(durability: str, duration: float, pinned: bool) -> float:

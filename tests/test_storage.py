@@ -96,6 +96,7 @@ async def test_kv_single_and_multi_key_calls(store: ServerProcess) -> None:
     tail = await ok(store, "STORE", name, "list", {"reverse": True, "limit": 2})
     assert tail == [["f", 6], ["e", 5]]
     assert await ok(store, "STORE", name, "round_trip_types") is True
+    assert await ok(store, "STORE", name, "put_and_sync", "synced", 1) == 1
     await ok(store, "STORE", name, "delete_all")
     assert await ok(store, "STORE", name, "list", {}) == []
 

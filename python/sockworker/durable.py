@@ -16,6 +16,7 @@ import inspect
 import logging
 import os
 import pickle
+import re
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -44,6 +45,7 @@ __all__ = [
 
 logger = logging.getLogger("sockworker")
 T = TypeVar("T")
+_BINDING = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 
 MAX_TAGS = 10
 MAX_TAG_CHARS = 256
@@ -839,6 +841,11 @@ class DurableObjectNamespace:
     def __init__(self, binding: str, cls: type[DurableObject], app_limits: Limits) -> None:
         if not (isinstance(cls, type) and issubclass(cls, DurableObject)):
             raise TypeError(f"durable_objects[{binding!r}] must be a DurableObject subclass")
+        if not _BINDING.fullmatch(binding):
+            # (It names the namespace's folder in the data directory.)
+            raise InvalidArgument(
+                f"a Durable Object binding is letters, digits, '_', '-' and '.', not {binding!r}"
+            )
         self.binding = binding
         self.cls = cls
         self.limits = cls.limits.over(app_limits) if cls.limits is not None else app_limits

@@ -114,6 +114,11 @@ class Store(sw.DurableObject):
     def put_unloadable(self, key: str) -> None:
         self.ctx.storage.put(key, Unloadable())
 
+    async def put_and_sync(self, key: str, value: Any) -> Any:
+        self.ctx.storage.put(key, value)
+        await self.ctx.storage.sync()
+        return self.ctx.storage.get(key)
+
     def put_then_raise(self, key: str, value: Any) -> None:
         self.ctx.storage.put(key, value)
         raise RuntimeError("after the write")
