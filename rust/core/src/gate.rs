@@ -60,7 +60,8 @@ pub enum Held {
 struct Epoch {
     /// Logs to fsync, with the object each belongs to (`None`: the alarm index, synced first).
     logs: Vec<(Option<u64>, Arc<File>)>,
-    dirs: Vec<PathBuf>,
+    /// Folders and files made with new databases.
+    entries: Vec<PathBuf>,
     /// Objects whose commit failed.
     failed: Vec<u64>,
     held: Vec<Held>,
@@ -379,7 +380,7 @@ impl OutputGate {
                     self.stats.commits.fetch_add(1, Ordering::Relaxed);
                     if self.storage.durability() == Durability::Full {
                         epoch.logs.extend(committed.log.map(|log| (Some(store.owner()), log)));
-                        epoch.dirs.extend(committed.new_dirs);
+                        epoch.entries.extend(committed.new_entries);
                     }
                     match committed.alarm {
                         Some(Some(alarm)) => {
@@ -412,9 +413,14 @@ impl OutputGate {
         }
         self.stats.commit_points.fetch_add(1, Ordering::Relaxed);
         let mut state = self.state.lock();
-        state.dirty.extend(kept);
-        epoch.held = std::mem::take(&mut state.held);
-        let synced = epoch.logs.is_empty() && epoch.dirs.is_empty() && epoch.checkpoints.is_empty();
+        if kept.is_empty() {
+            epoch.held = std::mem::take(&mut state.held);
+        } else {
+            // A transaction() block is still open (across an await): what was sent may show its
+            // writes, which could still be undone. It waits for the commit point after the block.
+            state.dirty.extend(kept);
+        }
+        let synced = epoch.logs.is_empty() && epoch.entries.is_empty() && epoch.checkpoints.is_empty();
         if synced && state.unreleased == 1 {
             // Nothing to wait for: release here, in order, before this batch's writes go out
             // (under the lock, as the committer does, so that no send can overtake it).
@@ -480,9 +486,9 @@ impl OutputGate {
             .chain(object_logs)
             .filter(|(_, log)| seen.insert(Arc::as_ptr(log)))
             .collect();
-        let dirs: Vec<&PathBuf> = round.iter().flat_map(|epoch| epoch.dirs.iter()).collect();
+        let entries: Vec<&PathBuf> = round.iter().flat_map(|epoch| epoch.entries.iter()).collect();
         let mut sync_failed = Vec::new();
-        if logs.len() + dirs.len() > SYNCFS_ABOVE {
+        if logs.len() + entries.len() > SYNCFS_ABOVE {
             // One journal commit for all of them: 64 logs take 2-3 ms this way, against 3 ms
             // each one by one (measured on this project's VM).
             self.stats.syncs.fetch_add(1, Ordering::Relaxed);
@@ -499,9 +505,9 @@ impl OutputGate {
                     sync_failed.push(*owner);
                 }
             }
-            for dir in dirs {
-                if let Err(error) = File::open(dir).and_then(|dir| dir.sync_all()) {
-                    log::warn!("fsync of {}: {error}", dir.display());
+            for entry in entries {
+                if let Err(error) = File::open(entry).and_then(|entry| entry.sync_all()) {
+                    log::warn!("fsync of {}: {error}", entry.display());
                 }
             }
         }
