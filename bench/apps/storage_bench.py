@@ -11,11 +11,13 @@ storage work, so the load generator's messages per second are events per second.
   /res      like /hib but the object stays resident (its database stays open)
   /res-bare the same without any storage
   /metrics  the meter and the storage's counters (commits, fsyncs), Prometheus text
+  /traced   Python's traced allocations (with PYTHONTRACEMALLOC=1), for memory breakdowns
 """
 
 from __future__ import annotations
 
 import itertools
+import tracemalloc
 
 import sockworker as sw
 
@@ -84,6 +86,10 @@ ROUTES = {
 
 async def fetch(request: sw.Request, env: sw.Env, ctx: sw.ExecutionContext) -> sw.Response:
     path = request.path
+    if path == "/traced":
+        # Python's own allocations now (with PYTHONTRACEMALLOC set), for memory breakdowns.
+        traced = tracemalloc.get_traced_memory()[0] if tracemalloc.is_tracing() else -1
+        return sw.Response(str(traced))
     if path == "/one":
         return await env.BUSY.get_by_name("one").fetch(request)
     if path == "/many":

@@ -251,25 +251,38 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<ServerCtx>) {
     }
 }
 
-/// How often the server looks whether memory was freed in bulk, and how many sockets or objects
-/// must have gone since the last look for it to hand the free memory back to the system.
+/// How often the server looks whether memory was freed in bulk; how many sockets, objects or
+/// databases must have gone since it last returned memory for it to do so again; and how long a
+/// burst may go on before it does so anyway.
 const RETURN_MEMORY_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 const RETURN_MEMORY_AFTER: u64 = 1_000;
+const RETURN_MEMORY_DURING_BURST: u32 = 5;
 
-/// After a burst (thousands of sockets closed, or of objects hibernated), the allocator keeps the
-/// freed memory as its own: the process would stay at its peak. `malloc_trim` returns the free
-/// pages (it takes a few milliseconds, on a blocking thread, only after such a burst).
-async fn return_memory(ctx: Arc<ServerCtx>, objects: Arc<ObjectRegistry>) {
-    let churn = || ctx.events.registry.registered() + objects.forgotten();
-    let mut seen = churn();
+/// After a burst (thousands of sockets closed, objects hibernated, databases closed), the
+/// allocator keeps the freed memory as its own: the process would stay at its peak.
+/// `malloc_trim` returns the free pages, on a blocking thread, once the burst is over (a quiet
+/// second), or every few seconds while it lasts.
+async fn return_memory(ctx: Arc<ServerCtx>, objects: Arc<ObjectRegistry>, storage: Option<Arc<Storage>>) {
+    let churn = || {
+        let closed = storage.as_ref().map_or(0, |storage| storage.closed());
+        ctx.events.registry.registered() + objects.forgotten() + closed
+    };
+    let (mut returned_at, mut previous, mut busy_seconds) = (churn(), churn(), 0);
     loop {
         tokio::time::sleep(RETURN_MEMORY_EVERY).await;
         let now = churn();
-        if now - seen >= RETURN_MEMORY_AFTER {
-            seen = now;
+        let quiet = now == previous;
+        previous = now;
+        if now - returned_at < RETURN_MEMORY_AFTER {
+            continue;
+        }
+        busy_seconds += 1;
+        if quiet || busy_seconds >= RETURN_MEMORY_DURING_BURST {
             #[cfg(all(target_os = "linux", target_env = "gnu"))]
             // SAFETY: malloc_trim only releases free memory of the allocator's own arenas.
             let _ = tokio::task::spawn_blocking(|| unsafe { libc::malloc_trim(0) }).await;
+            log::debug!("returned the memory freed by {} sockets, objects or databases", now - returned_at);
+            (returned_at, busy_seconds) = (now, 0);
         }
     }
 }
@@ -318,7 +331,8 @@ impl Server {
         {
             let _guard = runtime.enter();
             runtime::spawn(accept_loop(listener, ctx.clone()));
-            runtime::spawn(return_memory(ctx.clone(), objects.clone()));
+            let storage = gate.as_ref().map(|gate| gate.storage().clone());
+            runtime::spawn(return_memory(ctx.clone(), objects.clone(), storage));
         }
         Ok(Self { ctx, runtime: Some(runtime), local_addr, objects, gate })
     }
