@@ -190,7 +190,7 @@ def run_memory(binary: Path, path: str, connections: int, pinned: bool, log: Any
         try:
             result = loadgen(
                 binary, "idle", port, path, proc.pid,
-                ["-c", str(connections), "--hold", "3"], 1.0, pinned,
+                ["-c", str(connections), "--hold", "6"], 1.0, pinned,
             )  # fmt: skip
         finally:
             stop(proc)
