@@ -25,6 +25,7 @@ from .errors import (
     ResponseError,
     ServerStartError,
     SockworkerError,
+    WallLimitExceeded,
 )
 from .http import Headers, Request, Response
 from .limits import Limits
@@ -61,6 +62,7 @@ __all__ = [
     "ServerStartError",
     "SockworkerError",
     "UsageRecord",
+    "WallLimitExceeded",
     "WebSocket",
     "WebSocketPair",
     "connect",

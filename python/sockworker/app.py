@@ -8,13 +8,15 @@ import inspect
 import logging
 import resource
 import signal
-from collections.abc import Awaitable, Callable, Mapping
+import sys
+import traceback
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 from . import _native, cpu
 from .billing import BillingHook, Meter, Pricing
 from .durable import DurableObjectNamespace, _ObjectHost
-from .errors import CpuLimitExceeded, ResponseError
+from .errors import CpuLimitExceeded, ResponseError, WallLimitExceeded
 from .http import Request, Response
 from .limits import Limits
 from .outgoing import ConnectError
@@ -29,6 +31,7 @@ AccountOf = Callable[[Request], str]
 _REQUESTS = _native.UNIT_REQUESTS
 _PLAIN = [("content-type", b"text/plain; charset=utf-8")]
 
+#: Seconds a graceful shutdown waits for sockets to close (``--shutdown-timeout``).
 SHUTDOWN_GRACE = 10.0
 _EV_REQUEST = _native.EV_REQUEST
 _EV_MESSAGE = _native.EV_MESSAGE
@@ -86,11 +89,15 @@ class App:
         pricing: Pricing | None = None,
         metrics_path: str | None = None,
         metering: bool = True,
+        allowed_origins: Iterable[str] | None = None,
     ) -> None:
         """``account(request)`` labels what a request costs (default ``"default"``);
         ``billing`` receives usage records and may refuse requests (``admit``); ``pricing``
         sets the ratios; ``metrics_path`` (off by default) serves the totals as Prometheus
-        text; ``metering=False`` turns CPU accounting, CPU limits and the meter off."""
+        text; ``metering=False`` turns CPU accounting, CPU limits and the meter off.
+        ``allowed_origins`` (e.g. ``["https://example.com"]``): a WebSocket upgrade whose
+        ``Origin`` header is not one of them is answered 403 by the core before any handler
+        runs (requests without ``Origin``, which browsers always send, are let through)."""
         self.fetch = fetch
         self.limits = limits or Limits()
         self.account = account
@@ -99,6 +106,9 @@ class App:
         self.meter = Meter(self.pricing)
         self.metrics_path = metrics_path
         self.metering = metering
+        self.allowed_origins = None if allowed_origins is None else list(allowed_origins)
+        if isinstance(allowed_origins, str):
+            raise TypeError("allowed_origins is a list of origins, not one string")
         self.namespaces = {
             binding: DurableObjectNamespace(binding, cls, self.limits)
             for binding, cls in (durable_objects or {}).items()
@@ -116,13 +126,22 @@ class App:
         io_threads: int = 1,
         certfile: str | None = None,
         keyfile: str | None = None,
+        shutdown_timeout: float = SHUTDOWN_GRACE,
     ) -> None:
-        """Serves until SIGINT or SIGTERM, then closes every socket with 1001 and returns.
-        With ``certfile`` and ``keyfile`` (PEM) it serves https:// and wss://."""
+        """Serves until SIGINT or SIGTERM, then closes every socket with 1001 and returns
+        (after ``shutdown_timeout`` seconds at most). With ``certfile`` and ``keyfile`` (PEM)
+        it serves https:// and wss://."""
         if not logging.getLogger().handlers:
             logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         asyncio.run(
-            self.serve(host, port, io_threads=io_threads, certfile=certfile, keyfile=keyfile)
+            self.serve(
+                host,
+                port,
+                io_threads=io_threads,
+                certfile=certfile,
+                keyfile=keyfile,
+                shutdown_timeout=shutdown_timeout,
+            )
         )
 
     async def serve(
@@ -133,10 +152,14 @@ class App:
         io_threads: int = 1,
         certfile: str | None = None,
         keyfile: str | None = None,
+        shutdown_timeout: float = SHUTDOWN_GRACE,
     ) -> None:
         """Serves on the running loop until SIGINT or SIGTERM (or ``stop`` of the runtime)."""
+        if not isinstance(shutdown_timeout, int | float) or shutdown_timeout < 0:
+            raise ValueError("shutdown_timeout is a number of seconds >= 0")
         _raise_fd_limit()
         runtime = _Runtime(self, host, port, io_threads, certfile, keyfile)
+        runtime.shutdown_timeout = float(shutdown_timeout)
         await runtime.run()
 
 
@@ -167,25 +190,28 @@ class _Runtime:
     ) -> None:
         limits = app.limits
         self.app = app
+        every = [limits] + [ns.limits for ns in app.namespaces.values()]
         self.server = _native.Server(
             host,
             port,
-            io_threads=io_threads,
-            max_message_size=limits.max_message_size,
-            max_buffered_bytes=limits.max_buffered_bytes,
-            handshake_timeout=float(limits.handshake_timeout),
-            idle_timeout=float(limits.idle_timeout),
+            limits=limits._socket_limits(),
             max_connections=limits.max_connections,
             max_body_size=limits.max_body_size,
+            handshake_timeout=float(limits.handshake_timeout),
+            io_threads=io_threads,
             metering=app.metering,
             certfile=certfile,
             keyfile=keyfile,
-            # The watchdog looks every tenth of the smallest CPU limit (5 to 100 ms).
+            # The watchdog looks every tenth of the smallest CPU or wall limit (5 to 100 ms).
             smallest_cpu_limit=min(
-                [limits.cpu_ms] + [ns.limits.cpu_ms for ns in app.namespaces.values()]
+                [lim.cpu_ms for lim in every] + [lim.wall_ms for lim in every if lim.wall_ms]
             )
             / 1000,
+            allowed_origins=app.allowed_origins,
+            log_blocked_after=float(limits.log_blocked_after),
+            on_blocked=self._on_blocked,
         )
+        self.shutdown_timeout = SHUTDOWN_GRACE
         self.scheme = "https" if certfile else "http"
         self.ctx = ExecutionContext(self)
         self.meter = app.meter
@@ -252,7 +278,7 @@ class _Runtime:
         self.shutting_down = True
         logger.info("shutting down: closing %d sockets with 1001", self.server.open_sockets)
         self.server.shutdown(1001, "server shutting down")
-        self.loop.call_later(SHUTDOWN_GRACE, self._stop)
+        self.loop.call_later(self.shutdown_timeout, self._stop)
 
     def _stop(self) -> None:
         if not self.stopped.done():
@@ -272,10 +298,35 @@ class _Runtime:
         self.meter._deliver(self.app.billing)
         self._schedule_flush()
 
+    # -- a blocked loop --------------------------------------------------------------------------
+
+    def _on_blocked(self, kind: int, seconds: float) -> None:
+        """Called by the core's watchdog, on its own thread, when one event has held the loop
+        for ``Limits.log_blocked_after``: logs what runs, where, and the Python stack."""
+        frame = sys._current_frames().get(self.server.thread_ident)
+        stack = "".join(traceback.format_stack(frame)) if frame is not None else "(no stack)\n"
+        slot = self.server.current_slot() if self.app.metering else None
+        where = "the Worker"
+        if slot is not None and slot.namespace is not None:
+            where = f"object {slot.object_id} of {slot.namespace}"
+        self.meter._blocked_events += 1
+        logger.warning(
+            "the event loop is blocked: a %s event of %s has run for %.1f s (every other socket "
+            "and request waits; run blocking calls with `await asyncio.to_thread(...)`); "
+            "Python stack:\n%s",
+            _EVENT_KINDS.get(kind, "?"),
+            where,
+            seconds,
+            stack.rstrip(),
+        )
+
     def worker_slot(self, account: str) -> _native.Slot:
         slot = self.worker_slots.get(account)
         if slot is None:
-            slot = self.meter._native.slot(account, None, None, self.app.limits.cpu_ms)
+            limits = self.app.limits
+            slot = self.meter._native.slot(
+                account, None, None, limits.cpu_ms, float(limits.wall_ms or 0)
+            )
             self.worker_slots[account] = slot
         return slot
 
@@ -502,6 +553,12 @@ class _Runtime:
             logger.error("fetch for %s %s exceeded its CPU limit", request.method, request.url)
             reply.respond(503, _PLAIN, b"Service Unavailable: CPU limit exceeded")
             return
+        if isinstance(error, WallLimitExceeded):
+            logger.error(
+                "fetch for %s %s exceeded its wall-time limit", request.method, request.url
+            )
+            reply.respond(503, _PLAIN, b"Service Unavailable: time limit exceeded")
+            return
         logger.error("exception in fetch for %s %s", request.method, request.url, exc_info=error)
         reply.respond(500, _PLAIN, b"Internal Server Error")
 
@@ -543,12 +600,36 @@ class _Runtime:
                 "status 101 with a websocket answers only a WebSocket upgrade request"
             )
         headers = response.headers
-        handle = reply.accept_websocket(headers.raw(), server._slot)
+        chosen = headers.get("sec-websocket-protocol")
+        if chosen is not None:
+            offered = [p.strip() for p in request.headers.get_all("sec-websocket-protocol")]
+            offered = [name for value in offered for name in value.split(",")]
+            if chosen.strip() not in [name.strip() for name in offered]:
+                raise ResponseError(
+                    f"the subprotocol {chosen!r} chosen in the 101 response was not offered by the "
+                    f"client (it offered {', '.join(offered) if offered else 'none'}); the client "
+                    "would fail the handshake"
+                )
+        if "sec-websocket-extensions" in headers:
+            raise ResponseError("the core negotiates WebSocket extensions; do not set the header")
+        limits = server._limits._socket_limits() if server._limits is not None else None
+        handle = reply.accept_websocket(headers.raw(), server._slot, limits)
         url = "ws" + request.url.removeprefix("http")
         self.sockets[handle.id] = server
         server._bind(handle, self, url, headers.get("sec-websocket-protocol", ""))
         if isinstance(server._object, _ObjectHost):
             server._object.adopt(server, handle)
+
+
+_EVENT_KINDS = {
+    _native.EV_REQUEST: "request",
+    _native.EV_MESSAGE: "message",
+    _native.EV_CLOSE: "close",
+    _native.EV_ERROR: "error",
+    _native.EV_DRAINED: "drained",
+    _native.EV_CONNECTED: "connected",
+    _native.EV_STEP: "async step",
+}
 
 
 async def _as_coroutine(awaitable: Awaitable[Any]) -> Any:

@@ -32,10 +32,11 @@ _UNITS = (
     "duration_us",
     "bytes_in",
     "bytes_out",
+    "protocol_pings",
 )
 assert [getattr(_native, f"UNIT_{name}") for name in (
     "REQUESTS", "CONNECTIONS", "MESSAGES_IN", "MESSAGES_OUT", "AUTO_RESPONSES", "CPU_NS",
-    "DURATION_US", "BYTES_IN", "BYTES_OUT",
+    "DURATION_US", "BYTES_IN", "BYTES_OUT", "PROTOCOL_PINGS",
 )] == list(range(len(_UNITS)))  # fmt: skip
 
 
@@ -74,6 +75,8 @@ class UsageRecord:
     duration_gb_s: float = 0.0
     bytes_in: int = 0
     bytes_out: int = 0
+    #: Pings the core answered or sent (keepalive): counted, free, never seen by handlers.
+    protocol_pings: int = 0
     billable_requests: float = 0.0
 
     @classmethod
@@ -99,6 +102,7 @@ class UsageRecord:
             duration_gb_s=counts["duration_us"] / 1e6 * pricing.memory_mb / 1024,
             bytes_in=counts["bytes_in"],
             bytes_out=counts["bytes_out"],
+            protocol_pings=counts["protocol_pings"],
             billable_requests=counts["requests"]
             + counts["ws_connections"]
             + counts["ws_messages_in"] / pricing.messages_per_request,
@@ -133,6 +137,8 @@ class Meter:
         self._started = time.time()
         self._last_drain = self._started
         self._unsent: list[UsageRecord] = []
+        #: Events that held the event loop for ``Limits.log_blocked_after`` (the watchdog's).
+        self._blocked_events = 0
 
     def totals(self) -> UsageRecord:
         """Everything counted since the app was made, delivered to the hook or not."""
@@ -174,6 +180,12 @@ class Meter:
                 f"# TYPE {name} {kind}",
                 f"{name} {getattr(totals, field)}",
             ]
+        name = "sockworker_blocked_events_total"
+        lines += [
+            f"# HELP {name} Events that held the event loop for Limits.log_blocked_after or more.",
+            f"# TYPE {name} counter",
+            f"{name} {self._blocked_events}",
+        ]
         return "\n".join(lines) + "\n"
 
 
@@ -187,5 +199,6 @@ _METRICS = (
     ("duration_gb_s", "counter", "GB-seconds of billable Durable Object residency."),
     ("bytes_in", "counter", "WebSocket bytes received."),
     ("bytes_out", "counter", "WebSocket bytes sent."),
+    ("protocol_pings", "counter", "Protocol pings answered or sent by the core (free)."),
     ("billable_requests", "counter", "Requests as billed, messages at the configured ratio."),
 )

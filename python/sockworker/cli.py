@@ -44,6 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--certfile", help="PEM certificate chain: serve https:// and wss://")
     serve.add_argument("--keyfile", help="PEM private key of --certfile")
     serve.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="on SIGINT/SIGTERM, wait this long at most for sockets to close (default 10)",
+    )
+    serve.add_argument(
         "--no-metering",
         action="store_true",
         help="turn CPU accounting, CPU limits and the meter off (as App(metering=False))",
@@ -61,5 +68,6 @@ def main(argv: list[str] | None = None) -> int:
         io_threads=args.io_threads,
         certfile=args.certfile,
         keyfile=args.keyfile,
+        shutdown_timeout=args.shutdown_timeout,
     )
     return 0

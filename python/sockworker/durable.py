@@ -154,6 +154,7 @@ class DurableObjectState:
         ws._ready_state = WebSocket.OPEN
         ws._object = host
         ws._tags = tags
+        ws._limits = host.namespace.socket_limits
         host.pending_accepts += 1
 
     def get_websockets(self, tag: str | None = None) -> list[WebSocket]:
@@ -264,8 +265,9 @@ class _ObjectHost:
     def slot(self, account: str) -> _native.Slot:
         slot = self.slots.get(account)
         if slot is None:
+            limits = self.namespace.limits
             slot = self.runtime.meter._native.slot(
-                account, self.namespace.binding, str(self.id), self.namespace.limits.cpu_ms
+                account, self.namespace.binding, str(self.id), limits.cpu_ms, limits.wall_ms or 0
             )
             self.slots[account] = slot
         return slot
@@ -520,6 +522,7 @@ class DurableObjectStub:
             raise ResponseError(f"{host.cls.__name__}.fetch must return a Response")
         server = response.websocket._peer if response.websocket is not None else None
         if server is not None and server._object is None and server._accepted:
+            server._limits = self._namespace.socket_limits
             host.standard_sockets.append(server)
             host.bill()  # a standard-API socket keeps the object billed while it is open
         return response
@@ -548,7 +551,11 @@ class DurableObjectNamespace:
             raise TypeError(f"durable_objects[{binding!r}] must be a DurableObject subclass")
         self.binding = binding
         self.cls = cls
+        if cls.limits is not None:
+            cls.limits._for_namespace(binding)
         self.limits = cls.limits.over(app_limits) if cls.limits is not None else app_limits
+        #: Sockets accepted by this namespace's objects are held to these (None: the app's).
+        self.socket_limits = self.limits if cls.limits is not None else None
         self._runtime: _Runtime | None = None
         self._hosts: dict[DurableObjectId, _ObjectHost] = {}
 

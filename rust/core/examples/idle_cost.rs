@@ -22,6 +22,7 @@ fn main() {
         io_threads: 1,
         limits: Limits::default(),
         tls: None,
+        allowed_origins: None,
     })
     .unwrap();
     let addr = server.local_addr();

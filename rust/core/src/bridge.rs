@@ -1,8 +1,12 @@
 //! The queue of events from the I/O threads to the one Python thread, and its wake-up.
 //! An eventfd is written only when the queue goes from empty to non-empty: one wake-up per batch.
+//! Batches are numbered, so a connection can tell when the application has handled what it
+//! pushed (to hold back reading, or its Close, until then) without a look-up per message.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
@@ -52,6 +56,12 @@ pub enum Event {
 pub struct EventQueue {
     events: Mutex<Vec<Event>>,
     wakeup: OwnedFd,
+    /// Batches taken by `drain` so far (written under the `events` lock).
+    drains: AtomicU64,
+    /// Batches the application has finished handling (`batch_done`).
+    processed: AtomicU64,
+    /// Sockets whose task waits for the application to finish a batch.
+    waiting: Mutex<Vec<Arc<crate::socket::SocketShared>>>,
 }
 
 impl EventQueue {
@@ -65,7 +75,13 @@ impl EventQueue {
         }
         // SAFETY: fd is a fresh descriptor that nothing else owns.
         let wakeup = unsafe { OwnedFd::from_raw_fd(fd) };
-        Ok(Self { events: Mutex::new(Vec::new()), wakeup })
+        Ok(Self {
+            events: Mutex::new(Vec::new()),
+            wakeup,
+            drains: AtomicU64::new(0),
+            processed: AtomicU64::new(0),
+            waiting: Mutex::new(Vec::new()),
+        })
     }
 
     /// The descriptor that becomes readable when events are waiting.
@@ -86,23 +102,56 @@ impl EventQueue {
         }
     }
 
-    /// Pushes several events under one lock and at most one wake-up.
-    pub fn push_all(&self, batch: &mut Vec<Event>) {
-        if batch.is_empty() {
-            return;
-        }
-        let was_empty = {
+    /// Pushes several events under one lock and at most one wake-up. Returns the number of the
+    /// batch they will be handled in (see [`Self::is_processed`]).
+    pub fn push_all(&self, batch: &mut Vec<Event>) -> u64 {
+        let (was_empty, number) = {
             let mut events = self.events.lock();
+            let number = self.drains.load(Ordering::Relaxed) + 1;
+            if batch.is_empty() {
+                return number;
+            }
             let was_empty = events.is_empty();
             if was_empty {
                 std::mem::swap(&mut *events, batch);
             } else {
                 events.append(batch);
             }
-            was_empty
+            (was_empty, number)
         };
         if was_empty {
             self.wake();
+        }
+        number
+    }
+
+    /// The application has finished handling batch `number`.
+    #[must_use]
+    pub fn is_processed(&self, number: u64) -> bool {
+        self.processed.load(Ordering::Acquire) >= number
+    }
+
+    /// Like [`Self::is_processed`]; when not, `socket`'s task is woken once it is.
+    pub(crate) fn wake_when_processed(&self, number: u64, socket: &Arc<crate::socket::SocketShared>) -> bool {
+        let mut waiting = self.waiting.lock();
+        // Checked under the lock `batch_done` takes after it counts the batch: no lost wake-up.
+        if self.is_processed(number) {
+            return true;
+        }
+        if !socket.set_waiting_app() {
+            waiting.push(socket.clone());
+        }
+        false
+    }
+
+    /// Called by the application thread when it has handled the batch `drain` gave it (and
+    /// queued what its handlers sent): wakes the sockets that waited for it.
+    pub fn batch_done(&self) {
+        self.processed.store(self.drains.load(Ordering::Acquire), Ordering::Release);
+        let waiting = std::mem::take(&mut *self.waiting.lock());
+        for socket in waiting {
+            socket.clear_waiting_app();
+            socket.wake.notify_one();
         }
     }
 
@@ -114,7 +163,9 @@ impl EventQueue {
         unsafe {
             libc::read(self.fd(), std::ptr::from_mut(&mut counter).cast(), 8);
         }
-        std::mem::take(&mut *self.events.lock())
+        let mut events = self.events.lock();
+        self.drains.fetch_add(1, Ordering::AcqRel);
+        std::mem::take(&mut *events)
     }
 
     fn wake(&self) {
@@ -152,5 +203,17 @@ mod tests {
         assert!(readable(q.fd()));
         assert_eq!(q.drain().len(), 2);
         assert!(q.drain().is_empty());
+    }
+
+    #[test]
+    fn batches_are_numbered_and_processed_in_order() {
+        let q = EventQueue::new().unwrap();
+        let number = q.push_all(&mut vec![Event::Drained { socket: 1 }]);
+        assert!(!q.is_processed(number));
+        let _ = q.drain();
+        assert!(!q.is_processed(number), "drained is not handled yet");
+        q.batch_done();
+        assert!(q.is_processed(number));
+        assert_eq!(q.push_all(&mut vec![Event::AllClosed]), number + 1);
     }
 }

@@ -207,12 +207,12 @@ mod tests {
     use std::collections::VecDeque;
 
     fn socket(id: u64) -> Arc<SocketShared> {
-        Arc::new(SocketShared::new(id, &Limits::default()))
+        Arc::new(SocketShared::new(id, Arc::new(Limits::default())))
     }
 
     fn queued(socket: &SocketShared) -> usize {
         let mut out = VecDeque::new();
-        let _ = socket.take_queued(&mut out);
+        let _ = socket.take_queued(&mut out, &mut false);
         out.len()
     }
 

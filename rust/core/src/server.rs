@@ -4,8 +4,9 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
@@ -22,7 +23,7 @@ use tokio::sync::{oneshot, Notify};
 
 use crate::bridge::{Event, EventQueue};
 use crate::client::{self, ConnectRequest};
-use crate::config::{Limits, ServerConfig};
+use crate::config::{Limits, ServerConfig, HANDSHAKE_HEADERS, MAX_HEADERS};
 use crate::connection;
 use crate::error::CoreError;
 use crate::handshake::{self, Upgrade};
@@ -33,9 +34,16 @@ use crate::tls;
 
 /// State shared by the accept loop, every connection task and the application side.
 pub struct ServerCtx {
-    pub limits: Limits,
+    /// The app's limits: the server-wide ones, and the per-socket ones of sockets accepted
+    /// without limits of their own.
+    pub limits: Arc<Limits>,
     pub events: Arc<EventQueue>,
     sockets: Mutex<HashMap<u64, Arc<SocketShared>>>,
+    /// Connections being served as HTTP (plain or TLS), before or without an upgrade.
+    http_connections: AtomicUsize,
+    /// The most connections of every kind since memory was last given back to the system.
+    peak_connections: AtomicUsize,
+    allowed_origins: Option<Vec<String>>,
     next_socket: AtomicU64,
     shutting_down: AtomicBool,
     stop_accepting: Notify,
@@ -52,18 +60,36 @@ impl ServerCtx {
         self.sockets.lock().get(&id).cloned()
     }
 
-    fn new_socket(&self) -> Arc<SocketShared> {
+    /// Connections of every kind: HTTP ones and WebSockets (accepted and outgoing). A
+    /// connection that is being upgraded may count twice for a moment, never zero times.
+    fn connections(&self) -> usize {
+        let total = self.http_connections.load(Ordering::Acquire) + self.open_sockets();
+        self.peak_connections.fetch_max(total, Ordering::AcqRel);
+        total
+    }
+
+    fn new_socket(&self, limits: Option<Arc<Limits>>) -> Arc<SocketShared> {
         let id = self.next_socket.fetch_add(1, Ordering::Relaxed);
-        let socket = Arc::new(SocketShared::new(id, &self.limits));
+        let socket = Arc::new(SocketShared::new(id, limits.unwrap_or_else(|| self.limits.clone())));
         self.sockets.lock().insert(id, socket.clone());
         socket
     }
 
     pub(crate) fn new_client_socket(&self) -> Arc<SocketShared> {
         let id = self.next_socket.fetch_add(1, Ordering::Relaxed);
-        let socket = Arc::new(SocketShared::new_client(id, &self.limits));
+        let socket = Arc::new(SocketShared::new_client(id, self.limits.clone()));
         self.sockets.lock().insert(id, socket.clone());
         socket
+    }
+
+    /// An upgrade from a browser page of a site not on the allow-list.
+    fn origin_refused(&self, headers: &hyper::HeaderMap) -> bool {
+        let (Some(allowed), Some(origin)) = (&self.allowed_origins, headers.get(hyper::header::ORIGIN))
+        else {
+            return false;
+        };
+        let origin = origin.to_str().unwrap_or("").trim_end_matches('/');
+        !allowed.iter().any(|a| a.trim_end_matches('/').eq_ignore_ascii_case(origin))
     }
 
     pub(crate) fn is_shutting_down(&self) -> bool {
@@ -143,10 +169,24 @@ impl Reply {
         headers: Vec<(String, Bytes)>,
         slot: Option<Arc<Slot>>,
     ) -> Result<Arc<SocketShared>, (Self, CoreError)> {
+        self.accept_websocket_with(headers, slot, None)
+    }
+
+    /// [`Self::accept_websocket`] for a socket held to `limits` (a Durable Object namespace's)
+    /// instead of the app's.
+    ///
+    /// # Errors
+    /// As [`Self::accept_websocket`].
+    pub fn accept_websocket_with(
+        self,
+        headers: Vec<(String, Bytes)>,
+        slot: Option<Arc<Slot>>,
+        limits: Option<Arc<Limits>>,
+    ) -> Result<Arc<SocketShared>, (Self, CoreError)> {
         if !self.websocket {
             return Err((self, CoreError::NotAnUpgrade));
         }
-        let socket = self.ctx.new_socket();
+        let socket = self.ctx.new_socket(limits);
         let id = socket.id();
         if let Some(slot) = slot {
             socket.set_slot(slot);
@@ -165,6 +205,24 @@ impl Reply {
 }
 
 type Body = Full<Bytes>;
+
+/// Checks headers the application wants to send: a name that is not a token, or a value with
+/// CR, LF or NUL, would make hyper fail the response.
+///
+/// # Errors
+/// `InvalidArgument` naming the first bad header.
+pub fn check_headers(headers: &[(String, Bytes)]) -> Result<(), CoreError> {
+    for (name, value) in headers {
+        HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| CoreError::InvalidArgument(format!("invalid response header name {name:?}")))?;
+        HeaderValue::from_bytes(value).map_err(|_| {
+            CoreError::InvalidArgument(format!(
+                "invalid value of response header {name:?} (CR, LF and NUL are not allowed)"
+            ))
+        })?;
+    }
+    Ok(())
+}
 
 fn plain(status: StatusCode, text: &'static str) -> Response<Body> {
     let mut response = Response::new(Full::new(Bytes::from_static(text.as_bytes())));
@@ -205,19 +263,31 @@ async fn handle(
             return Ok(response);
         }
     };
+    if accept.is_some() && ctx.origin_refused(req.headers()) {
+        return Ok(plain(StatusCode::FORBIDDEN, "origin not allowed"));
+    }
+    // This connection is one of those counted: past the limit only by others.
     if accept.is_some()
-        && (ctx.open_sockets() >= ctx.limits.max_connections || ctx.shutting_down.load(Ordering::Acquire))
+        && (ctx.connections() > ctx.limits.max_connections || ctx.shutting_down.load(Ordering::Acquire))
     {
         return Ok(plain(StatusCode::SERVICE_UNAVAILABLE, "too many connections"));
     }
     let on_upgrade = accept.as_ref().map(|_| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
-    let body = match Limited::new(body, ctx.limits.max_body_size).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+    // The body is bounded in time as the head is: a client trickling it would otherwise hold
+    // the connection (and its buffers) forever.
+    let collect = Limited::new(body, ctx.limits.max_body_size).collect();
+    let body = match tokio::time::timeout(ctx.limits.handshake_timeout, collect).await {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
             return Ok(plain(StatusCode::PAYLOAD_TOO_LARGE, "request body too large"))
         }
-        Err(_) => return Ok(plain(StatusCode::BAD_REQUEST, "could not read the request body")),
+        Ok(Err(_)) => return Ok(plain(StatusCode::BAD_REQUEST, "could not read the request body")),
+        Err(_) => {
+            let mut response = plain(StatusCode::REQUEST_TIMEOUT, "request body not received in time");
+            response.headers_mut().insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
+            return Ok(response);
+        }
     };
     let headers = parts
         .headers
@@ -300,13 +370,31 @@ type ServerTls = tokio_rustls::server::TlsStream<TcpStream>;
 async fn serve_tls(
     stream: TcpStream,
     peer: SocketAddr,
-    ctx: Arc<ServerCtx>,
+    counted: HttpConnection,
     acceptor: tokio_rustls::TlsAcceptor,
 ) {
+    let ctx = counted.0.clone();
     match tokio::time::timeout(ctx.limits.handshake_timeout, acceptor.accept(stream)).await {
         Ok(Ok(session)) => serve_http(session, peer, ctx).await,
         Ok(Err(e)) => log::debug!("TLS handshake with {peer}: {e}"),
         Err(_) => log::debug!("TLS handshake with {peer} timed out"),
+    }
+}
+
+/// Counts a connection served as HTTP for as long as it is (an upgraded one is then counted
+/// as a socket).
+struct HttpConnection(Arc<ServerCtx>);
+
+impl HttpConnection {
+    fn new(ctx: &Arc<ServerCtx>) -> Self {
+        ctx.http_connections.fetch_add(1, Ordering::AcqRel);
+        Self(ctx.clone())
+    }
+}
+
+impl Drop for HttpConnection {
+    fn drop(&mut self) {
+        self.0.http_connections.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -320,10 +408,49 @@ where
     let connection = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(timeout)
+        // The cap is on the client's own headers: those of a handshake come on top.
+        .max_headers(MAX_HEADERS + HANDSHAKE_HEADERS)
         .serve_connection(io, service)
         .with_upgrades();
     if let Err(e) = connection.await {
         log::debug!("HTTP connection from {peer}: {e}");
+    }
+}
+
+/// A connection past `max_connections`: answered 503 at once, without reading its request
+/// (which costs nothing lasting), then closed after a short linger so the answer is read
+/// instead of lost to a reset.
+async fn refuse(mut stream: TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const ANSWER: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\n\
+        content-length: 20\r\nconnection: close\r\n\r\ntoo many connections";
+    if stream.write_all(ANSWER).await.is_err() || stream.shutdown().await.is_err() {
+        return;
+    }
+    let mut sink = [0u8; 1024];
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
+    })
+    .await;
+}
+
+/// Gives freed memory back to the system after a burst of connections: glibc keeps what the
+/// I/O threads freed in their arenas (a burst of 10,000 sockets would otherwise keep its peak
+/// RSS for good). Checked every few seconds, and done only after connections fell by many.
+async fn return_memory(ctx: Arc<ServerCtx>) {
+    const EVERY: Duration = Duration::from_secs(5);
+    const AFTER_A_FALL_OF: usize = 1000;
+    loop {
+        tokio::time::sleep(EVERY).await;
+        let now = ctx.connections();
+        if ctx.peak_connections.load(Ordering::Acquire).saturating_sub(now) >= AFTER_A_FALL_OF {
+            ctx.peak_connections.store(now, Ordering::Release);
+            #[cfg(all(target_os = "linux", target_env = "gnu"))]
+            // SAFETY: malloc_trim only releases free memory; it has no preconditions.
+            unsafe {
+                libc::malloc_trim(0);
+            }
+        }
     }
 }
 
@@ -332,10 +459,19 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<ServerCtx>) {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
+                    if ctx.connections() >= ctx.limits.max_connections {
+                        runtime::spawn(refuse(stream));
+                        continue;
+                    }
                     let _ = stream.set_nodelay(true);
+                    let counted = HttpConnection::new(&ctx);
                     match &ctx.tls {
-                        Some(acceptor) => runtime::spawn(serve_tls(stream, peer, ctx.clone(), acceptor.clone())),
-                        None => runtime::spawn(serve_http(stream, peer, ctx.clone())),
+                        Some(acceptor) => runtime::spawn(serve_tls(stream, peer, counted, acceptor.clone())),
+                        None => runtime::spawn(async move {
+                            let ctx = counted.0.clone();
+                            serve_http(stream, peer, ctx).await;
+                            drop(counted);
+                        }),
                     };
                 }
                 Err(e) => {
@@ -364,9 +500,12 @@ impl Server {
     pub fn start(config: ServerConfig) -> Result<Self, CoreError> {
         let runtime = runtime::build(config.io_threads)?;
         let ctx = Arc::new(ServerCtx {
-            limits: config.limits,
+            limits: Arc::new(config.limits),
             events: Arc::new(EventQueue::new()?),
             sockets: Mutex::new(HashMap::new()),
+            http_connections: AtomicUsize::new(0),
+            peak_connections: AtomicUsize::new(0),
+            allowed_origins: config.allowed_origins,
             next_socket: AtomicU64::new(1),
             shutting_down: AtomicBool::new(false),
             stop_accepting: Notify::new(),
@@ -383,6 +522,7 @@ impl Server {
         {
             let _guard = runtime.enter();
             runtime::spawn(accept_loop(listener, ctx.clone()));
+            runtime::spawn(return_memory(ctx.clone()));
         }
         Ok(Self { ctx, runtime: Some(runtime), local_addr })
     }
@@ -402,7 +542,8 @@ impl Server {
         self.ctx.open_sockets()
     }
 
-    /// Tasks alive on the I/O runtime (one per open socket, plus the accept loop).
+    /// Tasks alive on the I/O runtime (one per open socket, plus the accept loop and the memory
+    /// keeper).
     #[must_use]
     pub fn alive_tasks(&self) -> usize {
         self.runtime.as_ref().map_or(0, |runtime| runtime.metrics().num_alive_tasks())
@@ -454,9 +595,12 @@ impl Drop for Server {
 #[cfg(test)]
 pub(crate) fn test_ctx() -> ServerCtx {
     ServerCtx {
-        limits: Limits::default(),
+        limits: Arc::new(Limits::default()),
         events: Arc::new(EventQueue::new().unwrap()),
         sockets: Mutex::new(HashMap::new()),
+        http_connections: AtomicUsize::new(0),
+        peak_connections: AtomicUsize::new(0),
+        allowed_origins: None,
         next_socket: AtomicU64::new(1),
         shutting_down: AtomicBool::new(false),
         stop_accepting: Notify::new(),

@@ -19,6 +19,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<meter::Slot>()?;
     meter::add_units(m)?;
     m.add_class::<socket::SocketHandle>()?;
+    m.add_class::<socket::SocketLimits>()?;
     m.add_class::<object::ObjectState>()?;
     convert::add_event_kinds(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
