@@ -56,8 +56,8 @@ browser-deps: ## install Debian's chromium and chromium-driver for the browser t
 lint: $(VENV)/.deps ## rustfmt --check, clippy -D warnings, ruff, mypy --strict
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
-	$(VENV)/bin/ruff check python tests examples bench
-	$(VENV)/bin/ruff format --check python tests examples bench
+	$(VENV)/bin/ruff check python tests examples bench conformance
+	$(VENV)/bin/ruff format --check python tests examples bench conformance
 	$(VENV)/bin/mypy
 
 fmt: $(VENV)/.deps ## format Rust and Python
@@ -69,3 +69,21 @@ clean: ## remove build output and the venv
 	rm -rf target $(VENV) python/sockworker/*.so
 
 -include bench/bench.mk
+
+# -- conformance: the Autobahn|Testsuite fuzzing client (Python 2.7 only) against conformance/echo.py
+# Python 2.7 comes from pyenv where the machine has it (these do), else from PATH.
+PY27 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/2.7*/bin/python2.7) $(shell command -v python2.7 2>/dev/null))
+AUTOBAHN := .conformance/autobahn
+CONFORMANCE_CASES ?= 1.*,2.*,3.*,4.*,5.*,6.*,7.*,8.*,9.*,10.*
+
+$(AUTOBAHN)/.installed:
+	@test -n "$(PY27)" || { echo "make conformance needs Python 2.7 (autobahntestsuite runs on nothing newer)"; exit 1; }
+	@# virtualenv before 20.22 still makes Python 2.7 environments.
+	$(PIP) install --quiet "virtualenv<20.22"
+	$(VENV)/bin/virtualenv --quiet -p $(PY27) $(AUTOBAHN)
+	$(AUTOBAHN)/bin/pip install --quiet --disable-pip-version-check autobahntestsuite==25.10.1
+	touch $@
+
+.PHONY: conformance
+conformance: build $(AUTOBAHN)/.installed ## run the Autobahn|Testsuite fuzzing client against an echo app; summary per case group
+	$(PY) conformance/run.py --wstest $(AUTOBAHN)/bin/wstest --cases '$(CONFORMANCE_CASES)'
