@@ -76,13 +76,15 @@ async def _flood(ws: RawWebSocket, frame: bytes, count: int) -> int:
 async def test_ping_flood_from_a_client_that_never_reads_ends_in_1008_with_bounded_memory(
     hardened: ServerProcess,
 ) -> None:
-    async with healthy_client(hardened):
-        async with await RawWebSocket.connect(hardened.port, "/ws?id=pinger", **NOT_READING) as ws:
-            baseline = hardened.rss_kib()
-            # Four million pings, as in the issue: at most as many as the server takes.
-            sent = await _flood(ws, encode_frame(OP_PING, b"p" * 8), 4_000_000)
-            peak = hardened.rss_kib()
-            code, reason = await ws.recv_close(within=20)
+    async with (
+        healthy_client(hardened),
+        await RawWebSocket.connect(hardened.port, "/ws?id=pinger", **NOT_READING) as ws,
+    ):
+        baseline = hardened.rss_kib()
+        # Four million pings, as in the issue: at most as many as the server takes.
+        sent = await _flood(ws, encode_frame(OP_PING, b"p" * 8), 4_000_000)
+        peak = hardened.rss_kib()
+        code, reason = await ws.recv_close(within=20)
     assert code == 1008, (code, reason, sent)
     assert peak - baseline < RSS_MARGIN_KIB, f"RSS grew {(peak - baseline) >> 10} MiB"
 
@@ -144,12 +146,14 @@ async def test_a_flood_of_one_byte_echoes_is_counted_at_its_real_cost(
 ) -> None:
     """A million one-byte messages echoed to a client that does not read: 3 bytes each on the
     wire but ~70 in memory. The queue limit counts the latter: closed 1008, memory bounded."""
-    async with healthy_client(hardened):
-        async with await RawWebSocket.connect(hardened.port, "/ws?id=tiny", **NOT_READING) as ws:
-            baseline = hardened.rss_kib()
-            await _flood(ws, encode_frame(OP_BINARY, b"1"), 1_000_000)
-            peak = hardened.rss_kib()
-            code, _ = await ws.recv_close(within=20)
+    async with (
+        healthy_client(hardened),
+        await RawWebSocket.connect(hardened.port, "/ws?id=tiny", **NOT_READING) as ws,
+    ):
+        baseline = hardened.rss_kib()
+        await _flood(ws, encode_frame(OP_BINARY, b"1"), 1_000_000)
+        peak = hardened.rss_kib()
+        code, _ = await ws.recv_close(within=20)
     assert code == 1008
     assert peak - baseline < RSS_MARGIN_KIB, f"RSS grew {(peak - baseline) >> 10} MiB"
 
@@ -178,11 +182,13 @@ async def test_input_waiting_for_a_blocked_loop_is_bounded_per_socket(
 
 @run_async
 async def test_a_million_empty_continuation_frames_end_in_1009(hardened: ServerProcess) -> None:
-    async with healthy_client(hardened):
-        async with await RawWebSocket.connect(hardened.port, "/ws?id=fragments") as ws:
-            ws.write_raw(encode_frame(OP_TEXT, b"a", fin=False))
-            await _flood(ws, encode_frame(OP_CONT, b"", fin=False), 1_000_000)
-            code, _ = await ws.recv_close(within=20)
+    async with (
+        healthy_client(hardened),
+        await RawWebSocket.connect(hardened.port, "/ws?id=fragments") as ws,
+    ):
+        ws.write_raw(encode_frame(OP_TEXT, b"a", fin=False))
+        await _flood(ws, encode_frame(OP_CONT, b"", fin=False), 1_000_000)
+        code, _ = await ws.recv_close(within=20)
     assert code == 1009
 
 
@@ -326,7 +332,8 @@ async def test_a_blocking_handler_is_logged_with_its_stack_and_counted(
 @run_async
 async def test_the_wall_limit_stops_a_handler_that_keeps_blocking(hardened: ServerProcess) -> None:
     async with (
-        healthy_client(hardened), aiohttp.ClientSession() as session,
+        healthy_client(hardened),
+        aiohttp.ClientSession() as session,
         session.get(f"{hardened.http}/slow") as response,
     ):
         assert response.status == 503, await response.text()
