@@ -87,3 +87,33 @@ $(AUTOBAHN)/.installed:
 .PHONY: conformance
 conformance: build $(AUTOBAHN)/.installed ## run the Autobahn|Testsuite fuzzing client against an echo app; summary per case group
 	$(PY) conformance/run.py --wstest $(AUTOBAHN)/bin/wstest --cases '$(CONFORMANCE_CASES)'
+
+# -- fuzzing: cargo fuzz (libFuzzer) on the core's parsers; works on the stable toolchain with
+# --sanitizer none (the coverage instrumentation needs no nightly flag).
+CARGO_FUZZ := .tools/bin/cargo-fuzz
+FUZZ_TARGETS := frame_decoder handshake client_response
+FUZZ_SECONDS ?= 60
+
+$(CARGO_FUZZ):
+	$(CARGO) install --quiet --locked cargo-fuzz --version 0.13.2 --root .tools
+
+.PHONY: fuzz fuzz-smoke
+fuzz-smoke: $(CARGO_FUZZ) ## run each fuzz target for FUZZ_SECONDS (60) on the committed corpus
+	cd fuzz && ../$(CARGO_FUZZ) build -s none --release
+	@for target in $(FUZZ_TARGETS); do \
+		echo "fuzzing $$target for $(FUZZ_SECONDS) s"; \
+		(cd fuzz && ../$(CARGO_FUZZ) run -s none --release $$target -- \
+			-max_total_time=$(FUZZ_SECONDS) -max_len=8192 -print_final_stats=1 2>&1 | tail -12) \
+			|| exit 1; \
+	done
+
+fuzz: ## long fuzzing in the background at nice 19: FUZZ_SECONDS per target (default 3600), logs in fuzz/logs
+	$(MAKE) --no-print-directory $(CARGO_FUZZ)
+	cd fuzz && ../$(CARGO_FUZZ) build -s none --release
+	mkdir -p fuzz/logs
+	@for target in $(FUZZ_TARGETS); do \
+		(cd fuzz && nice -n 19 ../$(CARGO_FUZZ) run -s none --release $$target -- \
+			-max_total_time=$${FUZZ_LONG:-3600} -max_len=8192 -print_final_stats=1 \
+			> logs/$$target.log 2>&1 &); \
+	done
+	@echo "fuzzing $(FUZZ_TARGETS) in the background; see fuzz/logs/"
