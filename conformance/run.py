@@ -98,7 +98,7 @@ def main() -> int:
         # wstest prints a line per case: kept out of the output, in the reports directory.
         with (outdir / "wstest.log").open("w") as log:
             status = subprocess.run(
-                [args.wstest, "-m", "fuzzingclient", "-s", str(config)],
+                [str(Path(args.wstest).resolve()), "-m", "fuzzingclient", "-s", str(config)],
                 cwd=outdir,
                 stdout=log,
                 stderr=subprocess.STDOUT,
