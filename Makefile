@@ -74,7 +74,7 @@ clean: ## remove build output and the venv
 # Python 2.7 comes from pyenv where the machine has it (these do), else from PATH.
 PY27 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/2.7*/bin/python2.7) $(shell command -v python2.7 2>/dev/null))
 AUTOBAHN := .conformance/autobahn
-CONFORMANCE_CASES ?= 1.*,2.*,3.*,4.*,5.*,6.*,7.*,8.*,9.*,10.*
+CONFORMANCE_CASES ?= 1.*,2.*,3.*,4.*,5.*,6.*,7.*,8.*,9.*,10.*,12.*,13.*
 
 $(AUTOBAHN)/.installed:
 	@test -n "$(PY27)" || { echo "make conformance needs Python 2.7 (autobahntestsuite runs on nothing newer)"; exit 1; }
@@ -91,7 +91,7 @@ conformance: build $(AUTOBAHN)/.installed ## run the Autobahn|Testsuite fuzzing 
 # -- fuzzing: cargo fuzz (libFuzzer) on the core's parsers; works on the stable toolchain with
 # --sanitizer none (the coverage instrumentation needs no nightly flag).
 CARGO_FUZZ := .tools/bin/cargo-fuzz
-FUZZ_TARGETS := frame_decoder handshake client_response
+FUZZ_TARGETS := frame_decoder handshake client_response inflater
 FUZZ_SECONDS ?= 60
 
 $(CARGO_FUZZ):
@@ -117,3 +117,4 @@ fuzz: ## long fuzzing in the background at nice 19: FUZZ_SECONDS per target (def
 			> logs/$$target.log 2>&1 &); \
 	done
 	@echo "fuzzing $(FUZZ_TARGETS) in the background; see fuzz/logs/"
+

@@ -90,6 +90,7 @@ class App:
         metrics_path: str | None = None,
         metering: bool = True,
         allowed_origins: Iterable[str] | None = None,
+        compression: bool = False,
     ) -> None:
         """``account(request)`` labels what a request costs (default ``"default"``);
         ``billing`` receives usage records and may refuse requests (``admit``); ``pricing``
@@ -97,7 +98,8 @@ class App:
         text; ``metering=False`` turns CPU accounting, CPU limits and the meter off.
         ``allowed_origins`` (e.g. ``["https://example.com"]``): a WebSocket upgrade whose
         ``Origin`` header is not one of them is answered 403 by the core before any handler
-        runs (requests without ``Origin``, which browsers always send, are let through)."""
+        runs (requests without ``Origin``, which browsers always send, are let through).
+        ``compression=True`` accepts permessage-deflate (RFC 7692) when a client offers it."""
         self.fetch = fetch
         self.limits = limits or Limits()
         self.account = account
@@ -107,6 +109,7 @@ class App:
         self.metrics_path = metrics_path
         self.metering = metering
         self.allowed_origins = None if allowed_origins is None else list(allowed_origins)
+        self.compression = compression
         if isinstance(allowed_origins, str):
             raise TypeError("allowed_origins is a list of origins, not one string")
         self.namespaces = {
@@ -210,6 +213,7 @@ class _Runtime:
             allowed_origins=app.allowed_origins,
             log_blocked_after=float(limits.log_blocked_after),
             on_blocked=self._on_blocked,
+            compression=app.compression,
         )
         self.shutdown_timeout = SHUTDOWN_GRACE
         self.scheme = "https" if certfile else "http"

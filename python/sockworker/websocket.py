@@ -327,6 +327,7 @@ class WebSocket:
         self._host = host
         self._url = url
         self._protocol = protocol
+        self._extensions = handle.extensions
         if self._attachment is not None:
             handle.set_attachment(self._attachment)
             self._attachment = None
@@ -347,6 +348,7 @@ class WebSocket:
         ws._ready_state = WebSocket.OPEN
         ws._url = handle.url
         ws._protocol = handle.protocol
+        ws._extensions = handle.extensions
         return ws
 
     def _on_message(self, data: str | bytes) -> None:

@@ -23,6 +23,7 @@ fn main() {
         limits: Limits::default(),
         tls: None,
         allowed_origins: None,
+        compression: false,
     })
     .unwrap();
     let addr = server.local_addr();

@@ -96,4 +96,6 @@ pub struct ServerConfig {
     /// to case) is answered 403 before any application code runs. Requests without `Origin`
     /// (not from a browser) are let through.
     pub allowed_origins: Option<Vec<String>>,
+    /// Accept permessage-deflate (RFC 7692) when a client offers it.
+    pub compression: bool,
 }

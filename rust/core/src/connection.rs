@@ -137,10 +137,10 @@ pub(crate) async fn run<S: Stream>(
     let max_message_size = socket.limits().max_message_size;
     let mut conn = Connection {
         stream,
-        decoder: if socket.is_client() {
-            MessageDecoder::for_client(max_message_size)
-        } else {
-            MessageDecoder::new(max_message_size)
+        decoder: match (socket.is_client(), socket.deflate().is_some()) {
+            (true, _) => MessageDecoder::for_client(max_message_size),
+            (false, false) => MessageDecoder::new(max_message_size),
+            (false, true) => MessageDecoder::new(max_message_size).with_inflate(),
         },
         socket,
         ctx,

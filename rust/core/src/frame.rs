@@ -10,6 +10,7 @@ use tungstenite::protocol::frame::FrameHeader;
 
 use crate::bridge::Payload;
 use crate::config::FRAME_CHARGE;
+use crate::deflate::InflateError;
 
 /// Close codes the core sends on its own.
 pub mod close_code {
@@ -114,6 +115,10 @@ pub struct MessageDecoder {
     max_message_size: usize,
     /// Decoding what a server sends (our outgoing sockets): frames must not be masked.
     from_server: bool,
+    /// permessage-deflate was negotiated: RSV1 marks a compressed message.
+    inflate: bool,
+    /// The message being assembled is compressed (inflated once whole).
+    compressed: bool,
 }
 
 impl MessageDecoder {
@@ -128,7 +133,15 @@ impl MessageDecoder {
             utf8: Utf8Check::default(),
             max_message_size,
             from_server: false,
+            inflate: false,
+            compressed: false,
         }
+    }
+
+    /// Takes compressed messages (RSV1) too: permessage-deflate was negotiated.
+    #[must_use]
+    pub fn with_inflate(self) -> Self {
+        Self { inflate: true, ..self }
     }
 
     /// A decoder of frames from a server (unmasked), for outgoing sockets.
@@ -183,7 +196,7 @@ impl MessageDecoder {
             #[allow(clippy::cast_possible_truncation)]
             let start = used + cursor.position() as usize;
             if data.len() - start < length {
-                if self.is_text(&header) {
+                if self.is_text(&header) && !header.rsv1 && !self.compressed {
                     self.check_partial(&data[start..], header.mask)?;
                 }
                 return Ok(used);
@@ -231,7 +244,10 @@ impl MessageDecoder {
     }
 
     fn check_header(&self, header: &FrameHeader, length: u64) -> Result<(), Violation> {
-        if header.rsv1 || header.rsv2 || header.rsv3 {
+        // RSV1 marks a compressed message (on its first frame) once permessage-deflate is on.
+        let compressed_start =
+            header.rsv1 && self.inflate && matches!(header.opcode, OpCode::Data(Data::Text | Data::Binary));
+        if (header.rsv1 && !compressed_start) || header.rsv2 || header.rsv3 {
             return Err(violation(close_code::PROTOCOL_ERROR, "reserved bits set"));
         }
         if self.from_server && header.mask.is_some() {
@@ -289,6 +305,26 @@ impl MessageDecoder {
             OpCode::Control(Control::Reserved(_)) | OpCode::Data(Data::Reserved(_)) => {
                 return Err(violation(close_code::PROTOCOL_ERROR, "reserved opcode"))
             }
+            OpCode::Data(kind @ (Data::Text | Data::Binary)) if header.rsv1 => {
+                if header.is_final {
+                    sink(Incoming::Message(self.inflated(kind, &payload)?));
+                } else {
+                    self.compressed = true;
+                    self.charged = payload.len().max(FRAME_CHARGE);
+                    self.fragments = Some((kind, payload));
+                }
+            }
+            OpCode::Data(Data::Continue) if self.compressed => {
+                let (_, buffer) = self.fragments.as_mut().expect("checked in check_header");
+                self.charged += payload.len().max(FRAME_CHARGE);
+                buffer.unsplit(payload);
+                if header.is_final {
+                    let (kind, buffer) = self.fragments.take().expect("present");
+                    self.charged = 0;
+                    self.compressed = false;
+                    sink(Incoming::Message(self.inflated(kind, &buffer)?));
+                }
+            }
             OpCode::Data(Data::Text) if header.is_final && checked == 0 => {
                 // The common case, a whole text message in one frame: validated in one pass.
                 if std::str::from_utf8(&payload).is_err() {
@@ -329,6 +365,20 @@ impl MessageDecoder {
             }
         }
         Ok(())
+    }
+}
+
+impl MessageDecoder {
+    /// A whole compressed message, inflated (at most `max_message_size`) and checked.
+    fn inflated(&self, kind: Data, compressed: &[u8]) -> Result<Payload, Violation> {
+        let data = crate::deflate::inflate(compressed, self.max_message_size).map_err(|e| match e {
+            InflateError::TooBig => violation(close_code::TOO_BIG, "message too big once inflated"),
+            InflateError::Invalid => violation(close_code::INVALID_PAYLOAD, "invalid compressed data"),
+        })?;
+        if kind == Data::Text && std::str::from_utf8(&data).is_err() {
+            return Err(INVALID_TEXT);
+        }
+        Ok(to_payload(kind, BytesMut::from(&data[..])))
     }
 }
 
@@ -413,6 +463,22 @@ pub fn mask(frame: &[u8]) -> Bytes {
 #[must_use]
 pub fn encode_message(text: bool, data: &[u8]) -> Bytes {
     encode(OpCode::Data(if text { Data::Text } else { Data::Binary }), &[data])
+}
+
+/// One frame holding a whole message compressed with permessage-deflate (RSV1 set).
+#[must_use]
+pub fn encode_compressed(text: bool, data: &[u8]) -> Bytes {
+    let compressed = crate::deflate::compress(data);
+    let header = FrameHeader {
+        opcode: OpCode::Data(if text { Data::Text } else { Data::Binary }),
+        rsv1: true,
+        ..FrameHeader::default()
+    };
+    let length = compressed.len() as u64;
+    let mut out = BytesMut::with_capacity(header.len(length) + compressed.len());
+    header.format(length, &mut (&mut out).writer()).expect("writing to memory");
+    out.extend_from_slice(&compressed);
+    out.freeze()
 }
 
 #[must_use]

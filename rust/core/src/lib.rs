@@ -5,6 +5,7 @@ pub mod bridge;
 pub mod client;
 pub mod config;
 pub mod connection;
+pub mod deflate;
 pub mod error;
 pub mod frame;
 pub mod handshake;

@@ -129,15 +129,22 @@ impl ObjectShared {
     }
 
     /// Encodes the message once and queues it on every matching socket; returns how many.
+    /// With permessage-deflate, compressed once too, for the sockets that compress.
     pub fn broadcast(&self, text: bool, data: &[u8], tag: Option<&str>, exclude: Option<u64>) -> usize {
         let frame = frame::encode_message(text, data);
+        let mut compressed: Option<Bytes> = None;
         let sockets = self.sockets.lock();
         let mut sent = 0;
         for socket in sockets.iter() {
-            if Some(socket.id()) != exclude
-                && socket.has_tag(tag)
-                && socket.send_frame(frame.clone()).is_queued()
-            {
+            if Some(socket.id()) == exclude || !socket.has_tag(tag) {
+                continue;
+            }
+            let encoded = if socket.deflate().is_some_and(|d| d.compresses(data.len())) {
+                compressed.get_or_insert_with(|| frame::encode_compressed(text, data)).clone()
+            } else {
+                frame.clone()
+            };
+            if socket.send_frame(encoded).is_queued() {
                 sent += 1;
             }
         }

@@ -25,6 +25,7 @@ use crate::bridge::{Event, EventQueue};
 use crate::client::{self, ConnectRequest};
 use crate::config::{Limits, ServerConfig, HANDSHAKE_HEADERS, MAX_HEADERS};
 use crate::connection;
+use crate::deflate::Deflate;
 use crate::error::CoreError;
 use crate::handshake::{self, Upgrade};
 use crate::meter::{Slot, Unit};
@@ -44,6 +45,7 @@ pub struct ServerCtx {
     /// The most connections of every kind since memory was last given back to the system.
     peak_connections: AtomicUsize,
     allowed_origins: Option<Vec<String>>,
+    compression: bool,
     next_socket: AtomicU64,
     shutting_down: AtomicBool,
     stop_accepting: Notify,
@@ -68,9 +70,10 @@ impl ServerCtx {
         total
     }
 
-    fn new_socket(&self, limits: Option<Arc<Limits>>) -> Arc<SocketShared> {
+    fn new_socket(&self, limits: Option<Arc<Limits>>, deflate: Option<Deflate>) -> Arc<SocketShared> {
         let id = self.next_socket.fetch_add(1, Ordering::Relaxed);
-        let socket = Arc::new(SocketShared::new(id, limits.unwrap_or_else(|| self.limits.clone())));
+        let limits = limits.unwrap_or_else(|| self.limits.clone());
+        let socket = Arc::new(SocketShared::new(id, limits).with_deflate(deflate));
         self.sockets.lock().insert(id, socket.clone());
         socket
     }
@@ -140,6 +143,8 @@ pub struct Reply {
     tx: oneshot::Sender<Answer>,
     websocket: bool,
     ctx: Arc<ServerCtx>,
+    /// permessage-deflate as negotiated from the client's offer (with compression on).
+    deflate: Option<Deflate>,
 }
 
 impl std::fmt::Debug for Reply {
@@ -186,7 +191,7 @@ impl Reply {
         if !self.websocket {
             return Err((self, CoreError::NotAnUpgrade));
         }
-        let socket = self.ctx.new_socket(limits);
+        let socket = self.ctx.new_socket(limits, self.deflate);
         let id = socket.id();
         if let Some(slot) = slot {
             socket.set_slot(slot);
@@ -272,6 +277,18 @@ async fn handle(
     {
         return Ok(plain(StatusCode::SERVICE_UNAVAILABLE, "too many connections"));
     }
+    let deflate = match (&accept, ctx.compression) {
+        (Some(_), true) => {
+            let offers: Vec<&str> = req
+                .headers()
+                .get_all(hyper::header::SEC_WEBSOCKET_EXTENSIONS)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .collect();
+            crate::deflate::negotiate(&offers.join(","))
+        }
+        _ => None,
+    };
     let on_upgrade = accept.as_ref().map(|_| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
     // The body is bounded in time as the head is: a client trickling it would otherwise hold
@@ -302,7 +319,7 @@ async fn handle(
         headers,
         body,
         peer,
-        reply: Reply { tx, websocket: accept.is_some(), ctx: ctx.clone() },
+        reply: Reply { tx, websocket: accept.is_some(), ctx: ctx.clone(), deflate },
     }));
     let Ok(answer) = rx.await else {
         return Ok(plain(StatusCode::INTERNAL_SERVER_ERROR, "Internal Server Error"));
@@ -354,6 +371,12 @@ async fn handle(
                 hyper::header::SEC_WEBSOCKET_ACCEPT,
                 HeaderValue::from_str(&accept).expect("base64 is a valid header value"),
             );
+            if let Some(deflate) = deflate {
+                h.insert(
+                    hyper::header::SEC_WEBSOCKET_EXTENSIONS,
+                    HeaderValue::from_str(&deflate.response()).expect("ASCII"),
+                );
+            }
             with_headers(response, headers)
         }
     };
@@ -506,6 +529,7 @@ impl Server {
             http_connections: AtomicUsize::new(0),
             peak_connections: AtomicUsize::new(0),
             allowed_origins: config.allowed_origins,
+            compression: config.compression,
             next_socket: AtomicU64::new(1),
             shutting_down: AtomicBool::new(false),
             stop_accepting: Notify::new(),
@@ -601,6 +625,7 @@ pub(crate) fn test_ctx() -> ServerCtx {
         http_connections: AtomicUsize::new(0),
         peak_connections: AtomicUsize::new(0),
         allowed_origins: None,
+        compression: false,
         next_socket: AtomicU64::new(1),
         shutting_down: AtomicBool::new(false),
         stop_accepting: Notify::new(),

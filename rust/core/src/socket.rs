@@ -13,6 +13,7 @@ use parking_lot::Mutex;
 use tokio::sync::Notify;
 
 use crate::config::{Limits, QUEUED_FRAME_COST};
+use crate::deflate::Deflate;
 use crate::frame::{self, close_code};
 use crate::meter::{Slot, Unit};
 use crate::object::SocketMeta;
@@ -139,6 +140,8 @@ pub struct SocketShared {
     slot: OnceLock<Arc<Slot>>,
     /// An outgoing socket (we are the client): frames we send are masked.
     client: bool,
+    /// permessage-deflate, when the handshake negotiated it.
+    deflate: Option<Deflate>,
 }
 
 impl std::fmt::Debug for SocketShared {
@@ -163,7 +166,20 @@ impl SocketShared {
             meta: Mutex::new(None),
             slot: OnceLock::new(),
             client: false,
+            deflate: None,
         }
+    }
+
+    /// The same socket with permessage-deflate (as negotiated in its handshake).
+    #[must_use]
+    pub fn with_deflate(self, deflate: Option<Deflate>) -> Self {
+        Self { deflate, ..self }
+    }
+
+    /// What the handshake negotiated for compression, if anything.
+    #[must_use]
+    pub fn deflate(&self) -> Option<Deflate> {
+        self.deflate
     }
 
     /// An outgoing socket: we are the client.
@@ -207,7 +223,10 @@ impl SocketShared {
 
     /// Queues one message; never blocks on I/O.
     pub fn send(self: &Arc<Self>, text: bool, data: &[u8]) -> SendOutcome {
-        let encoded = frame::encode_message(text, data);
+        let encoded = match self.deflate {
+            Some(deflate) if deflate.compresses(data.len()) => frame::encode_compressed(text, data),
+            _ => frame::encode_message(text, data),
+        };
         self.send_frame(if self.client { frame::mask(&encoded) } else { encoded })
     }
 

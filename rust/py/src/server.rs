@@ -105,7 +105,7 @@ fn seconds(value: f64, name: &str) -> Result<Duration, CoreError> {
 #[pymethods]
 impl Server {
     #[new]
-    #[pyo3(signature = (host, port, *, limits, max_connections, max_body_size, handshake_timeout, io_threads, metering=true, certfile=None, keyfile=None, smallest_cpu_limit=30.0, allowed_origins=None, log_blocked_after=1.0, on_blocked=None))]
+    #[pyo3(signature = (host, port, *, limits, max_connections, max_body_size, handshake_timeout, io_threads, metering=true, certfile=None, keyfile=None, smallest_cpu_limit=30.0, allowed_origins=None, log_blocked_after=1.0, on_blocked=None, compression=false))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -123,6 +123,7 @@ impl Server {
         allowed_origins: Option<Vec<String>>,
         log_blocked_after: f64,
         on_blocked: Option<Py<PyAny>>,
+        compression: bool,
     ) -> PyResult<Self> {
         let socket_limits = limits.inner.clone();
         let build = || -> Result<sockworker_core::Server, CoreError> {
@@ -143,7 +144,8 @@ impl Server {
                     return Err(CoreError::InvalidArgument("certfile and keyfile go together".into()));
                 }
             };
-            sockworker_core::Server::start(ServerConfig { addr, io_threads, limits, tls, allowed_origins })
+            let config = ServerConfig { addr, io_threads, limits, tls, allowed_origins, compression };
+            sockworker_core::Server::start(config)
         };
         let server = py.detach(build).map_err(|e| to_pyerr(py, e))?;
         let watch = Arc::new(Watch::default());

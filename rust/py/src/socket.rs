@@ -80,6 +80,12 @@ impl SocketHandle {
         self.socket.meta_if_any().map(|meta| meta.url.clone()).unwrap_or_default()
     }
 
+    /// The `Sec-WebSocket-Extensions` the handshake answered ("" for none).
+    #[getter]
+    fn extensions(&self) -> String {
+        self.socket.deflate().map(|deflate| deflate.response()).unwrap_or_default()
+    }
+
     #[getter]
     fn protocol(&self) -> String {
         self.socket.meta_if_any().map(|meta| meta.protocol.clone()).unwrap_or_default()
