@@ -105,7 +105,8 @@ async def main() -> int:
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
-    server = ServerProcess("tests.apps.echo:app")
+    # An echo app that keeps nothing per connection (the test apps record every close).
+    server = ServerProcess("examples.echo:app")
     stop = asyncio.Event()
     stats = {"echoes": 0.0, "wrong": 0.0, "worst": 0.0}
     try:
