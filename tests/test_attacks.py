@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import struct
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import aiohttp
@@ -369,3 +369,29 @@ async def test_a_namespaces_limits_hold_for_the_sockets_its_objects_accept(
         with pytest.raises(ConnectionClosed) as closed:
             await asyncio.wait_for(ws.recv(), 10)
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+
+
+# ---------------------------------------------------------------- memory after a burst
+
+
+BURST = 3000
+
+
+@run_async
+async def test_memory_of_a_burst_of_connections_is_given_back(
+    make_server: Callable[..., ServerProcess],
+) -> None:
+    """glibc keeps what the I/O threads freed; the core trims it after connections fall by
+    1,000 or more. Most of what a burst of 3,000 sockets took comes back once they are gone."""
+    server = make_server("examples.echo:app")
+    baseline = server.rss_kib()
+    sockets = [await RawWebSocket.connect(server.port, "/", limit=4096) for _ in range(BURST)]
+    peak = server.rss_kib()
+    assert peak - baseline > 8 << 10, "the burst cost too little to tell"
+    for ws in sockets:
+        ws.abort()
+
+    async def given_back() -> bool:
+        return server.rss_kib() - baseline < (peak - baseline) * 0.6
+
+    await wait_until(given_back, within=30, interval=0.5, what="RSS to fall after the burst")
