@@ -1,5 +1,5 @@
-//! The frame decoder with message assembly and the UTF-8 checks, fed the same bytes whole and
-//! cut into pieces: both must give the same messages and the same verdict (the incremental
+//! The frame decoder with message assembly, the UTF-8 checks and (with permessage-deflate)
+//! inflation, fed the same bytes whole and cut into pieces: both must give the same messages and the same verdict (the incremental
 //! checks of partial frames and fragments must agree with the whole-message ones), text must be
 //! valid UTF-8, and an idle decoder must hold no buffer.
 #![no_main]
@@ -8,9 +8,14 @@ use libfuzzer_sys::fuzz_target;
 use sockworker_core::frame::{Incoming, MessageDecoder};
 use sockworker_core::Payload;
 
-fn decode(from_server: bool, pieces: &[&[u8]]) -> (Vec<Incoming>, Option<u16>, usize) {
+fn decode(from_server: bool, inflate: bool, pieces: &[&[u8]]) -> (Vec<Incoming>, Option<u16>, usize) {
     let max = 4096;
-    let mut decoder = if from_server { MessageDecoder::for_client(max) } else { MessageDecoder::new(max) };
+    let mut decoder = match (from_server, inflate) {
+        (true, _) => MessageDecoder::for_client(max),
+        (false, false) => MessageDecoder::new(max),
+        // permessage-deflate negotiated: RSV1 messages are inflated (bounded by `max`).
+        (false, true) => MessageDecoder::new(max).with_inflate(),
+    };
     let mut got = Vec::new();
     for piece in pieces {
         if let Err(violation) = decoder.feed(piece, &mut |unit| got.push(unit)) {
@@ -23,11 +28,12 @@ fn decode(from_server: bool, pieces: &[&[u8]]) -> (Vec<Incoming>, Option<u16>, u
 fuzz_target!(|data: &[u8]| {
     let Some((&control, data)) = data.split_first() else { return };
     let from_server = control & 1 == 1;
-    // Cut into pieces of 1 to 16 bytes, sized by the control byte's other bits.
+    let inflate = control & 2 == 2;
+    // Cut into pieces of 1 to 16 bytes, sized by the control byte's high bits.
     let step = usize::from(control >> 4) + 1;
     let pieces: Vec<&[u8]> = data.chunks(step).collect();
-    let (whole, whole_error, whole_held) = decode(from_server, &[data]);
-    let (cut, cut_error, cut_held) = decode(from_server, &pieces);
+    let (whole, whole_error, whole_held) = decode(from_server, inflate, &[data]);
+    let (cut, cut_error, cut_held) = decode(from_server, inflate, &pieces);
     for unit in whole.iter().chain(&cut) {
         if let Incoming::Message(Payload::Text(text)) = unit {
             assert!(std::str::from_utf8(text).is_ok(), "a text message that is not UTF-8");
