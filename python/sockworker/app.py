@@ -606,9 +606,12 @@ class _Runtime:
         headers = response.headers
         chosen = headers.get("sec-websocket-protocol")
         if chosen is not None:
-            offered = [p.strip() for p in request.headers.get_all("sec-websocket-protocol")]
-            offered = [name for value in offered for name in value.split(",")]
-            if chosen.strip() not in [name.strip() for name in offered]:
+            offered = [
+                name.strip()
+                for value in request.headers.get_all("sec-websocket-protocol")
+                for name in value.split(",")
+            ]
+            if chosen.strip() not in offered:
                 raise ResponseError(
                     f"the subprotocol {chosen!r} chosen in the 101 response was not offered by the "
                     f"client (it offered {', '.join(offered) if offered else 'none'}); the client "

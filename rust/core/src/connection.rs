@@ -585,6 +585,9 @@ impl<S: Stream> Connection<S> {
     }
 
     fn publish(&mut self) {
+        if self.events.is_empty() {
+            return;
+        }
         let cost: usize = self
             .events
             .iter()
@@ -595,9 +598,6 @@ impl<S: Stream> Connection<S> {
                 _ => 0,
             })
             .sum();
-        if self.events.is_empty() {
-            return;
-        }
         let batch = self.ctx.events.push_all(&mut self.events);
         if cost > 0 {
             if self.ctx.events.is_processed(self.pushed_batch) {

@@ -375,10 +375,13 @@ impl MessageDecoder {
             InflateError::TooBig => violation(close_code::TOO_BIG, "message too big once inflated"),
             InflateError::Invalid => violation(close_code::INVALID_PAYLOAD, "invalid compressed data"),
         })?;
-        if kind == Data::Text && std::str::from_utf8(&data).is_err() {
-            return Err(INVALID_TEXT);
+        if kind == Data::Text {
+            if std::str::from_utf8(&data).is_err() {
+                return Err(INVALID_TEXT);
+            }
+            return Ok(Payload::Text(Bytes::from(data)));
         }
-        Ok(to_payload(kind, BytesMut::from(&data[..])))
+        Ok(Payload::Binary(Bytes::from(data)))
     }
 }
 

@@ -64,6 +64,7 @@ impl ServerCtx {
 
     /// Connections of every kind: HTTP ones and WebSockets (accepted and outgoing). A
     /// connection that is being upgraded may count twice for a moment, never zero times.
+    /// Also records the peak, for [`return_memory`].
     fn connections(&self) -> usize {
         let total = self.http_connections.load(Ordering::Acquire) + self.open_sockets();
         self.peak_connections.fetch_max(total, Ordering::AcqRel);
@@ -222,7 +223,8 @@ pub fn check_headers(headers: &[(String, Bytes)]) -> Result<(), CoreError> {
             .map_err(|_| CoreError::InvalidArgument(format!("invalid response header name {name:?}")))?;
         HeaderValue::from_bytes(value).map_err(|_| {
             CoreError::InvalidArgument(format!(
-                "invalid value of response header {name:?} (CR, LF and NUL are not allowed)"
+                "invalid value of response header {name:?} (control characters such as CR, LF and NUL \
+                 are not allowed)"
             ))
         })?;
     }
@@ -483,7 +485,10 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<ServerCtx>) {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     if ctx.connections() >= ctx.limits.max_connections {
-                        runtime::spawn(refuse(stream));
+                        // A TLS client could not read a plain answer: it is just closed.
+                        if ctx.tls.is_none() {
+                            runtime::spawn(refuse(stream));
+                        }
                         continue;
                     }
                     let _ = stream.set_nodelay(true);
