@@ -72,8 +72,8 @@ docs: $(VENV)/.deps ## build the documentation site into target/site (mkdocs --s
 lint: $(VENV)/.deps ## rustfmt --check, clippy -D warnings, ruff, mypy --strict
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
-	$(VENV)/bin/ruff check python tests examples bench
-	$(VENV)/bin/ruff format --check python tests examples bench
+	$(VENV)/bin/ruff check python tests examples bench conformance
+	$(VENV)/bin/ruff format --check python tests examples bench conformance
 	$(VENV)/bin/mypy
 
 fmt: $(VENV)/.deps ## format Rust and Python
@@ -85,3 +85,55 @@ clean: ## remove build output and the venv
 	rm -rf target dist $(VENV) python/sockworker/*.so
 
 -include bench/bench.mk
+
+# -- conformance: the Autobahn|Testsuite fuzzing client (Python 2.7 only) against conformance/echo.py
+# Python 2.7 comes from pyenv where the machine has it (these do), else from PATH.
+PY27 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/2.7*/bin/python2.7) $(shell command -v python2.7 2>/dev/null))
+AUTOBAHN := .conformance/autobahn
+CONFORMANCE_CASES ?= 1.*,2.*,3.*,4.*,5.*,6.*,7.*,8.*,9.*,10.*,12.*,13.*
+
+$(AUTOBAHN)/.installed:
+	@test -n "$(PY27)" || { echo "make conformance needs Python 2.7 (autobahntestsuite runs on nothing newer)"; exit 1; }
+	@# virtualenv before 20.22 still makes Python 2.7 environments.
+	$(PIP) install --quiet "virtualenv<20.22"
+	$(VENV)/bin/virtualenv --quiet -p $(PY27) $(AUTOBAHN)
+	$(AUTOBAHN)/bin/pip install --quiet --disable-pip-version-check autobahntestsuite==25.10.1
+	touch $@
+
+.PHONY: conformance
+conformance: build $(AUTOBAHN)/.installed ## run the Autobahn|Testsuite fuzzing client against an echo app; summary per case group
+	$(PY) conformance/run.py --wstest $(AUTOBAHN)/bin/wstest --cases '$(CONFORMANCE_CASES)'
+
+# -- fuzzing: cargo fuzz (libFuzzer) on the core's parsers; works on the stable toolchain with
+# --sanitizer none (the coverage instrumentation needs no nightly flag).
+CARGO_FUZZ := .tools/bin/cargo-fuzz
+FUZZ_TARGETS := frame_decoder handshake client_response inflater
+FUZZ_SECONDS ?= 60
+
+$(CARGO_FUZZ):
+	$(CARGO) install --quiet --locked cargo-fuzz --version 0.13.2 --root .tools
+
+.PHONY: fuzz fuzz-smoke
+fuzz-smoke: $(CARGO_FUZZ) ## run each fuzz target for FUZZ_SECONDS (60) on the committed corpus
+	cd fuzz && ../$(CARGO_FUZZ) build -s none --release
+	@for target in $(FUZZ_TARGETS); do \
+		echo "fuzzing $$target for $(FUZZ_SECONDS) s"; \
+		(cd fuzz && ../$(CARGO_FUZZ) run -s none --release $$target -- \
+			-max_total_time=$(FUZZ_SECONDS) -max_len=8192 -print_final_stats=1 2>&1 | tail -12) \
+			|| exit 1; \
+	done
+
+fuzz: ## long fuzzing in the background at nice 19: FUZZ_SECONDS per target (default 3600), logs in fuzz/logs
+	$(MAKE) --no-print-directory $(CARGO_FUZZ)
+	cd fuzz && ../$(CARGO_FUZZ) build -s none --release
+	mkdir -p fuzz/logs
+	@for target in $(FUZZ_TARGETS); do \
+		(cd fuzz && nice -n 19 ../$(CARGO_FUZZ) run -s none --release $$target -- \
+			-max_total_time=$${FUZZ_LONG:-3600} -max_len=8192 -print_final_stats=1 \
+			> logs/$$target.log 2>&1 &); \
+	done
+	@echo "fuzzing $(FUZZ_TARGETS) in the background; see fuzz/logs/"
+
+.PHONY: soak
+soak: build ## churn soak (not CI): 10,000 sockets opened, idled, reset, 10 cycles; RSS and descriptors per cycle
+	$(PY) bench/soak.py

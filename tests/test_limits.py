@@ -259,3 +259,37 @@ async def test_connections_past_max_connections_get_503_before_upgrade(
             return await _status_of_websockets_attempt(few_server) == 101
 
         await wait_until(admitted, within=10, interval=0.05, what="a freed connection slot")
+
+
+# ---------------------------------------------------------------- Limits itself
+
+
+def test_over_sets_exactly_the_fields_given_also_back_to_the_default() -> None:
+    import sockworker as sw
+
+    app = sw.Limits(max_message_size=100, idle_timeout=5.0, ping_interval=None)
+    namespace = sw.Limits(max_message_size=1 << 20, ping_interval=20.0)
+    merged = namespace.over(app)
+    assert merged.max_message_size == 1 << 20, "a default value given is laid over the base"
+    assert merged.ping_interval == 20.0
+    assert merged.idle_timeout == 5.0, "a field not given is the base's"
+    assert sw.Limits().over(app) == app
+
+
+def test_a_namespace_may_not_set_server_wide_limits() -> None:
+    import sockworker as sw
+
+    class Room(sw.DurableObject):
+        limits = sw.Limits(max_connections=10)
+
+    with pytest.raises(ValueError, match="max_connections"):
+        sw.App(durable_objects={"ROOMS": Room})
+
+
+def test_url_protocol_and_extensions_are_read_only() -> None:
+    import sockworker as sw
+
+    _, server = sw.WebSocketPair()
+    for name in ("url", "protocol", "extensions", "ready_state"):
+        with pytest.raises(AttributeError):
+            setattr(server, name, "x")

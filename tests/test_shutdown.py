@@ -85,3 +85,20 @@ async def test_sigterm_exits_0_even_if_a_client_never_answers_the_close(
         # The Close frame was sent before the process went away.
         code, _ = await mute.recv_close()
     assert code == 1001
+
+
+@run_async
+async def test_shutdown_timeout_bounds_the_wait_for_a_peer_that_never_answers(
+    make_server: Callable[..., ServerProcess],
+) -> None:
+    """A client that never reads nor answers the Close: the server still exits 0, once
+    --shutdown-timeout has passed (before the 5 s closing handshake would have given up)."""
+    server = make_server("tests.apps.echo:app", "--shutdown-timeout", "0.5")
+    raw = await RawWebSocket.connect(server.port, "/ws?id=deaf", rcvbuf=4096)
+    try:
+        await raw.send("up")
+        server.send_signal(signal.SIGTERM)
+        rc = await asyncio.to_thread(server.wait_exit, 4.0)
+        assert rc == 0, server.log_tail()
+    finally:
+        raw.abort()

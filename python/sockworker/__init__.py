@@ -26,6 +26,7 @@ from .errors import (
     ServerStartError,
     SockworkerError,
     StorageError,
+    WallLimitExceeded,
 )
 from .http import Headers, Request, Response
 from .limits import Limits
@@ -71,6 +72,7 @@ __all__ = [
     "SqlStorage",
     "StorageError",
     "UsageRecord",
+    "WallLimitExceeded",
     "WebSocket",
     "WebSocketPair",
     "WebSocketRequestResponsePair",

@@ -1,5 +1,6 @@
 """Type stub of the private native module (rust/py). Not part of the public API."""
 
+from collections.abc import Callable
 from typing import Any, Final
 
 __version__: Final[str]
@@ -16,6 +17,7 @@ EV_COMMIT_FAILED: Final[int]
 STORAGE_MAX_KEY_BYTES: Final[int]
 STORAGE_MAX_VALUE_BYTES: Final[int]
 STORAGE_MAX_KEYS_PER_CALL: Final[int]
+EV_STEP: Final[int]
 
 class SocketHandle:
     @property
@@ -39,12 +41,25 @@ class SocketHandle:
     def url(self) -> str: ...
     @property
     def protocol(self) -> str: ...
+    @property
+    def extensions(self) -> str: ...
     def set_origin(self, url: str, protocol: str) -> None: ...
     @property
     def attachment(self) -> bytes | None: ...
     def set_attachment(self, attachment: bytes | None) -> None: ...
     @property
     def auto_response_timestamp(self) -> float | None: ...
+
+class SocketLimits:
+    def __init__(
+        self,
+        *,
+        max_message_size: int,
+        max_buffered_bytes: int,
+        idle_timeout: float,
+        ping_interval: float,
+        ping_timeout: float,
+    ) -> None: ...
 
 class ObjectState:
     @property
@@ -97,7 +112,10 @@ class PendingReply:
     def is_websocket(self) -> bool: ...
     def respond(self, status: int, headers: list[tuple[str, bytes]], body: bytes) -> None: ...
     def accept_websocket(
-        self, headers: list[tuple[str, bytes]], slot: Slot | None = None
+        self,
+        headers: list[tuple[str, bytes]],
+        slot: Slot | None = None,
+        limits: SocketLimits | None = None,
     ) -> SocketHandle: ...
 
 UNIT_REQUESTS: int
@@ -111,11 +129,17 @@ UNIT_BYTES_IN: int
 UNIT_BYTES_OUT: int
 UNIT_STORAGE_ROWS_READ: int
 UNIT_STORAGE_ROWS_WRITTEN: int
+UNIT_PROTOCOL_PINGS: int
 
 class Meter:
     def __init__(self) -> None: ...
     def slot(
-        self, account: str, namespace: str | None, object_id: str | None, cpu_limit_ms: float
+        self,
+        account: str,
+        namespace: str | None,
+        object_id: str | None,
+        cpu_limit_ms: float,
+        wall_limit_ms: float = 0.0,
     ) -> Slot: ...
     def drain(self) -> list[tuple[str, str | None, str | None, list[int]]]: ...
     def totals(self) -> list[int]: ...
@@ -142,22 +166,26 @@ class Server:
         host: str,
         port: int,
         *,
-        io_threads: int,
-        max_message_size: int,
-        max_buffered_bytes: int,
-        handshake_timeout: float,
-        idle_timeout: float,
+        limits: SocketLimits,
         max_connections: int,
         max_body_size: int,
+        handshake_timeout: float,
+        io_threads: int,
         metering: bool = True,
         certfile: str | None = None,
         keyfile: str | None = None,
         smallest_cpu_limit: float = 30.0,
         data_dir: str | None = None,
         durability: str = "full",
+        allowed_origins: list[str] | None = None,
+        log_blocked_after: float = 1.0,
+        on_blocked: Callable[[int, float], None] | None = None,
+        compression: bool = False,
     ) -> None: ...
     @property
     def address(self) -> tuple[str, int]: ...
+    @property
+    def thread_ident(self) -> int: ...
     def fileno(self) -> int: ...
     def socket(self, id: int) -> SocketHandle | None: ...
     def drain(self) -> Batch: ...

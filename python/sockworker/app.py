@@ -10,13 +10,15 @@ import logging
 import os
 import resource
 import signal
-from collections.abc import Awaitable, Callable, Mapping
+import sys
+import traceback
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 from . import _native, cpu
 from .billing import BillingHook, Meter, Pricing
 from .durable import DurableObjectId, DurableObjectNamespace, _ObjectHost, current_host
-from .errors import CpuLimitExceeded, ResponseError, StorageError
+from .errors import CpuLimitExceeded, ResponseError, StorageError, WallLimitExceeded
 from .http import Request, Response
 from .limits import Limits
 from .logs import TEXT_FORMAT, CoreLogs
@@ -32,6 +34,7 @@ AccountOf = Callable[[Request], str]
 _REQUESTS = _native.UNIT_REQUESTS
 _PLAIN = [("content-type", b"text/plain; charset=utf-8")]
 
+#: Seconds a graceful shutdown waits for sockets to close (``--shutdown-timeout``).
 SHUTDOWN_GRACE = 10.0
 _EV_REQUEST = _native.EV_REQUEST
 _EV_MESSAGE = _native.EV_MESSAGE
@@ -112,6 +115,8 @@ class App:
         metering: bool = True,
         data_dir: str | os.PathLike[str] | None = None,
         durability: str = "full",
+        allowed_origins: Iterable[str] | None = None,
+        compression: bool = False,
     ) -> None:
         """
         Args:
@@ -134,6 +139,11 @@ class App:
             durability: ``"full"`` (a commit is on disk before what depends on it is sent) or
                 ``"normal"`` (in the operating system's cache: it survives a crash of the
                 server, not of the machine).
+            allowed_origins: e.g. ``["https://example.com"]``: a WebSocket upgrade whose
+                ``Origin`` header is not one of them is answered 403 by the core before any
+                handler runs (requests without ``Origin``, which browsers always send, are let
+                through).
+            compression: True accepts permessage-deflate (RFC 7692) when a client offers it.
         """
         if durability not in ("full", "normal"):
             raise ValueError(f'durability is "full" or "normal", not {durability!r}')
@@ -147,6 +157,10 @@ class App:
         self.metering = metering
         self.data_dir = data_dir
         self.durability = durability
+        self.allowed_origins = None if allowed_origins is None else list(allowed_origins)
+        self.compression = compression
+        if isinstance(allowed_origins, str):
+            raise TypeError("allowed_origins is a list of origins, not one string")
         self.namespaces = {
             binding: DurableObjectNamespace(binding, cls, self.limits)
             for binding, cls in (durable_objects or {}).items()
@@ -164,8 +178,10 @@ class App:
         io_threads: int = 1,
         certfile: str | None = None,
         keyfile: str | None = None,
+        shutdown_timeout: float = SHUTDOWN_GRACE,
     ) -> None:
-        """Serves until SIGINT or SIGTERM, then closes every socket with 1001 and returns.
+        """Serves until SIGINT or SIGTERM, then closes every socket with 1001 and returns
+        (after ``shutdown_timeout`` seconds at most).
 
         With ``certfile`` (a PEM certificate chain) and ``keyfile`` (its PEM key) it serves
         ``https://`` and ``wss://`` (rustls; TLS 1.2 and 1.3). A missing or unreadable file, or
@@ -177,7 +193,14 @@ class App:
         if not logging.getLogger().handlers:
             logging.basicConfig(level=logging.INFO, format=TEXT_FORMAT)
         asyncio.run(
-            self.serve(host, port, io_threads=io_threads, certfile=certfile, keyfile=keyfile)
+            self.serve(
+                host,
+                port,
+                io_threads=io_threads,
+                certfile=certfile,
+                keyfile=keyfile,
+                shutdown_timeout=shutdown_timeout,
+            )
         )
 
     async def serve(
@@ -188,8 +211,11 @@ class App:
         io_threads: int = 1,
         certfile: str | None = None,
         keyfile: str | None = None,
+        shutdown_timeout: float = SHUTDOWN_GRACE,
     ) -> None:
         """``run``, on the running asyncio loop: serves until SIGINT or SIGTERM."""
+        if not isinstance(shutdown_timeout, int | float) or shutdown_timeout < 0:
+            raise ValueError("shutdown_timeout is a number of seconds >= 0")
         _raise_fd_limit()
         # A file past RLIMIT_FSIZE is then an error (a full disk for that object), not a kill.
         with contextlib.suppress(ValueError, OSError, AttributeError):
@@ -199,6 +225,7 @@ class App:
         core_logs.start()
         try:
             runtime = _Runtime(self, host, port, io_threads, certfile, keyfile)
+            runtime.shutdown_timeout = float(shutdown_timeout)
             await runtime.run()
         finally:
             core_logs.stop()
@@ -231,28 +258,32 @@ class _Runtime:
     ) -> None:
         limits = app.limits
         self.app = app
+        every = [limits] + [ns.limits for ns in app.namespaces.values()]
         self.server = _native.Server(
             host,
             port,
-            io_threads=io_threads,
-            max_message_size=limits.max_message_size,
-            max_buffered_bytes=limits.max_buffered_bytes,
-            handshake_timeout=float(limits.handshake_timeout),
-            idle_timeout=float(limits.idle_timeout),
+            limits=limits._socket_limits(),
             max_connections=limits.max_connections,
             max_body_size=limits.max_body_size,
+            handshake_timeout=float(limits.handshake_timeout),
+            io_threads=io_threads,
             metering=app.metering,
             certfile=certfile,
             keyfile=keyfile,
-            # The watchdog looks every tenth of the smallest CPU limit (5 to 100 ms).
+            # The watchdog looks every tenth of the smallest CPU or wall limit (5 to 100 ms).
             smallest_cpu_limit=min(
-                [limits.cpu_ms] + [ns.limits.cpu_ms for ns in app.namespaces.values()]
+                [lim.cpu_ms for lim in every] + [lim.wall_ms for lim in every if lim.wall_ms]
             )
             / 1000,
             # Storage exists for apps with Durable Objects.
             data_dir=os.fspath(app.data_dir or DEFAULT_DATA_DIR) if app.namespaces else None,
             durability=app.durability,
+            allowed_origins=app.allowed_origins,
+            log_blocked_after=float(limits.log_blocked_after),
+            on_blocked=self._on_blocked,
+            compression=app.compression,
         )
+        self.shutdown_timeout = SHUTDOWN_GRACE
         self.scheme = "https" if certfile else "http"
         self.ctx = ExecutionContext(self)
         self.meter = app.meter
@@ -333,7 +364,7 @@ class _Runtime:
         self.shutting_down = True
         logger.info("shutting down: closing %d sockets with 1001", self.server.open_sockets)
         self.server.shutdown(1001, "server shutting down")
-        self.loop.call_later(SHUTDOWN_GRACE, self._stop)
+        self.loop.call_later(self.shutdown_timeout, self._stop)
 
     def _stop(self) -> None:
         if not self.stopped.done():
@@ -353,10 +384,35 @@ class _Runtime:
         self.meter._deliver(self.app.billing)
         self._schedule_flush()
 
+    # -- a blocked loop --------------------------------------------------------------------------
+
+    def _on_blocked(self, kind: int, seconds: float) -> None:
+        """Called by the core's watchdog, on its own thread, when one event has held the loop
+        for ``Limits.log_blocked_after``: logs what runs, where, and the Python stack."""
+        frame = sys._current_frames().get(self.server.thread_ident)
+        stack = "".join(traceback.format_stack(frame)) if frame is not None else "(no stack)\n"
+        slot = self.server.current_slot() if self.app.metering else None
+        where = "the Worker"
+        if slot is not None and slot.namespace is not None:
+            where = f"object {slot.object_id} of {slot.namespace}"
+        self.meter._blocked_events += 1
+        logger.warning(
+            "the event loop is blocked: a %s event of %s has run for %.1f s (every other socket "
+            "and request waits; run blocking calls with `await asyncio.to_thread(...)`); "
+            "Python stack:\n%s",
+            _EVENT_KINDS.get(kind, "?"),
+            where,
+            seconds,
+            stack.rstrip(),
+        )
+
     def worker_slot(self, account: str) -> _native.Slot:
         slot = self.worker_slots.get(account)
         if slot is None:
-            slot = self.meter._native.slot(account, None, None, self.app.limits.cpu_ms)
+            limits = self.app.limits
+            slot = self.meter._native.slot(
+                account, None, None, limits.cpu_ms, float(limits.wall_ms or 0)
+            )
             self.worker_slots[account] = slot
         return slot
 
@@ -639,6 +695,12 @@ class _Runtime:
             logger.error("fetch for %s %s exceeded its CPU limit", request.method, request.url)
             reply.respond(503, _PLAIN, b"Service Unavailable: CPU limit exceeded")
             return
+        if isinstance(error, WallLimitExceeded):
+            logger.error(
+                "fetch for %s %s exceeded its wall-time limit", request.method, request.url
+            )
+            reply.respond(503, _PLAIN, b"Service Unavailable: time limit exceeded")
+            return
         logger.error("exception in fetch for %s %s", request.method, request.url, exc_info=error)
         reply.respond(500, _PLAIN, b"Internal Server Error")
 
@@ -680,7 +742,23 @@ class _Runtime:
                 "status 101 with a websocket answers only a WebSocket upgrade request"
             )
         headers = response.headers
-        handle = reply.accept_websocket(headers.raw(), server._slot)
+        chosen = headers.get("sec-websocket-protocol")
+        if chosen is not None:
+            offered = [
+                name.strip()
+                for value in request.headers.get_all("sec-websocket-protocol")
+                for name in value.split(",")
+            ]
+            if chosen.strip() not in offered:
+                raise ResponseError(
+                    f"the subprotocol {chosen!r} chosen in the 101 response was not offered by the "
+                    f"client (it offered {', '.join(offered) if offered else 'none'}); the client "
+                    "would fail the handshake"
+                )
+        if "sec-websocket-extensions" in headers:
+            raise ResponseError("the core negotiates WebSocket extensions; do not set the header")
+        limits = server._limits._socket_limits() if server._limits is not None else None
+        handle = reply.accept_websocket(headers.raw(), server._slot, limits)
         url = "ws" + request.url.removeprefix("http")
         self.sockets[handle.id] = server
         server._bind(handle, self, url, headers.get("sec-websocket-protocol", ""))
@@ -688,6 +766,17 @@ class _Runtime:
             server._object.adopt(server, handle)
         elif isinstance(server._owner, _ObjectHost):
             handle.set_owner(server._owner.native.key)
+
+
+_EVENT_KINDS = {
+    _native.EV_REQUEST: "request",
+    _native.EV_MESSAGE: "message",
+    _native.EV_CLOSE: "close",
+    _native.EV_ERROR: "error",
+    _native.EV_DRAINED: "drained",
+    _native.EV_CONNECTED: "connected",
+    _native.EV_STEP: "async step",
+}
 
 
 async def _as_coroutine(awaitable: Awaitable[Any]) -> Any:

@@ -32,12 +32,14 @@ _UNITS = (
     "duration_us",
     "bytes_in",
     "bytes_out",
+    "protocol_pings",
     "storage_rows_read",
     "storage_rows_written",
 )
 assert [getattr(_native, f"UNIT_{name}") for name in (
     "REQUESTS", "CONNECTIONS", "MESSAGES_IN", "MESSAGES_OUT", "AUTO_RESPONSES", "CPU_NS",
-    "DURATION_US", "BYTES_IN", "BYTES_OUT", "STORAGE_ROWS_READ", "STORAGE_ROWS_WRITTEN",
+    "DURATION_US", "BYTES_IN", "BYTES_OUT", "PROTOCOL_PINGS", "STORAGE_ROWS_READ",
+    "STORAGE_ROWS_WRITTEN",
 )] == list(range(len(_UNITS)))  # fmt: skip
 
 
@@ -77,6 +79,8 @@ class UsageRecord:
     duration_gb_s: float = 0.0
     bytes_in: int = 0
     bytes_out: int = 0
+    #: Pings the core answered or sent (keepalive): counted, free, never seen by handlers.
+    protocol_pings: int = 0
     storage_rows_read: int = 0
     storage_rows_written: int = 0
     #: The node that counted it (SPEC §7); None on a single node.
@@ -108,6 +112,7 @@ class UsageRecord:
             duration_gb_s=counts["duration_us"] / 1e6 * pricing.memory_mb / 1024,
             bytes_in=counts["bytes_in"],
             bytes_out=counts["bytes_out"],
+            protocol_pings=counts["protocol_pings"],
             storage_rows_read=counts["storage_rows_read"],
             storage_rows_written=counts["storage_rows_written"],
             billable_requests=counts["requests"]
@@ -149,6 +154,8 @@ class Meter:
         # it serves).
         self._storage_bytes: Callable[[], int] = lambda: 0
         self._storage_stats: Callable[[], tuple[int, ...]] = lambda: (0,) * 7
+        #: Events that held the event loop for ``Limits.log_blocked_after`` (the watchdog's).
+        self._blocked_events = 0
 
     def totals(self) -> UsageRecord:
         """Everything counted since the app was made, delivered to the hook or not, and the
@@ -195,6 +202,12 @@ class Meter:
         stats = (*self._storage_stats(), totals.storage_bytes)
         for (name, kind, help_text), value in zip(_STORAGE_METRICS, stats, strict=True):
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value}"]
+        name = "sockworker_blocked_events_total"
+        lines += [
+            f"# HELP {name} Events that held the event loop for Limits.log_blocked_after or more.",
+            f"# TYPE {name} counter",
+            f"{name} {self._blocked_events}",
+        ]
         return "\n".join(lines) + "\n"
 
 
@@ -210,6 +223,7 @@ _METRICS = (
     ("bytes_out", "counter", "WebSocket bytes sent."),
     ("storage_rows_read", "counter", "Durable Object storage rows (KV keys) read."),
     ("storage_rows_written", "counter", "Durable Object storage rows (KV keys) written."),
+    ("protocol_pings", "counter", "Protocol pings answered or sent by the core (free)."),
     ("billable_requests", "counter", "Requests as billed, messages at the configured ratio."),
 )
 

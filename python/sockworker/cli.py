@@ -66,6 +66,13 @@ def main(argv: list[str] | None = None) -> int:
         "normal: in the OS cache (survives a crash of the server, not of the machine)",
     )
     serve.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="on SIGINT/SIGTERM, wait this long at most for sockets to close (default 10)",
+    )
+    serve.add_argument(
         "--no-metering",
         action="store_true",
         help="turn CPU accounting, CPU limits and the meter off (as App(metering=False))",
@@ -88,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             io_threads=args.io_threads,
             certfile=args.certfile,
             keyfile=args.keyfile,
+            shutdown_timeout=args.shutdown_timeout,
         )
     except ServerStartError as error:
         print(f"sockworker: cannot start: {error}", file=sys.stderr)

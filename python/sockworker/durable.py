@@ -184,6 +184,7 @@ class DurableObjectState:
         ws._ready_state = WebSocket.OPEN
         ws._object = host
         ws._tags = tags
+        ws._limits = host.namespace.socket_limits
         host.pending_accepts += 1
 
     def get_websockets(self, tag: str | None = None) -> list[WebSocket]:
@@ -357,8 +358,9 @@ class _ObjectHost:
     def slot(self, account: str) -> _native.Slot:
         slot = self.slots.get(account)
         if slot is None:
+            limits = self.namespace.limits
             slot = self.runtime.meter._native.slot(
-                account, self.namespace.binding, str(self.id), self.namespace.limits.cpu_ms
+                account, self.namespace.binding, str(self.id), limits.cpu_ms, limits.wall_ms or 0
             )
             self.slots[account] = slot
         return slot
@@ -815,6 +817,7 @@ class DurableObjectStub:
         server = response.websocket._peer if response.websocket is not None else None
         if server is not None and server._object is None and server._accepted:
             server._owner = host
+            server._limits = self._namespace.socket_limits
             host.standard_sockets.append(server)
             host.bill()  # a standard-API socket keeps the object billed while it is open
         return response
@@ -848,7 +851,11 @@ class DurableObjectNamespace:
             )
         self.binding = binding
         self.cls = cls
+        if cls.limits is not None:
+            cls.limits._for_namespace(binding)
         self.limits = cls.limits.over(app_limits) if cls.limits is not None else app_limits
+        #: Sockets accepted by this namespace's objects are held to these (None: the app's).
+        self.socket_limits = self.limits if cls.limits is not None else None
         self._runtime: _Runtime | None = None
         self._hosts: dict[DurableObjectId, _ObjectHost] = {}
 

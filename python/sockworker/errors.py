@@ -7,10 +7,11 @@ and ``except ConnectionError`` keep working::
      ├── InvalidArgument(SockworkerError, ValueError)   a value out of range (close code, reason)
      ├── ResponseError(SockworkerError, RuntimeError)   a handler's answer cannot be sent
      ├── LimitExceeded(SockworkerError)   a configured limit would be passed (sockets per object)
-     │    └── CpuLimitExceeded   an event used more CPU than Limits.cpu_ms (raised inside it)
+     │    ├── CpuLimitExceeded   an event used more CPU than Limits.cpu_ms (raised inside it)
+     │    └── WallLimitExceeded   an event held the loop longer than Limits.wall_ms (likewise)
      ├── StorageError(SockworkerError)   storage failed: bad SQL, a full disk, a corrupt file,
- │                                   a failed commit, or storage used after a reset
- ├── ConnectionClosed(SockworkerError, ConnectionError)   the WebSocket is closing or closed
+     │                                   a failed commit, or storage used after a reset
+     ├── ConnectionClosed(SockworkerError, ConnectionError)   the WebSocket is closing or closed
      ├── ProtocolError(SockworkerError, ConnectionError)   the peer broke RFC 6455 (event.error)
      └── ServerStartError(SockworkerError, OSError)   the server could not bind or start
 """
@@ -27,6 +28,7 @@ __all__ = [
     "ServerStartError",
     "SockworkerError",
     "StorageError",
+    "WallLimitExceeded",
 ]
 
 
@@ -52,6 +54,16 @@ class CpuLimitExceeded(LimitExceeded):
     HTTP event answers 503."""
 
     def __init__(self, message: str = "the event used more CPU time than Limits.cpu_ms") -> None:
+        super().__init__(message)
+
+
+class WallLimitExceeded(LimitExceeded):
+    """An event (or one step of an async one) held the event loop longer than
+    ``Limits.wall_ms``: every other socket and request waited meanwhile. Raised inside it by the
+    watchdog, at the next bytecode it runs (a blocking call in C, ``time.sleep`` say, is not cut
+    short: the exception comes when it returns); then as for ``CpuLimitExceeded``."""
+
+    def __init__(self, message: str = "the event held the loop longer than Limits.wall_ms") -> None:
         super().__init__(message)
 
 

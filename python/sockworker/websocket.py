@@ -19,6 +19,7 @@ from .errors import ConnectionClosed, InvalidArgument, ProtocolError, ResponseEr
 
 if TYPE_CHECKING:
     from ._native import Slot, SocketHandle
+    from .limits import Limits
 
 __all__ = ["CloseEvent", "ErrorEvent", "MessageEvent", "WebSocket", "WebSocketPair"]
 
@@ -117,23 +118,24 @@ class WebSocket:
         "_attachment",
         "_close_request",
         "_drain_waiters",
+        "_extensions",
         "_handle",
         "_host",
         "_inbox",
         "_is_client_end",
+        "_limits",
         "_listeners",
         "_object",
         "_owner",
         "_paused",
         "_peer",
         "_pending",
+        "_protocol",
         "_reader",
         "_ready_state",
         "_slot",
         "_tags",
-        "extensions",
-        "protocol",
-        "url",
+        "_url",
     )
 
     def __init__(self, *, _client_end: bool = False) -> None:
@@ -164,15 +166,32 @@ class WebSocket:
         self._reader: asyncio.Future[None] | None = None
         self._paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
-        self.url: str | None = None
-        self.protocol: str = ""
-        self.extensions: str = ""
+        # The per-socket limits of the namespace whose object accepted it (None: the app's).
+        self._limits: Limits | None = None
+        self._url: str | None = None
+        self._protocol = ""
+        self._extensions = ""
 
     # -- state ---------------------------------------------------------------------------------
 
     @property
     def ready_state(self) -> int:
         return self._ready_state
+
+    @property
+    def url(self) -> str | None:
+        """The URL the socket was opened with (None before it is)."""
+        return self._url
+
+    @property
+    def protocol(self) -> str:
+        """The subprotocol chosen in the handshake ("" for none)."""
+        return self._protocol
+
+    @property
+    def extensions(self) -> str:
+        """The extensions negotiated in the handshake ("" for none)."""
+        return self._extensions
 
     @property
     def buffered_amount(self) -> int:
@@ -352,8 +371,9 @@ class WebSocket:
     def _bind(self, handle: SocketHandle, host: _Host, url: str, protocol: str) -> None:
         self._handle = handle
         self._host = host
-        self.url = url
-        self.protocol = protocol
+        self._url = url
+        self._protocol = protocol
+        self._extensions = handle.extensions
         if self._attachment is not None:
             handle.set_attachment(self._attachment)
             self._attachment = None
@@ -372,8 +392,9 @@ class WebSocket:
         ws._object = events
         ws._accepted = True
         ws._ready_state = WebSocket.OPEN
-        ws.url = handle.url
-        ws.protocol = handle.protocol
+        ws._url = handle.url
+        ws._protocol = handle.protocol
+        ws._extensions = handle.extensions
         return ws
 
     def _on_message(self, data: str | bytes) -> None:

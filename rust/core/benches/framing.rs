@@ -67,7 +67,7 @@ fn broadcast(c: &mut Criterion) {
         let object = Arc::new(ObjectShared::bare(n));
         let sockets: Vec<_> = (0..n as u64)
             .map(|id| {
-                let socket = Arc::new(SocketShared::new(id, &Limits::default()));
+                let socket = Arc::new(SocketShared::new(id, Arc::new(Limits::default())));
                 object.adopt(&socket, Vec::new()).unwrap();
                 socket
             })

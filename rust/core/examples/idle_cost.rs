@@ -23,6 +23,8 @@ fn main() {
         limits: Limits::default(),
         tls: None,
         storage: None,
+        allowed_origins: None,
+        compression: false,
     })
     .unwrap();
     let addr = server.local_addr();

@@ -1,9 +1,12 @@
 //! The queues from the I/O threads to the one application thread, and their wake-up (the bottom
 //! layer: it knows nothing of what they carry). An eventfd is written only when a queue goes
-//! from empty to non-empty: one wake-up per batch.
+//! from empty to non-empty: one wake-up per batch. Batches are numbered, so a producer can tell
+//! when the application has handled what it pushed (to hold back reading, or a Close, until
+//! then) without a look-up per message.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 
@@ -49,17 +52,27 @@ impl Wakeup {
     }
 }
 
-/// A queue of `T` from any thread to the one application thread, with its wake-up.
+/// A queue of `T` from any thread to the one application thread, with its wake-up and the
+/// numbers of its batches.
 pub struct EventQueue<T> {
     events: Mutex<Vec<T>>,
     wakeup: Wakeup,
+    /// Batches taken by `drain` so far (written under the `events` lock).
+    drains: AtomicU64,
+    /// Batches the application has finished handling (`mark_processed`).
+    processed: AtomicU64,
 }
 
 impl<T> EventQueue<T> {
     /// # Errors
     /// When the eventfd cannot be created.
     pub fn new() -> io::Result<Self> {
-        Ok(Self { events: Mutex::new(Vec::new()), wakeup: Wakeup::new()? })
+        Ok(Self {
+            events: Mutex::new(Vec::new()),
+            wakeup: Wakeup::new()?,
+            drains: AtomicU64::new(0),
+            processed: AtomicU64::new(0),
+        })
     }
 
     /// The descriptor that becomes readable when events are waiting.
@@ -80,31 +93,53 @@ impl<T> EventQueue<T> {
         }
     }
 
-    /// Pushes several events under one lock and at most one wake-up.
-    pub fn push_all(&self, batch: &mut Vec<T>) {
-        if batch.is_empty() {
-            return;
-        }
-        let was_empty = {
+    /// Pushes several events under one lock and at most one wake-up. Returns the number of the
+    /// batch they will be handled in (see [`Self::is_processed`]).
+    pub fn push_all(&self, batch: &mut Vec<T>) -> u64 {
+        let (was_empty, number) = {
             let mut events = self.events.lock();
+            let number = self.drains.load(Ordering::Relaxed) + 1;
+            if batch.is_empty() {
+                return number;
+            }
             let was_empty = events.is_empty();
             if was_empty {
                 std::mem::swap(&mut *events, batch);
             } else {
                 events.append(batch);
             }
-            was_empty
+            (was_empty, number)
         };
         if was_empty {
             self.wakeup.wake();
         }
+        number
+    }
+
+    /// The application has finished handling batch `number`.
+    #[must_use]
+    pub fn is_processed(&self, number: u64) -> bool {
+        self.processed.load(Ordering::Acquire) >= number
+    }
+
+    /// The number of the last batch `drain` gave out.
+    #[must_use]
+    pub fn last_drained(&self) -> u64 {
+        self.drains.load(Ordering::Acquire)
+    }
+
+    /// The application has handled every batch up to `number`.
+    pub fn mark_processed(&self, number: u64) {
+        self.processed.fetch_max(number, Ordering::AcqRel);
     }
 
     /// Takes every waiting event. The wake-up is consumed first, so an event pushed after the
     /// swap always writes the eventfd again and is never left without a wake-up.
     pub fn drain(&self) -> Vec<T> {
         self.wakeup.consume();
-        std::mem::take(&mut *self.events.lock())
+        let mut events = self.events.lock();
+        self.drains.fetch_add(1, Ordering::AcqRel);
+        std::mem::take(&mut *events)
     }
 }
 
@@ -133,5 +168,17 @@ pub(crate) mod tests {
         assert!(readable(q.fd()));
         assert_eq!(q.drain().len(), 2);
         assert!(q.drain().is_empty());
+    }
+
+    #[test]
+    fn batches_are_numbered_and_processed_in_order() {
+        let q = EventQueue::<u32>::new().unwrap();
+        let number = q.push_all(&mut vec![1]);
+        assert!(!q.is_processed(number));
+        let _ = q.drain();
+        assert!(!q.is_processed(number), "drained is not handled yet");
+        q.mark_processed(q.last_drained());
+        assert!(q.is_processed(number));
+        assert_eq!(q.push_all(&mut vec![2]), number + 1);
     }
 }

@@ -181,17 +181,33 @@ where
         if stream.read_buf(&mut buffer).await.map_err(|e| format!("{url}: {e}"))? == 0 {
             return Err(format!("{url}: the server closed the connection during the handshake"));
         }
-        let mut headers = [httparse::EMPTY_HEADER; 64];
-        let mut response = httparse::Response::new(&mut headers);
-        match response.parse(&buffer) {
-            Ok(httparse::Status::Partial) if buffer.len() < MAX_HEAD => {}
-            Ok(httparse::Status::Partial) => return Err(format!("{url}: response head too long")),
-            Err(e) => return Err(format!("{url}: bad HTTP response: {e}")),
-            Ok(httparse::Status::Complete(length)) => {
-                let protocol = check_response(url, &response, &key, &request.protocols)?;
-                let leftover = buffer.split_off(length).freeze();
-                return Ok((leftover, protocol));
-            }
+        if let Some((length, protocol)) = parse_response(url, &buffer, &key, &request.protocols)? {
+            let leftover = buffer.split_off(length).freeze();
+            return Ok((leftover, protocol));
+        }
+    }
+}
+
+/// Parses the server's answer to our opening handshake from what was read so far: `None` while
+/// the head is incomplete, else its length and the subprotocol chosen. Public for the fuzzer.
+///
+/// # Errors
+/// A head that is too long or malformed, or that does not complete the handshake.
+#[doc(hidden)]
+pub fn parse_response(
+    url: &str,
+    buffer: &[u8],
+    key: &str,
+    protocols: &[String],
+) -> Result<Option<(usize, String)>, String> {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut response = httparse::Response::new(&mut headers);
+    match response.parse(buffer) {
+        Ok(httparse::Status::Partial) if buffer.len() < MAX_HEAD => Ok(None),
+        Ok(httparse::Status::Partial) => Err(format!("{url}: response head too long")),
+        Err(e) => Err(format!("{url}: bad HTTP response: {e}")),
+        Ok(httparse::Status::Complete(length)) => {
+            Ok(Some((length, check_response(url, &response, key, protocols)?)))
         }
     }
 }

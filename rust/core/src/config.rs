@@ -1,23 +1,52 @@
-//! Server configuration and the per-socket limits of SPEC §3 that the core enforces.
+//! Server configuration and the limits of SPEC §3 that the core enforces. A socket carries the
+//! [`Limits`] of whoever accepted it (the app's, or a Durable Object namespace's), so the
+//! per-socket fields are read from the socket, the server-wide ones from the server.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
     /// Largest message (after reassembly of fragments) accepted from a peer; past it: close 1009.
+    /// Each frame of a fragmented message counts at least [`FRAME_CHARGE`] bytes, so that a
+    /// message of a million empty fragments is refused like a large one. Per socket.
     pub max_message_size: usize,
-    /// Bytes queued to send on one socket; past it: close 1008.
+    /// What a socket's send queue may hold (payload and [`QUEUED_FRAME_COST`] per frame) when a
+    /// new frame is queued; past it: close 1008. One frame larger than the limit is accepted on
+    /// a queue below it: the limit bounds what piles up, not what the application sends. Per
+    /// socket.
     pub max_buffered_bytes: usize,
-    /// Time allowed for a client to send the request head of its first request.
+    /// Time allowed for a client to send the request head, and then again for its body.
+    /// Server-wide.
     pub handshake_timeout: Duration,
-    /// No frame at all from the peer for this long: close 1001. `None` is off.
+    /// No frame at all from the peer for this long: close 1001. `None` is off. Per socket.
     pub idle_timeout: Option<Duration>,
-    /// Open WebSockets in the whole server; an upgrade past it is answered 503.
+    /// Open connections of every kind (HTTP, TLS, WebSocket, outgoing) in the whole server; one
+    /// past it is answered 503 and closed. Server-wide.
     pub max_connections: usize,
-    /// Largest HTTP request body read for a handler; past it: 413.
+    /// Largest HTTP request body read for a handler; past it: 413. Server-wide.
     pub max_body_size: usize,
+    /// With nothing received for this long, the core sends a Ping. `None` is off. Per socket.
+    pub ping_interval: Option<Duration>,
+    /// Nothing received this long after a keepalive Ping: close 1011, reported as 1006.
+    /// Per socket.
+    pub ping_timeout: Option<Duration>,
 }
+
+/// What one frame of a fragmented message costs at least against `max_message_size`: the work
+/// of a frame is not free, so a flood of empty fragments is bounded like a large message.
+pub const FRAME_CHARGE: usize = 16;
+
+/// What one queued frame costs in memory besides its bytes: the `Bytes` handle in the queue (32)
+/// and the allocator's header and rounding of its buffer (about 32). A queue of small frames is
+/// counted at what it really holds.
+pub const QUEUED_FRAME_COST: usize = 64;
+
+/// The request headers a client may send besides those of a WebSocket handshake (`Host`,
+/// `Upgrade`, `Connection`, `Sec-WebSocket-Key`, `-Version`, `-Protocol`, `-Extensions`,
+/// `Origin`); more is answered 431.
+pub const MAX_HEADERS: usize = 100;
+pub const HANDSHAKE_HEADERS: usize = 8;
 
 impl Default for Limits {
     fn default() -> Self {
@@ -28,6 +57,8 @@ impl Default for Limits {
             idle_timeout: None,
             max_connections: 100_000,
             max_body_size: 16 << 20,
+            ping_interval: Some(Duration::from_secs(20)),
+            ping_timeout: Some(Duration::from_secs(20)),
         }
     }
 }
@@ -44,6 +75,13 @@ impl Limits {
     pub fn send_low_water(&self) -> usize {
         self.send_high_water() / 4
     }
+
+    /// Bytes of one socket's messages (with [`QUEUED_FRAME_COST`] each) that may wait for the
+    /// application thread before the core stops reading that socket: at least one whole message.
+    #[must_use]
+    pub fn incoming_high_water(&self) -> usize {
+        self.max_message_size.max(1 << 20)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -56,4 +94,10 @@ pub struct ServerConfig {
     pub tls: Option<std::sync::Arc<rustls::ServerConfig>>,
     /// Durable Object storage: where, and how durable a commit is (`None`: no storage).
     pub storage: Option<crate::storage::StorageConfig>,
+    /// When set, an upgrade whose `Origin` header is not one of these (compared without regard
+    /// to case) is answered 403 before any application code runs. Requests without `Origin`
+    /// (not from a browser) are let through.
+    pub allowed_origins: Option<Vec<String>>,
+    /// Accept permessage-deflate (RFC 7692) when a client offers it.
+    pub compression: bool,
 }

@@ -6,10 +6,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
 use crate::bridge::EventQueue;
 use crate::config::Limits;
+use crate::deflate::Deflate;
 use crate::error::CoreError;
 use crate::frame::{close_code, Payload};
 use crate::meter::{Slot, Unit};
@@ -59,13 +61,52 @@ pub enum Event {
 pub struct Events {
     queue: EventQueue<Event>,
     pub registry: Registry,
+    /// Sockets whose task waits for the application to finish a batch.
+    waiting: Mutex<Vec<Arc<SocketShared>>>,
 }
 
 impl Events {
     /// # Errors
     /// When the queue's eventfd cannot be created.
     pub fn new() -> std::io::Result<Self> {
-        Ok(Self { queue: EventQueue::new()?, registry: Registry::default() })
+        Ok(Self { queue: EventQueue::new()?, registry: Registry::default(), waiting: Mutex::new(Vec::new()) })
+    }
+
+    /// The application has finished handling batch `number` (see [`EventQueue::push_all`]).
+    #[must_use]
+    pub fn is_processed(&self, number: u64) -> bool {
+        self.queue.is_processed(number)
+    }
+
+    /// Like [`Self::is_processed`]; when not, `socket`'s task is woken once it is.
+    pub(crate) fn wake_when_processed(&self, number: u64, socket: &Arc<SocketShared>) -> bool {
+        let mut waiting = self.waiting.lock();
+        // Checked under the lock `batch_done` takes after it counts the batch: no lost wake-up.
+        if self.queue.is_processed(number) {
+            return true;
+        }
+        if !socket.set_waiting_app() {
+            waiting.push(socket.clone());
+        }
+        false
+    }
+
+    /// The number of the batch `drain` gave out last.
+    #[must_use]
+    pub fn last_drained(&self) -> u64 {
+        self.queue.last_drained()
+    }
+
+    /// The application has handled the batches up to `number` and what their handlers sent is
+    /// queued on the sockets (by the application thread, or the output gate once it released
+    /// it): wakes the sockets that waited for it.
+    pub fn batch_done(&self, number: u64) {
+        self.queue.mark_processed(number);
+        let waiting = std::mem::take(&mut *self.waiting.lock());
+        for socket in waiting {
+            socket.clear_waiting_app();
+            socket.wake.notify_one();
+        }
     }
 
     #[must_use]
@@ -77,8 +118,9 @@ impl Events {
         self.queue.push(event);
     }
 
-    pub fn push_all(&self, batch: &mut Vec<Event>) {
-        self.queue.push_all(batch);
+    /// Returns the number of the batch they will be handled in.
+    pub fn push_all(&self, batch: &mut Vec<Event>) -> u64 {
+        self.queue.push_all(batch)
     }
 
     pub fn drain(&self) -> Vec<Event> {
@@ -126,7 +168,10 @@ pub struct Reply {
     tx: oneshot::Sender<Answer>,
     websocket: bool,
     events: Arc<Events>,
+    /// The app's limits, for a socket accepted without limits of its own.
     limits: Arc<Limits>,
+    /// permessage-deflate as negotiated from the client's offer (with compression on).
+    deflate: Option<Deflate>,
 }
 
 impl std::fmt::Debug for Reply {
@@ -141,8 +186,9 @@ impl Reply {
         websocket: bool,
         events: Arc<Events>,
         limits: Arc<Limits>,
+        deflate: Option<Deflate>,
     ) -> Self {
-        Self { tx, websocket, events, limits }
+        Self { tx, websocket, events, limits, deflate }
     }
 
     /// The request is a valid WebSocket upgrade.
@@ -167,10 +213,25 @@ impl Reply {
         headers: Vec<(String, Bytes)>,
         slot: Option<Arc<Slot>>,
     ) -> Result<(Arc<SocketShared>, Answering), (Self, CoreError)> {
+        self.accept_websocket_with(headers, slot, None)
+    }
+
+    /// [`Self::accept_websocket`] for a socket held to `limits` (a Durable Object namespace's)
+    /// instead of the app's.
+    ///
+    /// # Errors
+    /// As [`Self::accept_websocket`].
+    pub fn accept_websocket_with(
+        self,
+        headers: Vec<(String, Bytes)>,
+        slot: Option<Arc<Slot>>,
+        limits: Option<Arc<Limits>>,
+    ) -> Result<(Arc<SocketShared>, Answering), (Self, CoreError)> {
         if !self.websocket {
             return Err((self, CoreError::NotAnUpgrade));
         }
-        let socket = self.events.registry.register(&self.limits, false);
+        let limits = limits.unwrap_or_else(|| self.limits.clone());
+        let socket = self.events.registry.register(limits, self.deflate, false);
         if let Some(slot) = slot {
             socket.set_slot(slot);
         }

@@ -8,6 +8,9 @@ use bytes::{BufMut, Bytes, BytesMut};
 use tungstenite::protocol::frame::coding::{Control, Data, OpCode};
 use tungstenite::protocol::frame::FrameHeader;
 
+use crate::config::FRAME_CHARGE;
+use crate::deflate::InflateError;
+
 /// A WebSocket message as the application sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Payload {
@@ -50,6 +53,58 @@ const fn violation(code: u16, reason: &'static str) -> Violation {
     Violation { code, reason }
 }
 
+/// Incremental UTF-8 validation across the pieces of one text message (fragments, and the
+/// parts of a frame that arrive in separate reads), so that invalid text is refused in the piece
+/// where it appears, not at the end of the message. Holds the up to three bytes of a sequence
+/// that a piece cut short.
+#[derive(Debug, Default, Clone, Copy)]
+struct Utf8Check {
+    carry: [u8; 4],
+    len: u8,
+}
+
+impl Utf8Check {
+    /// False as soon as `data` makes the text seen so far invalid.
+    fn feed(&mut self, mut data: &[u8]) -> bool {
+        if self.len > 0 {
+            let width = match self.carry[0] {
+                0xE0..=0xEF => 3,
+                0xF0..=0xF4 => 4,
+                _ => 2,
+            };
+            while usize::from(self.len) < width && !data.is_empty() {
+                self.carry[usize::from(self.len)] = data[0];
+                self.len += 1;
+                data = &data[1..];
+            }
+            match std::str::from_utf8(&self.carry[..usize::from(self.len)]) {
+                Ok(_) => self.len = 0,
+                Err(e) if e.error_len().is_none() => return true,
+                Err(_) => return false,
+            }
+        }
+        match std::str::from_utf8(data) {
+            Ok(_) => true,
+            Err(e) if e.error_len().is_some() => false,
+            Err(e) => {
+                let rest = &data[e.valid_up_to()..];
+                self.carry[..rest.len()].copy_from_slice(rest);
+                #[allow(clippy::cast_possible_truncation)] // at most 3 bytes
+                let len = rest.len() as u8;
+                self.len = len;
+                true
+            }
+        }
+    }
+
+    /// The text ends on a whole character.
+    fn is_complete(self) -> bool {
+        self.len == 0
+    }
+}
+
+const INVALID_TEXT: Violation = violation(close_code::INVALID_PAYLOAD, "invalid UTF-8 in a text message");
+
 /// Reassembles messages from client frames. Holds memory only while a frame or a fragmented
 /// message is incomplete.
 #[derive(Debug)]
@@ -58,16 +113,42 @@ pub struct MessageDecoder {
     pending: BytesMut,
     /// The opcode and data of a fragmented message in progress.
     fragments: Option<(Data, BytesMut)>,
+    /// What the fragments so far count against the limit: their bytes, and at least
+    /// [`FRAME_CHARGE`] for each frame.
+    charged: usize,
+    /// Payload bytes of the incomplete text frame in `pending` already checked as UTF-8.
+    checked: usize,
+    utf8: Utf8Check,
     max_message_size: usize,
     /// Decoding what a server sends (our outgoing sockets): frames must not be masked.
     from_server: bool,
+    /// permessage-deflate was negotiated: RSV1 marks a compressed message.
+    inflate: bool,
+    /// The message being assembled is compressed (inflated once whole).
+    compressed: bool,
 }
 
 impl MessageDecoder {
     /// A decoder of frames from a client (masked).
     #[must_use]
     pub fn new(max_message_size: usize) -> Self {
-        Self { pending: BytesMut::new(), fragments: None, max_message_size, from_server: false }
+        Self {
+            pending: BytesMut::new(),
+            fragments: None,
+            charged: 0,
+            checked: 0,
+            utf8: Utf8Check::default(),
+            max_message_size,
+            from_server: false,
+            inflate: false,
+            compressed: false,
+        }
+    }
+
+    /// Takes compressed messages (RSV1) too: permessage-deflate was negotiated.
+    #[must_use]
+    pub fn with_inflate(self) -> Self {
+        Self { inflate: true, ..self }
     }
 
     /// A decoder of frames from a server (unmasked), for outgoing sockets.
@@ -122,6 +203,9 @@ impl MessageDecoder {
             #[allow(clippy::cast_possible_truncation)]
             let start = used + cursor.position() as usize;
             if data.len() - start < length {
+                if self.is_text(&header) && !header.rsv1 && !self.compressed {
+                    self.check_partial(&data[start..], header.mask)?;
+                }
                 return Ok(used);
             }
             let mut payload = BytesMut::with_capacity(length);
@@ -134,8 +218,43 @@ impl MessageDecoder {
         }
     }
 
+    /// The frame carries text: a text frame, or a continuation of a text message.
+    fn is_text(&self, header: &FrameHeader) -> bool {
+        match header.opcode {
+            OpCode::Data(Data::Text) => true,
+            OpCode::Data(Data::Continue) => matches!(self.fragments, Some((Data::Text, _))),
+            _ => false,
+        }
+    }
+
+    /// Checks the part of an incomplete text frame received so far, from where the last check
+    /// stopped, so invalid text fails the connection without waiting for the rest of the frame.
+    fn check_partial(&mut self, available: &[u8], mask: Option<[u8; 4]>) -> Result<(), Violation> {
+        if self.checked == 0 && self.fragments.is_none() {
+            self.utf8 = Utf8Check::default();
+        }
+        let mut chunk = [0u8; 256];
+        while self.checked < available.len() {
+            let end = available.len().min(self.checked + chunk.len());
+            let part = &mut chunk[..end - self.checked];
+            part.copy_from_slice(&available[self.checked..end]);
+            if let Some(mask) = mask {
+                let at = self.checked % 4;
+                unmask(part, [mask[at], mask[(at + 1) % 4], mask[(at + 2) % 4], mask[(at + 3) % 4]]);
+            }
+            self.checked = end;
+            if !self.utf8.feed(part) {
+                return Err(INVALID_TEXT);
+            }
+        }
+        Ok(())
+    }
+
     fn check_header(&self, header: &FrameHeader, length: u64) -> Result<(), Violation> {
-        if header.rsv1 || header.rsv2 || header.rsv3 {
+        // RSV1 marks a compressed message (on its first frame) once permessage-deflate is on.
+        let compressed_start =
+            header.rsv1 && self.inflate && matches!(header.opcode, OpCode::Data(Data::Text | Data::Binary));
+        if (header.rsv1 && !compressed_start) || header.rsv2 || header.rsv3 {
             return Err(violation(close_code::PROTOCOL_ERROR, "reserved bits set"));
         }
         if self.from_server && header.mask.is_some() {
@@ -154,8 +273,11 @@ impl MessageDecoder {
                 }
             }
             OpCode::Data(data) => {
-                let so_far = self.fragments.as_ref().map_or(0, |(_, b)| b.len());
-                if length.saturating_add(so_far as u64) > self.max_message_size as u64 {
+                // A frame of a fragmented message counts at least FRAME_CHARGE: the work of a
+                // message is bounded, not only its bytes (a flood of empty fragments).
+                let fragmented = !header.is_final || self.fragments.is_some();
+                let cost = if fragmented { length.max(FRAME_CHARGE as u64) } else { length };
+                if cost.saturating_add(self.charged as u64) > self.max_message_size as u64 {
                     return Err(violation(close_code::TOO_BIG, "message too big"));
                 }
                 match (data, &self.fragments) {
@@ -181,6 +303,8 @@ impl MessageDecoder {
         payload: BytesMut,
         sink: &mut impl FnMut(Incoming),
     ) -> Result<(), Violation> {
+        // What `check_partial` already validated of this frame.
+        let checked = std::mem::take(&mut self.checked);
         match header.opcode {
             OpCode::Control(Control::Ping) => sink(Incoming::Ping(payload.freeze())),
             OpCode::Control(Control::Pong) => sink(Incoming::Pong),
@@ -188,19 +312,62 @@ impl MessageDecoder {
             OpCode::Control(Control::Reserved(_)) | OpCode::Data(Data::Reserved(_)) => {
                 return Err(violation(close_code::PROTOCOL_ERROR, "reserved opcode"))
             }
-            OpCode::Data(kind @ (Data::Text | Data::Binary)) => {
+            OpCode::Data(kind @ (Data::Text | Data::Binary)) if header.rsv1 => {
                 if header.is_final {
-                    sink(Incoming::Message(to_payload(kind, payload)?));
+                    sink(Incoming::Message(self.inflated(kind, &payload)?));
                 } else {
+                    self.compressed = true;
+                    self.charged = payload.len().max(FRAME_CHARGE);
+                    self.fragments = Some((kind, payload));
+                }
+            }
+            OpCode::Data(Data::Continue) if self.compressed => {
+                let (_, buffer) = self.fragments.as_mut().expect("checked in check_header");
+                self.charged += payload.len().max(FRAME_CHARGE);
+                buffer.unsplit(payload);
+                if header.is_final {
+                    let (kind, buffer) = self.fragments.take().expect("present");
+                    self.charged = 0;
+                    self.compressed = false;
+                    sink(Incoming::Message(self.inflated(kind, &buffer)?));
+                }
+            }
+            OpCode::Data(Data::Text) if header.is_final && checked == 0 => {
+                // The common case, a whole text message in one frame: validated in one pass.
+                if std::str::from_utf8(&payload).is_err() {
+                    return Err(INVALID_TEXT);
+                }
+                sink(Incoming::Message(Payload::Text(payload.freeze())));
+            }
+            OpCode::Data(kind @ (Data::Text | Data::Binary)) => {
+                if kind == Data::Text {
+                    if checked == 0 {
+                        self.utf8 = Utf8Check::default();
+                    }
+                    if !self.utf8.feed(&payload[checked..]) || (header.is_final && !self.utf8.is_complete()) {
+                        return Err(INVALID_TEXT);
+                    }
+                }
+                if header.is_final {
+                    sink(Incoming::Message(to_payload(kind, payload)));
+                } else {
+                    self.charged = payload.len().max(FRAME_CHARGE);
                     self.fragments = Some((kind, payload));
                 }
             }
             OpCode::Data(Data::Continue) => {
-                let (_, buffer) = self.fragments.as_mut().expect("checked in check_header");
+                let (kind, buffer) = self.fragments.as_mut().expect("checked in check_header");
+                if *kind == Data::Text
+                    && (!self.utf8.feed(&payload[checked..]) || (header.is_final && !self.utf8.is_complete()))
+                {
+                    return Err(INVALID_TEXT);
+                }
+                self.charged += payload.len().max(FRAME_CHARGE);
                 buffer.unsplit(payload);
                 if header.is_final {
                     let (kind, buffer) = self.fragments.take().expect("present");
-                    sink(Incoming::Message(to_payload(kind, buffer)?));
+                    self.charged = 0;
+                    sink(Incoming::Message(to_payload(kind, buffer)));
                 }
             }
         }
@@ -208,14 +375,29 @@ impl MessageDecoder {
     }
 }
 
-fn to_payload(kind: Data, data: BytesMut) -> Result<Payload, Violation> {
-    if kind == Data::Text {
-        if std::str::from_utf8(&data).is_err() {
-            return Err(violation(close_code::INVALID_PAYLOAD, "invalid UTF-8 in a text message"));
+impl MessageDecoder {
+    /// A whole compressed message, inflated (at most `max_message_size`) and checked.
+    fn inflated(&self, kind: Data, compressed: &[u8]) -> Result<Payload, Violation> {
+        let data = crate::deflate::inflate(compressed, self.max_message_size).map_err(|e| match e {
+            InflateError::TooBig => violation(close_code::TOO_BIG, "message too big once inflated"),
+            InflateError::Invalid => violation(close_code::INVALID_PAYLOAD, "invalid compressed data"),
+        })?;
+        if kind == Data::Text {
+            if std::str::from_utf8(&data).is_err() {
+                return Err(INVALID_TEXT);
+            }
+            return Ok(Payload::Text(Bytes::from(data)));
         }
-        Ok(Payload::Text(data.freeze()))
+        Ok(Payload::Binary(Bytes::from(data)))
+    }
+}
+
+/// A whole message; text was validated as it arrived.
+fn to_payload(kind: Data, data: BytesMut) -> Payload {
+    if kind == Data::Text {
+        Payload::Text(data.freeze())
     } else {
-        Ok(Payload::Binary(data.freeze()))
+        Payload::Binary(data.freeze())
     }
 }
 
@@ -293,9 +475,30 @@ pub fn encode_message(text: bool, data: &[u8]) -> Bytes {
     encode(OpCode::Data(if text { Data::Text } else { Data::Binary }), &[data])
 }
 
+/// One frame holding a whole message compressed with permessage-deflate (RSV1 set).
+#[must_use]
+pub fn encode_compressed(text: bool, data: &[u8]) -> Bytes {
+    let compressed = crate::deflate::compress(data);
+    let header = FrameHeader {
+        opcode: OpCode::Data(if text { Data::Text } else { Data::Binary }),
+        rsv1: true,
+        ..FrameHeader::default()
+    };
+    let length = compressed.len() as u64;
+    let mut out = BytesMut::with_capacity(header.len(length) + compressed.len());
+    header.format(length, &mut (&mut out).writer()).expect("writing to memory");
+    out.extend_from_slice(&compressed);
+    out.freeze()
+}
+
 #[must_use]
 pub fn encode_pong(data: &[u8]) -> Bytes {
     encode(OpCode::Control(Control::Pong), &[data])
+}
+
+#[must_use]
+pub fn encode_ping(data: &[u8]) -> Bytes {
+    encode(OpCode::Control(Control::Ping), &[data])
 }
 
 /// A Close frame; `None` sends one without a status code.
@@ -405,6 +608,65 @@ mod tests {
         let mut frag = client_frame(0x01, &[0; 60]);
         frag.extend(client_frame(0x80, &[0; 60]));
         assert_eq!(decode_all(&mut MessageDecoder::new(100), &frag).unwrap_err().code, 1009);
+    }
+
+    #[test]
+    fn invalid_text_fails_in_the_fragment_where_it_appears() {
+        // "κόσμε" then a lone continuation byte in the second fragment, and a third never sent.
+        let mut decoder = MessageDecoder::new(1000);
+        let first = client_frame(0x01, "κόσμε".as_bytes());
+        assert!(decode_all(&mut decoder, &first).unwrap().is_empty());
+        let second = client_frame(0x00, &[0xce, 0xbc, 0x80, 0x80]);
+        assert_eq!(decode_all(&mut decoder, &second).unwrap_err().code, 1007);
+        // A character cut across fragments is fine; one left unfinished at the end is not.
+        let mut decoder = MessageDecoder::new(1000);
+        let mut data = client_frame(0x01, &[b'a', 0xe2, 0x82]);
+        data.extend(client_frame(0x80, &[0xac]));
+        let got = decode_all(&mut decoder, &data).unwrap();
+        assert_eq!(got, vec![Incoming::Message(Payload::Text(Bytes::from("a€")))]);
+        let mut decoder = MessageDecoder::new(1000);
+        let mut data = client_frame(0x01, b"a");
+        data.extend(client_frame(0x80, &[0xe2, 0x82]));
+        assert_eq!(decode_all(&mut decoder, &data).unwrap_err().code, 1007);
+    }
+
+    #[test]
+    fn invalid_text_fails_before_the_rest_of_its_frame_arrives() {
+        let mut payload = "hello".as_bytes().to_vec();
+        payload.extend([0xf4, 0x90, 0x80, 0x80]); // past U+10FFFF
+        payload.extend(vec![b'x'; 500]);
+        let frame = client_frame(0x81, &payload);
+        let mut decoder = MessageDecoder::new(1000);
+        // The header and the valid part: nothing yet; then the bad bytes: refused at once.
+        let header = frame.len() - payload.len();
+        assert!(decode_all(&mut decoder, &frame[..header + 5]).unwrap().is_empty());
+        assert_eq!(decode_all(&mut decoder, &frame[header + 5..header + 9]).unwrap_err().code, 1007);
+        // Valid text cut anywhere decodes whole, also where a partial check ran before.
+        let text = "añ€😀".repeat(40);
+        let frame = client_frame(0x81, text.as_bytes());
+        for cut in 1..frame.len() {
+            let mut decoder = MessageDecoder::new(1000);
+            let mut got = decode_all(&mut decoder, &frame[..cut]).unwrap();
+            got.extend(decode_all(&mut decoder, &frame[cut..]).unwrap());
+            assert_eq!(got, vec![Incoming::Message(Payload::Text(Bytes::from(text.clone())))], "cut {cut}");
+        }
+    }
+
+    #[test]
+    fn a_flood_of_empty_fragments_is_bounded_like_a_large_message() {
+        let mut decoder = MessageDecoder::new(1000);
+        let mut data = client_frame(0x02, b"");
+        for _ in 0..=(1000 / FRAME_CHARGE) {
+            data.extend(client_frame(0x00, b""));
+        }
+        assert_eq!(decode_all(&mut decoder, &data).unwrap_err().code, 1009);
+        // A message at the limit is fine, in one frame or in fragments of 16 bytes or more.
+        let frame = client_frame(0x82, &[7; 1000]);
+        assert_eq!(decode_all(&mut MessageDecoder::new(1000), &frame).unwrap().len(), 1);
+        let mut data = client_frame(0x02, &[7; 500]);
+        data.extend(client_frame(0x00, &[7; 484]));
+        data.extend(client_frame(0x80, &[7; 16]));
+        assert_eq!(decode_all(&mut MessageDecoder::new(1000), &data).unwrap().len(), 1);
     }
 
     #[test]

@@ -66,6 +66,9 @@ struct Epoch {
     failed: Vec<u64>,
     held: Vec<Held>,
     checkpoints: Vec<Arc<Store>>,
+    /// The last batch of events whose output this epoch holds (0: none): once released, the
+    /// connections waiting for that batch to be handled may go on (a held Close, reading).
+    batch: u64,
 }
 
 #[derive(Default)]
@@ -79,6 +82,8 @@ struct State {
     unreleased: usize,
     /// Stores of hibernated objects, to close once their last commit is done.
     closing: Vec<Arc<Store>>,
+    /// The last batch of events whose output `held` holds.
+    batch: u64,
     stop: bool,
 }
 
@@ -303,6 +308,18 @@ impl OutputGate {
         self.holding.store(true, Ordering::Release);
     }
 
+    /// The application has handled batch `number`. While the gate holds output, the
+    /// connections waiting for that batch to be handled (`Events::batch_done`) are told once the
+    /// gate releases what it sent, and this returns true; else the caller tells them.
+    pub fn hold_batch(&self, number: u64) -> bool {
+        let mut state = self.state.lock();
+        if state.held.is_empty() && state.unreleased == 0 && state.dirty.is_empty() {
+            return false;
+        }
+        state.batch = state.batch.max(number);
+        true
+    }
+
     /// Holds `item`, or gives it back when nothing is pending any more (send it now).
     fn hold(&self, item: Held) -> Result<(), Held> {
         let mut state = self.state.lock();
@@ -334,6 +351,7 @@ impl OutputGate {
                     let held = std::mem::take(&mut state.held);
                     release_all(held, &[], &self.events);
                     self.holding.store(false, Ordering::Release);
+                    self.release_batch(&mut state.batch);
                 }
                 return;
             }
@@ -415,6 +433,7 @@ impl OutputGate {
         let mut state = self.state.lock();
         if kept.is_empty() {
             epoch.held = std::mem::take(&mut state.held);
+            epoch.batch = std::mem::take(&mut state.batch);
         } else {
             // A transaction() block is still open (across an await): what was sent may show its
             // writes, which could still be undone. It waits for the commit point after the block.
@@ -426,6 +445,7 @@ impl OutputGate {
             // (under the lock, as the committer does, so that no send can overtake it).
             state.unreleased = 0;
             release_all(epoch.held, &epoch.failed, &self.events);
+            self.release_batch(&mut epoch.batch);
             if state.dirty.is_empty() {
                 self.holding.store(false, Ordering::Release);
             }
@@ -528,6 +548,7 @@ impl OutputGate {
                 }
             }
             release_all(std::mem::take(&mut epoch.held), &epoch.failed, &self.events);
+            self.release_batch(&mut epoch.batch);
         }
         let released = round.len();
         // What was sent after the last sealed epoch goes out too, if nothing is pending: under
@@ -539,6 +560,7 @@ impl OutputGate {
                 let held = std::mem::take(&mut state.held);
                 release_all(held, &[], &self.events);
                 self.holding.store(false, Ordering::Release);
+                self.release_batch(&mut state.batch);
             }
             if state.unreleased == 0 {
                 self.released.notify_all();
@@ -546,6 +568,14 @@ impl OutputGate {
         }
         for store in round.iter().flat_map(|epoch| epoch.checkpoints.iter()) {
             store.checkpoint();
+        }
+    }
+
+    /// What a batch sent is released: the connections waiting for it go on.
+    fn release_batch(&self, batch: &mut u64) {
+        let number = std::mem::take(batch);
+        if number != 0 {
+            self.events.batch_done(number);
         }
     }
 

@@ -6,6 +6,7 @@ pub mod bridge;
 pub mod client;
 pub mod config;
 pub mod connection;
+pub mod deflate;
 pub mod error;
 pub mod event;
 pub mod frame;

@@ -34,12 +34,14 @@ pub enum Unit {
     DurationUs,
     BytesIn,
     BytesOut,
+    /// Protocol pings the core answered or sent (keepalive): counted, free, never seen by Python.
+    ProtocolPings,
     /// Durable Object storage (SPEC §6): a KV key or an SQL row read, or written.
     StorageRowsRead,
     StorageRowsWritten,
 }
 
-pub const UNITS: usize = 11;
+pub const UNITS: usize = 12;
 
 /// One value per [`Unit`].
 pub type Usage = [u64; UNITS];
@@ -83,6 +85,8 @@ pub struct Slot {
     app: Counters,
     /// CPU one event of this slot may use (`u64::MAX`: no limit).
     cpu_limit_ns: AtomicU64,
+    /// Wall time one event of this slot may hold the application thread (`u64::MAX`: no limit).
+    wall_limit_ns: AtomicU64,
 }
 
 impl std::fmt::Debug for Slot {
@@ -98,7 +102,17 @@ impl Slot {
             io: Counters::default(),
             app: Counters::default(),
             cpu_limit_ns: AtomicU64::new(u64::MAX),
+            wall_limit_ns: AtomicU64::new(u64::MAX),
         }
+    }
+
+    pub fn set_wall_limit_ns(&self, limit: u64) {
+        self.wall_limit_ns.store(limit, Ordering::Relaxed);
+    }
+
+    #[must_use]
+    pub fn wall_limit_ns(&self) -> u64 {
+        self.wall_limit_ns.load(Ordering::Relaxed)
     }
 
     pub fn set_cpu_limit_ns(&self, limit: u64) {

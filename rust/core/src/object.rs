@@ -243,15 +243,22 @@ impl ObjectShared {
     }
 
     /// Encodes the message once and queues it on every matching socket; returns how many.
+    /// With permessage-deflate, compressed once too, for the sockets that compress.
     pub fn broadcast(&self, text: bool, data: &[u8], tag: Option<&str>, exclude: Option<u64>) -> usize {
         let frame = frame::encode_message(text, data);
+        let mut compressed: Option<Bytes> = None;
         let sockets = self.sockets.lock();
         let mut sent = 0;
         for socket in sockets.iter() {
-            if Some(socket.id()) != exclude
-                && socket.has_tag(tag)
-                && socket.send_frame(frame.clone()).is_queued()
-            {
+            if Some(socket.id()) == exclude || !socket.has_tag(tag) {
+                continue;
+            }
+            let encoded = if socket.deflate().is_some_and(|d| d.compresses(data.len())) {
+                compressed.get_or_insert_with(|| frame::encode_compressed(text, data)).clone()
+            } else {
+                frame.clone()
+            };
+            if socket.send_frame(encoded).is_queued() {
                 sent += 1;
             }
         }
@@ -331,12 +338,12 @@ mod tests {
     use std::collections::VecDeque;
 
     fn socket(id: u64) -> Arc<SocketShared> {
-        Arc::new(SocketShared::new(id, &Limits::default()))
+        Arc::new(SocketShared::new(id, Arc::new(Limits::default())))
     }
 
     fn queued(socket: &SocketShared) -> usize {
         let mut out = VecDeque::new();
-        let _ = socket.take_queued(&mut out);
+        let _ = socket.take_queued(&mut out, &mut false);
         out.len()
     }
 

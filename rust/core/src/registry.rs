@@ -8,6 +8,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 use crate::config::Limits;
+use crate::deflate::Deflate;
 use crate::socket::SocketShared;
 
 pub struct Registry {
@@ -43,13 +44,14 @@ impl Registry {
         self.sockets.lock().values().cloned().collect()
     }
 
-    /// Registers a new socket (`client`: an outgoing one, whose frames are masked).
-    pub fn register(&self, limits: &Limits, client: bool) -> Arc<SocketShared> {
+    /// Registers a new socket held to `limits` (`client`: an outgoing one, whose frames are
+    /// masked; `deflate`: permessage-deflate as negotiated).
+    pub fn register(&self, limits: Arc<Limits>, deflate: Option<Deflate>, client: bool) -> Arc<SocketShared> {
         let id = self.next_socket.fetch_add(1, Ordering::Relaxed);
         let socket = Arc::new(if client {
             SocketShared::new_client(id, limits)
         } else {
-            SocketShared::new(id, limits)
+            SocketShared::new(id, limits).with_deflate(deflate)
         });
         self.sockets.lock().insert(id, socket.clone());
         socket

@@ -3,7 +3,9 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
@@ -19,7 +21,7 @@ use tokio::sync::{oneshot, Notify};
 
 use crate::alarms::AlarmScheduler;
 use crate::client::{self, ConnectRequest};
-use crate::config::{Limits, ServerConfig};
+use crate::config::{Limits, ServerConfig, HANDSHAKE_HEADERS, MAX_HEADERS};
 use crate::connection;
 use crate::error::CoreError;
 use crate::event::{Answer, Event, Events, PendingRequest, Reply};
@@ -33,20 +35,32 @@ use crate::tls;
 
 /// State shared by the accept loop, every connection task and the application side.
 pub struct ServerCtx {
+    /// The app's limits: the server-wide ones, and the per-socket ones of sockets accepted
+    /// without limits of their own.
     pub limits: Arc<Limits>,
     pub events: Arc<Events>,
+    /// Connections being served as HTTP (plain or TLS), before or without an upgrade.
+    http_connections: AtomicUsize,
+    /// Connections served as HTTP so far (for [`return_memory`]).
+    http_served: AtomicU64,
+    allowed_origins: Option<Vec<String>>,
+    compression: bool,
     stop_accepting: Notify,
     /// Set when the server speaks TLS (https:// and wss://).
     tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 impl ServerCtx {
-    fn new(limits: Limits, tls: Option<tokio_rustls::TlsAcceptor>) -> std::io::Result<Self> {
+    fn new(config: &mut ServerConfig) -> std::io::Result<Self> {
         Ok(Self {
-            limits: Arc::new(limits),
+            limits: Arc::new(config.limits.clone()),
             events: Arc::new(Events::new()?),
+            http_connections: AtomicUsize::new(0),
+            http_served: AtomicU64::new(0),
+            allowed_origins: config.allowed_origins.take(),
+            compression: config.compression,
             stop_accepting: Notify::new(),
-            tls,
+            tls: config.tls.take().map(tokio_rustls::TlsAcceptor::from),
         })
     }
 
@@ -54,8 +68,24 @@ impl ServerCtx {
         self.events.registry.open_sockets()
     }
 
+    /// Connections of every kind: HTTP ones and WebSockets (accepted and outgoing). A
+    /// connection that is being upgraded may count twice for a moment, never zero times.
+    fn connections(&self) -> usize {
+        self.http_connections.load(Ordering::Acquire) + self.open_sockets()
+    }
+
     pub(crate) fn new_client_socket(&self) -> Arc<SocketShared> {
-        self.events.registry.register(&self.limits, true)
+        self.events.registry.register(self.limits.clone(), None, true)
+    }
+
+    /// An upgrade from a browser page of a site not on the allow-list.
+    fn origin_refused(&self, headers: &hyper::HeaderMap) -> bool {
+        let (Some(allowed), Some(origin)) = (&self.allowed_origins, headers.get(hyper::header::ORIGIN))
+        else {
+            return false;
+        };
+        let origin = origin.to_str().unwrap_or("").trim_end_matches('/');
+        !allowed.iter().any(|a| a.trim_end_matches('/').eq_ignore_ascii_case(origin))
     }
 
     pub(crate) fn is_shutting_down(&self) -> bool {
@@ -69,6 +99,34 @@ impl ServerCtx {
 }
 
 type Body = Full<Bytes>;
+
+/// Checks headers the application wants to send: a name that is not a token, or a value with
+/// CR, LF or NUL, would make hyper fail the response.
+///
+/// # Errors
+/// `InvalidArgument` naming the first bad header.
+pub fn check_headers(headers: &[(String, Bytes)]) -> Result<(), CoreError> {
+    let refused = headers.iter().find_map(|(name, value)| {
+        if HeaderName::from_bytes(name.as_bytes()).is_err() {
+            Some(format!("invalid response header name {name:?}"))
+        } else if HeaderValue::from_bytes(value).is_err() {
+            Some(format!(
+                "invalid value of response header {name:?} (control characters such as CR, LF and NUL \
+                 are not allowed)"
+            ))
+        } else {
+            None
+        }
+    });
+    match refused {
+        None => Ok(()),
+        Some(why) => {
+            // Said here too: the application's own log of the exception may be filtered or lost.
+            log::error!("invalid response from the application: {why}");
+            Err(CoreError::InvalidArgument(why))
+        }
+    }
+}
 
 fn plain(status: StatusCode, text: &'static str) -> Response<Body> {
     let mut response = Response::new(Full::new(Bytes::from_static(text.as_bytes())));
@@ -109,17 +167,41 @@ async fn handle(
             return Ok(response);
         }
     };
-    if accept.is_some() && (ctx.open_sockets() >= ctx.limits.max_connections || ctx.is_shutting_down()) {
+    if accept.is_some() && ctx.origin_refused(req.headers()) {
+        return Ok(plain(StatusCode::FORBIDDEN, "origin not allowed"));
+    }
+    // This connection is one of those counted: past the limit only by others.
+    if accept.is_some() && (ctx.connections() > ctx.limits.max_connections || ctx.is_shutting_down()) {
         return Ok(plain(StatusCode::SERVICE_UNAVAILABLE, "too many connections"));
     }
+    let deflate = match (&accept, ctx.compression) {
+        (Some(_), true) => {
+            let offers: Vec<&str> = req
+                .headers()
+                .get_all(hyper::header::SEC_WEBSOCKET_EXTENSIONS)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .collect();
+            crate::deflate::negotiate(&offers.join(","))
+        }
+        _ => None,
+    };
     let on_upgrade = accept.as_ref().map(|_| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
-    let body = match Limited::new(body, ctx.limits.max_body_size).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+    // The body is bounded in time as the head is: a client trickling it would otherwise hold
+    // the connection (and its buffers) forever.
+    let collect = Limited::new(body, ctx.limits.max_body_size).collect();
+    let body = match tokio::time::timeout(ctx.limits.handshake_timeout, collect).await {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
             return Ok(plain(StatusCode::PAYLOAD_TOO_LARGE, "request body too large"))
         }
-        Err(_) => return Ok(plain(StatusCode::BAD_REQUEST, "could not read the request body")),
+        Ok(Err(_)) => return Ok(plain(StatusCode::BAD_REQUEST, "could not read the request body")),
+        Err(_) => {
+            let mut response = plain(StatusCode::REQUEST_TIMEOUT, "request body not received in time");
+            response.headers_mut().insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
+            return Ok(response);
+        }
     };
     let headers = parts
         .headers
@@ -134,7 +216,7 @@ async fn handle(
         headers,
         body,
         peer,
-        reply: Reply::new(tx, accept.is_some(), ctx.events.clone(), ctx.limits.clone()),
+        reply: Reply::new(tx, accept.is_some(), ctx.events.clone(), ctx.limits.clone(), deflate),
     }));
     let Ok(answer) = rx.await else {
         return Ok(plain(StatusCode::INTERNAL_SERVER_ERROR, "Internal Server Error"));
@@ -186,6 +268,12 @@ async fn handle(
                 hyper::header::SEC_WEBSOCKET_ACCEPT,
                 HeaderValue::from_str(&accept).expect("base64 is a valid header value"),
             );
+            if let Some(deflate) = deflate {
+                h.insert(
+                    hyper::header::SEC_WEBSOCKET_EXTENSIONS,
+                    HeaderValue::from_str(&deflate.response()).expect("ASCII"),
+                );
+            }
             with_headers(response, headers)
         }
     };
@@ -202,13 +290,32 @@ type ServerTls = tokio_rustls::server::TlsStream<TcpStream>;
 async fn serve_tls(
     stream: TcpStream,
     peer: SocketAddr,
-    ctx: Arc<ServerCtx>,
+    counted: HttpConnection,
     acceptor: tokio_rustls::TlsAcceptor,
 ) {
+    let ctx = counted.0.clone();
     match tokio::time::timeout(ctx.limits.handshake_timeout, acceptor.accept(stream)).await {
         Ok(Ok(session)) => serve_http(session, peer, ctx).await,
         Ok(Err(e)) => log::debug!("TLS handshake with {peer}: {e}"),
         Err(_) => log::debug!("TLS handshake with {peer} timed out"),
+    }
+}
+
+/// Counts a connection served as HTTP for as long as it is (an upgraded one is then counted
+/// as a socket).
+struct HttpConnection(Arc<ServerCtx>);
+
+impl HttpConnection {
+    fn new(ctx: &Arc<ServerCtx>) -> Self {
+        ctx.http_connections.fetch_add(1, Ordering::AcqRel);
+        ctx.http_served.fetch_add(1, Ordering::Relaxed);
+        Self(ctx.clone())
+    }
+}
+
+impl Drop for HttpConnection {
+    fn drop(&mut self) {
+        self.0.http_connections.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -222,6 +329,8 @@ where
     let connection = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(timeout)
+        // The cap is on the client's own headers: those of a handshake come on top.
+        .max_headers(MAX_HEADERS + HANDSHAKE_HEADERS)
         .serve_connection(io, service)
         .with_upgrades();
     if let Err(e) = connection.await {
@@ -229,26 +338,21 @@ where
     }
 }
 
-async fn accept_loop(listener: TcpListener, ctx: Arc<ServerCtx>) {
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    let _ = stream.set_nodelay(true);
-                    match &ctx.tls {
-                        Some(acceptor) => runtime::spawn(serve_tls(stream, peer, ctx.clone(), acceptor.clone())),
-                        None => runtime::spawn(serve_http(stream, peer, ctx.clone())),
-                    };
-                }
-                Err(e) => {
-                    // Out of descriptors or similar: back off instead of spinning.
-                    log::warn!("accept failed: {e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                }
-            },
-            () = ctx.stop_accepting.notified() => return,
-        }
+/// A connection past `max_connections`: answered 503 at once, without reading its request
+/// (which costs nothing lasting), then closed after a short linger so the answer is read
+/// instead of lost to a reset.
+async fn refuse(mut stream: TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const ANSWER: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\n\
+        content-length: 20\r\nconnection: close\r\n\r\ntoo many connections";
+    if stream.write_all(ANSWER).await.is_err() || stream.shutdown().await.is_err() {
+        return;
     }
+    let mut sink = [0u8; 1024];
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
+    })
+    .await;
 }
 
 /// How often the server looks whether memory was freed in bulk; how many sockets, objects or
@@ -258,14 +362,15 @@ const RETURN_MEMORY_EVERY: std::time::Duration = std::time::Duration::from_secs(
 const RETURN_MEMORY_AFTER: u64 = 1_000;
 const RETURN_MEMORY_DURING_BURST: u32 = 5;
 
-/// After a burst (thousands of sockets closed, objects hibernated, databases closed), the
+/// After a burst (thousands of connections or sockets gone, objects hibernated, databases closed), the
 /// allocator keeps the freed memory as its own: the process would stay at its peak.
 /// `malloc_trim` returns the free pages, on a blocking thread, once the burst is over (a quiet
 /// second), or every few seconds while it lasts.
 async fn return_memory(ctx: Arc<ServerCtx>, objects: Arc<ObjectRegistry>, storage: Option<Arc<Storage>>) {
     let churn = || {
         let closed = storage.as_ref().map_or(0, |storage| storage.closed());
-        ctx.events.registry.registered() + objects.forgotten() + closed
+        let served = ctx.http_served.load(Ordering::Relaxed);
+        ctx.events.registry.registered() + served + objects.forgotten() + closed
     };
     let (mut returned_at, mut previous, mut busy_seconds) = (churn(), churn(), 0);
     loop {
@@ -287,6 +392,40 @@ async fn return_memory(ctx: Arc<ServerCtx>, objects: Arc<ObjectRegistry>, storag
     }
 }
 
+async fn accept_loop(listener: TcpListener, ctx: Arc<ServerCtx>) {
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    if ctx.connections() >= ctx.limits.max_connections {
+                        // A TLS client could not read a plain answer: it is just closed.
+                        if ctx.tls.is_none() {
+                            runtime::spawn(refuse(stream));
+                        }
+                        continue;
+                    }
+                    let _ = stream.set_nodelay(true);
+                    let counted = HttpConnection::new(&ctx);
+                    match &ctx.tls {
+                        Some(acceptor) => runtime::spawn(serve_tls(stream, peer, counted, acceptor.clone())),
+                        None => runtime::spawn(async move {
+                            let ctx = counted.0.clone();
+                            serve_http(stream, peer, ctx).await;
+                            drop(counted);
+                        }),
+                    };
+                }
+                Err(e) => {
+                    // Out of descriptors or similar: back off instead of spinning.
+                    log::warn!("accept failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            },
+            () = ctx.stop_accepting.notified() => return,
+        }
+    }
+}
+
 /// A running server. Dropping it stops the I/O threads.
 pub struct Server {
     ctx: Arc<ServerCtx>,
@@ -304,9 +443,9 @@ impl Server {
     /// # Errors
     /// When the address cannot be bound, the runtime cannot start, or the data directory is not
     /// usable.
-    pub fn start(config: ServerConfig) -> Result<Self, CoreError> {
+    pub fn start(mut config: ServerConfig) -> Result<Self, CoreError> {
         let runtime = runtime::build(config.io_threads)?;
-        let ctx = Arc::new(ServerCtx::new(config.limits, config.tls.map(tokio_rustls::TlsAcceptor::from))?);
+        let ctx = Arc::new(ServerCtx::new(&mut config)?);
         let gate = match &config.storage {
             Some(storage) => {
                 let storage = Arc::new(Storage::open(storage)?);
@@ -428,5 +567,14 @@ impl Drop for Server {
 
 #[cfg(test)]
 pub(crate) fn test_ctx() -> ServerCtx {
-    ServerCtx::new(Limits::default(), None).unwrap()
+    let mut config = ServerConfig {
+        addr: "127.0.0.1:0".parse().expect("an address"),
+        io_threads: 1,
+        limits: Limits::default(),
+        tls: None,
+        storage: None,
+        allowed_origins: None,
+        compression: false,
+    };
+    ServerCtx::new(&mut config).expect("an eventfd")
 }

@@ -12,7 +12,8 @@ use bytes::{Buf, Bytes};
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
-use crate::config::Limits;
+use crate::config::{Limits, QUEUED_FRAME_COST};
+use crate::deflate::Deflate;
 use crate::frame::{self, close_code};
 use crate::meter::{Slot, Unit};
 use crate::object::SocketMeta;
@@ -23,8 +24,8 @@ pub enum SendOutcome {
     Queued,
     /// The socket is closing or closed; the frame was dropped.
     Dropped,
-    /// The queue passed `max_buffered_bytes`: everything unsent was dropped and the socket is
-    /// being closed with 1008.
+    /// The queue was past `max_buffered_bytes` when the frame came: everything unsent (but a
+    /// frame partly written) was dropped and the socket is being closed with 1008.
     Overflow,
 }
 
@@ -46,6 +47,8 @@ pub struct CloseRequest {
 
 struct Outbox {
     frames: Vec<Bytes>,
+    /// The first frame was partly written by a direct write: it must be finished, never dropped.
+    front_partial: bool,
     close: Option<CloseRequest>,
     /// Set once a close is queued or the connection ended: later sends are dropped.
     closing: bool,
@@ -58,7 +61,14 @@ struct Outbox {
 
 impl Default for Outbox {
     fn default() -> Self {
-        Self { frames: Vec::new(), close: None, closing: false, fd: -1, task_idle: false }
+        Self {
+            frames: Vec::new(),
+            front_partial: false,
+            close: None,
+            closing: false,
+            fd: -1,
+            task_idle: false,
+        }
     }
 }
 
@@ -116,17 +126,22 @@ pub struct SocketShared {
     pub(crate) wake: Notify,
     /// Bytes of frames queued and not yet written to the kernel.
     buffered: AtomicUsize,
+    /// Frames queued and not yet wholly written (each costs [`QUEUED_FRAME_COST`] in memory).
+    frames: AtomicUsize,
     paused: AtomicBool,
     want_drain: AtomicBool,
-    max_buffered: usize,
-    high_water: usize,
-    low_water: usize,
+    /// The task is on the event queue's list of sockets waiting for a batch to be handled.
+    waiting_app: AtomicBool,
+    /// The limits of whoever accepted the socket (the app, or a Durable Object namespace).
+    limits: Arc<Limits>,
     /// Tags, attachment, object: boxed, and absent for a socket that never needed them.
     meta: Mutex<Option<Box<SocketMeta>>>,
     /// Who is billed for this socket's messages and bytes; set once, before the upgrade.
     slot: OnceLock<Arc<Slot>>,
     /// An outgoing socket (we are the client): frames we send are masked.
     client: bool,
+    /// permessage-deflate, when the handshake negotiated it.
+    deflate: Option<Deflate>,
 }
 
 impl std::fmt::Debug for SocketShared {
@@ -137,32 +152,57 @@ impl std::fmt::Debug for SocketShared {
 
 impl SocketShared {
     #[must_use]
-    pub fn new(id: u64, limits: &Limits) -> Self {
+    pub fn new(id: u64, limits: Arc<Limits>) -> Self {
         Self {
             id,
             outbox: Mutex::new(Outbox::default()),
             wake: Notify::new(),
             buffered: AtomicUsize::new(0),
+            frames: AtomicUsize::new(0),
             paused: AtomicBool::new(false),
             want_drain: AtomicBool::new(false),
-            max_buffered: limits.max_buffered_bytes,
-            high_water: limits.send_high_water(),
-            low_water: limits.send_low_water(),
+            waiting_app: AtomicBool::new(false),
+            limits,
             meta: Mutex::new(None),
             slot: OnceLock::new(),
             client: false,
+            deflate: None,
         }
+    }
+
+    /// The same socket with permessage-deflate (as negotiated in its handshake).
+    #[must_use]
+    pub fn with_deflate(self, deflate: Option<Deflate>) -> Self {
+        Self { deflate, ..self }
+    }
+
+    /// What the handshake negotiated for compression, if anything.
+    #[must_use]
+    pub fn deflate(&self) -> Option<Deflate> {
+        self.deflate
     }
 
     /// An outgoing socket: we are the client.
     #[must_use]
-    pub fn new_client(id: u64, limits: &Limits) -> Self {
+    pub fn new_client(id: u64, limits: Arc<Limits>) -> Self {
         Self { client: true, ..Self::new(id, limits) }
     }
 
     #[must_use]
     pub fn is_client(&self) -> bool {
         self.client
+    }
+
+    /// The limits this socket is held to.
+    #[must_use]
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// What the queued frames hold in memory: their bytes and [`QUEUED_FRAME_COST`] each.
+    #[must_use]
+    pub fn queued_cost(&self) -> usize {
+        self.buffered.load(Ordering::Acquire) + self.frames.load(Ordering::Acquire) * QUEUED_FRAME_COST
     }
 
     /// Bills this socket's traffic to `slot` from now on (once; later calls are ignored).
@@ -186,10 +226,14 @@ impl SocketShared {
         self.send_frame(self.encode(text, data))
     }
 
-    /// One message as this socket sends it (masked when we are the client).
+    /// One message as this socket sends it (compressed if it was negotiated and worth it,
+    /// masked when we are the client).
     #[must_use]
     pub fn encode(&self, text: bool, data: &[u8]) -> Bytes {
-        let encoded = frame::encode_message(text, data);
+        let encoded = match self.deflate {
+            Some(deflate) if deflate.compresses(data.len()) => frame::encode_compressed(text, data),
+            _ => frame::encode_message(text, data),
+        };
         if self.client {
             frame::mask(&encoded)
         } else {
@@ -211,10 +255,14 @@ impl SocketShared {
         if outbox.closing {
             return SendOutcome::Dropped;
         }
-        let total = self.buffered.fetch_add(len, Ordering::AcqRel) + len;
-        if total > self.max_buffered {
-            let unsent: usize = outbox.frames.drain(..).map(|f| f.len()).sum();
-            self.buffered.fetch_sub(unsent + len, Ordering::AcqRel);
+        // The slow-consumer rule: what was already queued when this frame came is held to the
+        // limit, so one large message on a short queue goes out, and a pile-up does not.
+        if self.queued_cost() > self.limits.max_buffered_bytes {
+            let keep = usize::from(outbox.front_partial);
+            let dropped = outbox.frames.len().saturating_sub(keep);
+            let unsent: usize = outbox.frames.drain(keep..).map(|f| f.len()).sum();
+            self.buffered.fetch_sub(unsent, Ordering::AcqRel);
+            self.frames.fetch_sub(dropped, Ordering::AcqRel);
             outbox.closing = true;
             outbox.close = Some(CloseRequest {
                 code: close_code::POLICY_VIOLATION,
@@ -225,6 +273,8 @@ impl SocketShared {
             self.wake.notify_one();
             return SendOutcome::Overflow;
         }
+        self.buffered.fetch_add(len, Ordering::AcqRel);
+        self.frames.fetch_add(1, Ordering::AcqRel);
         let was_empty = outbox.frames.is_empty();
         outbox.frames.push(frame);
         drop(outbox);
@@ -252,8 +302,17 @@ impl SocketShared {
     }
 
     /// Moves the queued frames to the connection's write queue; returns a close request if any.
-    pub(crate) fn take_queued(&self, out: &mut VecDeque<Bytes>) -> Option<CloseRequest> {
+    /// `front_partial` is set when the first frame moved was partly written already.
+    pub(crate) fn take_queued(
+        &self,
+        out: &mut VecDeque<Bytes>,
+        front_partial: &mut bool,
+    ) -> Option<CloseRequest> {
         let mut outbox = self.outbox.lock();
+        if out.is_empty() && outbox.front_partial {
+            *front_partial = true;
+        }
+        outbox.front_partial = false;
         out.extend(outbox.frames.drain(..));
         outbox.task_idle = out.is_empty();
         outbox.close.take()
@@ -262,7 +321,7 @@ impl SocketShared {
     /// [`Self::take_queued`] for the benchmarks, which run outside the crate.
     #[doc(hidden)]
     pub fn take_queued_for_bench(&self, out: &mut VecDeque<Bytes>) -> Option<CloseRequest> {
-        self.take_queued(out)
+        self.take_queued(out, &mut false)
     }
 
     /// The connection task has frames of its own to write (a pong, a close): no direct writes
@@ -318,16 +377,25 @@ impl SocketShared {
             slot.add(Unit::BytesOut, written as u64);
         }
         let mut done = 0;
+        let mut advanced = false;
         for frame in &mut outbox.frames {
             if written >= frame.len() {
                 written -= frame.len();
                 done += 1;
             } else {
-                frame.advance(written);
+                if written > 0 {
+                    frame.advance(written);
+                    advanced = true;
+                }
                 break;
             }
         }
+        // A frame partly written must be finished before anything else, a Close included.
+        if done > 0 || advanced {
+            outbox.front_partial = advanced;
+        }
         outbox.frames.drain(..done);
+        self.frames.fetch_sub(done, Ordering::AcqRel);
         outbox.frames.is_empty()
     }
 
@@ -352,12 +420,28 @@ impl SocketShared {
         self.outbox.lock().closing = true;
     }
 
-    pub(crate) fn add_buffered(&self, len: usize) {
+    /// The connection task queued a frame of its own (`len` bytes).
+    pub(crate) fn add_frame(&self, len: usize) {
         self.buffered.fetch_add(len, Ordering::AcqRel);
+        self.frames.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// `frames` whole frames were written or dropped.
+    pub(crate) fn sub_frames(&self, frames: usize) {
+        self.frames.fetch_sub(frames, Ordering::AcqRel);
     }
 
     pub(crate) fn sub_buffered(&self, len: usize) {
         self.buffered.fetch_sub(len, Ordering::AcqRel);
+    }
+
+    /// Marks the task as on the event queue's waiting list; false if it was not already.
+    pub(crate) fn set_waiting_app(&self) -> bool {
+        self.waiting_app.swap(true, Ordering::AcqRel)
+    }
+
+    pub(crate) fn clear_waiting_app(&self) {
+        self.waiting_app.store(false, Ordering::Release);
     }
 
     #[must_use]
@@ -379,14 +463,14 @@ impl SocketShared {
 
     #[must_use]
     pub fn high_water(&self) -> usize {
-        self.high_water
+        self.limits.send_high_water()
     }
 
     /// Asks for an `Event::Drained` once the queue falls to the low-water mark. Returns false
     /// (and asks nothing) when it is already there.
     pub fn request_drain(&self) -> bool {
         self.want_drain.store(true, Ordering::Release);
-        if self.buffered_amount() <= self.low_water {
+        if self.buffered_amount() <= self.limits.send_low_water() {
             self.want_drain.store(false, Ordering::Release);
             return false;
         }
@@ -395,7 +479,8 @@ impl SocketShared {
 
     /// True once per request, when the queue has fallen to the low-water mark.
     pub(crate) fn take_drained(&self) -> bool {
-        self.buffered_amount() <= self.low_water && self.want_drain.swap(false, Ordering::AcqRel)
+        self.buffered_amount() <= self.limits.send_low_water()
+            && self.want_drain.swap(false, Ordering::AcqRel)
     }
 }
 
@@ -403,43 +488,62 @@ impl SocketShared {
 mod tests {
     use super::*;
 
-    fn limits(max_buffered_bytes: usize) -> Limits {
-        Limits { max_buffered_bytes, ..Limits::default() }
+    fn limits(max_buffered_bytes: usize) -> Arc<Limits> {
+        Arc::new(Limits { max_buffered_bytes, ..Limits::default() })
     }
 
     #[test]
     fn overflow_discards_unsent_and_closes_with_1008() {
-        let socket = Arc::new(SocketShared::new(1, &limits(100)));
+        let socket = Arc::new(SocketShared::new(1, limits(200)));
         assert_eq!(socket.send(false, &[0; 40]), SendOutcome::Queued);
         assert_eq!(socket.buffered_amount(), 42);
+        assert_eq!(socket.queued_cost(), 42 + QUEUED_FRAME_COST);
         assert_eq!(socket.send(false, &[0; 40]), SendOutcome::Queued);
         assert_eq!(socket.send(false, &[0; 40]), SendOutcome::Overflow);
-        assert_eq!(socket.buffered_amount(), 0);
+        assert_eq!((socket.buffered_amount(), socket.queued_cost()), (0, 0));
         assert_eq!(socket.send(false, b"late"), SendOutcome::Dropped);
         let mut out = VecDeque::new();
-        let close = socket.take_queued(&mut out).unwrap();
+        let close = socket.take_queued(&mut out, &mut false).unwrap();
         assert!(out.is_empty());
         assert_eq!((close.code, close.discard_unsent), (1008, true));
     }
 
     #[test]
+    fn one_message_larger_than_the_limit_goes_out_on_a_short_queue() {
+        let socket = Arc::new(SocketShared::new(1, limits(1000)));
+        assert_eq!(socket.send(false, &[0; 5000]), SendOutcome::Queued);
+        assert_eq!(socket.send(false, b"next"), SendOutcome::Overflow, "but nothing piles up behind it");
+    }
+
+    #[test]
+    fn small_frames_are_counted_at_what_they_hold() {
+        let socket = Arc::new(SocketShared::new(1, limits(64 * 1024)));
+        let mut sent = 0;
+        while socket.send(false, b"x").is_queued() {
+            sent += 1;
+        }
+        // 3 bytes on the wire each, but ~67 in memory: the limit stops ~1,000, not ~21,000.
+        assert!((900..1100).contains(&sent), "{sent} one-byte frames queued");
+    }
+
+    #[test]
     fn close_is_taken_once_and_stops_sends() {
-        let socket = Arc::new(SocketShared::new(1, &limits(1000)));
+        let socket = Arc::new(SocketShared::new(1, limits(1000)));
         assert_eq!(socket.send(true, b"a"), SendOutcome::Queued);
         assert!(socket.close(1000, "bye"));
         assert!(!socket.close(1001, "again"));
         assert_eq!(socket.send(true, b"b"), SendOutcome::Dropped);
         let mut out = VecDeque::new();
-        let close = socket.take_queued(&mut out).unwrap();
+        let close = socket.take_queued(&mut out, &mut false).unwrap();
         assert_eq!((out.len(), close.code, close.reason.as_str()), (1, 1000, "bye"));
-        assert!(socket.take_queued(&mut out).is_none());
+        assert!(socket.take_queued(&mut out, &mut false).is_none());
     }
 
     #[test]
     fn drain_request_fires_only_below_low_water() {
-        let socket = SocketShared::new(1, &limits(1000));
+        let socket = SocketShared::new(1, limits(1000));
         assert!(!socket.request_drain(), "an empty queue is already drained");
-        socket.add_buffered(socket.high_water());
+        socket.add_frame(socket.high_water());
         assert!(socket.request_drain());
         assert!(!socket.take_drained());
         socket.sub_buffered(socket.high_water());

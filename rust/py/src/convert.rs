@@ -43,6 +43,7 @@ pub fn add_event_kinds(m: &Bound<'_, PyModule>) -> PyResult<()> {
         ("EV_ALARM", ALARM),
         ("EV_RELEASED", RELEASED),
         ("EV_COMMIT_FAILED", COMMIT_FAILED),
+        ("EV_STEP", STEP),
     ] {
         m.add(name, value)?;
     }
@@ -72,7 +73,7 @@ pub fn events_to_vec(
     py: Python<'_>,
     events: Vec<Event>,
     slot_of: impl Fn(u64) -> Option<Arc<Slot>>,
-) -> Vec<(Py<PyAny>, EventSlot)> {
+) -> Vec<(Py<PyAny>, EventSlot, u8)> {
     let mut out = Vec::with_capacity(events.len());
     // The previous event's slot, by address (0: none; 1: not known yet).
     let mut previous = 1usize;
@@ -98,14 +99,34 @@ pub fn events_to_vec(
             None => EventSlot::Unbilled,
         };
         previous = key;
+        let kind = kind_of(&event);
         match event_tuple(py, event) {
-            Ok(tuple) => out.push((tuple.unbind(), billed)),
+            Ok(tuple) => out.push((tuple.unbind(), billed, kind)),
             // Only a failed allocation gets here: the event is lost, and said so.
             Err(error) => error.print(py),
         }
     }
     out
 }
+
+/// The kind code of an event (the first item of its tuple).
+fn kind_of(event: &Event) -> u8 {
+    match event {
+        Event::Request(_) => REQUEST,
+        Event::Message { .. } => MESSAGE,
+        Event::Close { .. } => CLOSE,
+        Event::Error { .. } => ERROR,
+        Event::Drained { .. } => DRAINED,
+        Event::AllClosed => ALL_CLOSED,
+        Event::Connected { .. } => CONNECTED,
+        Event::Alarm { .. } => ALARM,
+        Event::Released { .. } => RELEASED,
+        Event::CommitFailed { .. } => COMMIT_FAILED,
+    }
+}
+
+/// The kind code of an async step (for the watchdog's report of a blocked loop).
+pub const STEP: u8 = 255;
 
 fn event_tuple(py: Python<'_>, event: Event) -> PyResult<Bound<'_, PyAny>> {
     Ok({

@@ -49,3 +49,9 @@ pub fn cpu_limit_exceeded(py: Python<'_>) -> PyResult<Bound<'_, PyType>> {
     static CLASS: PyOnceLock<Py<PyType>> = PyOnceLock::new();
     exception_class(py, &CLASS, "CpuLimitExceeded")
 }
+
+/// `sockworker.errors.WallLimitExceeded`, for the watchdog.
+pub fn wall_limit_exceeded(py: Python<'_>) -> PyResult<Bound<'_, PyType>> {
+    static CLASS: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+    exception_class(py, &CLASS, "WallLimitExceeded")
+}

@@ -34,6 +34,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<meter::Slot>()?;
     meter::add_units(m)?;
     m.add_class::<socket::SocketHandle>()?;
+    m.add_class::<socket::SocketLimits>()?;
     m.add_class::<object::ObjectState>()?;
     m.add_class::<storage::Store>()?;
     for (name, value) in [

@@ -16,6 +16,7 @@ const UNIT_NAMES: [(&str, Unit); UNITS] = [
     ("UNIT_DURATION_US", Unit::DurationUs),
     ("UNIT_BYTES_IN", Unit::BytesIn),
     ("UNIT_BYTES_OUT", Unit::BytesOut),
+    ("UNIT_PROTOCOL_PINGS", Unit::ProtocolPings),
     ("UNIT_STORAGE_ROWS_READ", Unit::StorageRowsRead),
     ("UNIT_STORAGE_ROWS_WRITTEN", Unit::StorageRowsWritten),
 ];
@@ -43,18 +44,21 @@ impl Meter {
         Self::default()
     }
 
-    /// The slot of (account, namespace, object id); `cpu_limit_ms` bounds each of its events.
-    #[pyo3(signature = (account, namespace, object_id, cpu_limit_ms))]
+    /// The slot of (account, namespace, object id); `cpu_limit_ms` bounds the CPU of each of its
+    /// events, `wall_limit_ms` (0: none) the wall time each may hold the application thread.
+    #[pyo3(signature = (account, namespace, object_id, cpu_limit_ms, wall_limit_ms=0.0))]
     fn slot(
         &self,
         account: String,
         namespace: Option<String>,
         object_id: Option<String>,
         cpu_limit_ms: f64,
+        wall_limit_ms: f64,
     ) -> Slot {
         let slot = self.inner.slot(Label { account, namespace, object_id });
-        let limit = if cpu_limit_ms > 0.0 { (cpu_limit_ms * 1e6) as u64 } else { u64::MAX };
-        slot.set_cpu_limit_ns(limit);
+        let nanos = |ms: f64| if ms > 0.0 { (ms * 1e6) as u64 } else { u64::MAX };
+        slot.set_cpu_limit_ns(nanos(cpu_limit_ms));
+        slot.set_wall_limit_ns(nanos(wall_limit_ms));
         Slot { inner: slot }
     }
 

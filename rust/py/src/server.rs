@@ -9,16 +9,18 @@ use parking_lot::Mutex;
 use pyo3::prelude::*;
 use sockworker_core::gate::OutputGate;
 use sockworker_core::meter::{thread_cpu_clock, thread_cpu_ns, BatchClock};
-use sockworker_core::watchdog::{current_thread_ident, tick_for, Watch, Watchdog};
+use sockworker_core::watchdog::{
+    current_thread_ident, tick_for, BlockedHook, Overrun, Watch, Watchdog, WatchdogHooks,
+};
 use sockworker_core::{
     ConnectRequest, CoreError, Durability, Limits, Reply, ServerConfig, Slot as CoreSlot, StorageConfig, Unit,
 };
 
-use crate::convert::{events_to_vec, EventSlot};
-use crate::errors::{cpu_limit_exceeded, to_pyerr};
+use crate::convert::{events_to_vec, EventSlot, STEP};
+use crate::errors::{cpu_limit_exceeded, to_pyerr, wall_limit_exceeded};
 use crate::meter::Slot;
 use crate::object::ObjectState;
-use crate::socket::SocketHandle;
+use crate::socket::{SocketHandle, SocketLimits};
 use crate::storage::Store;
 
 /// What the application thread is running, for CPU accounting and the watchdog.
@@ -38,26 +40,66 @@ pub struct Server {
     watchdog: Mutex<Option<Watchdog>>,
     /// CPU accounting and limits are on.
     metering: bool,
+    /// The application thread's ident.
+    ident: u64,
 }
 
 /// Starts the watchdog of the calling thread (the application thread): an event over its CPU
-/// budget gets `CpuLimitExceeded` raised in it, at the next bytecode the thread runs.
-fn start_watchdog(watch: &Arc<Watch>, smallest_limit: Duration) -> std::io::Result<Watchdog> {
+/// (or wall-clock) budget gets `CpuLimitExceeded` (`WallLimitExceeded`) raised in it, at the
+/// next bytecode the thread runs; one that holds the thread for `blocked_after` is reported
+/// to `on_blocked(kind, seconds)`, called on the watchdog thread with the GIL held.
+fn start_watchdog(
+    watch: &Arc<Watch>,
+    smallest_limit: Duration,
+    blocked_after: Option<Duration>,
+    on_blocked: Option<Py<PyAny>>,
+) -> std::io::Result<Watchdog> {
     let ident = current_thread_ident() as std::ffi::c_long;
     let seen = watch.clone();
-    Watchdog::start(watch.clone(), thread_cpu_clock(), tick_for(smallest_limit), move |progress| {
+    let interrupt = Box::new(move |progress, overrun| {
         Python::attach(|py| {
             // Under the GIL the application thread stands still: the event is still the same.
             if !seen.is_running(progress) {
                 return;
             }
-            if let Ok(class) = cpu_limit_exceeded(py) {
+            let class = match overrun {
+                Overrun::Cpu => cpu_limit_exceeded(py),
+                Overrun::Wall => wall_limit_exceeded(py),
+            };
+            if let Ok(class) = class {
                 // SAFETY: the GIL is held; the class is a live exception type.
                 unsafe { pyo3::ffi::PyThreadState_SetAsyncExc(ident, class.as_ptr()) };
-                seen.mark_interrupted(progress);
+                // Only a CPU overrun is thrown in again at later steps of an async event.
+                if overrun == Overrun::Cpu {
+                    seen.mark_interrupted(progress);
+                }
             }
         });
-    })
+    });
+    let blocked = match (blocked_after, on_blocked) {
+        (Some(after), Some(hook)) => {
+            let seen = watch.clone();
+            let report: BlockedHook = Box::new(move |progress, held| {
+                Python::attach(|py| {
+                    if !seen.is_running(progress) {
+                        return;
+                    }
+                    if let Err(error) = hook.call1(py, (seen.kind(), held.as_secs_f64())) {
+                        error.print(py);
+                    }
+                });
+            });
+            Some((after, report))
+        }
+        _ => None,
+    };
+    let tick = tick_for(blocked_after.map_or(smallest_limit, |after| after.min(smallest_limit)));
+    Watchdog::start(watch.clone(), thread_cpu_clock(), tick, WatchdogHooks { interrupt, blocked })
+}
+
+/// A duration in seconds from Python, `None` when it is 0 (off).
+fn optional_seconds(value: f64, name: &str) -> Result<Option<Duration>, CoreError> {
+    Ok(if value > 0.0 { Some(seconds(value, name)?) } else { None })
 }
 
 impl Server {
@@ -75,42 +117,39 @@ fn seconds(value: f64, name: &str) -> Result<Duration, CoreError> {
 #[pymethods]
 impl Server {
     #[new]
-    #[pyo3(signature = (host, port, *, io_threads, max_message_size, max_buffered_bytes, handshake_timeout, idle_timeout, max_connections, max_body_size, metering=true, certfile=None, keyfile=None, smallest_cpu_limit=30.0, data_dir=None, durability="full"))]
+    #[pyo3(signature = (host, port, *, limits, max_connections, max_body_size, handshake_timeout, io_threads, metering=true, certfile=None, keyfile=None, smallest_cpu_limit=30.0, allowed_origins=None, log_blocked_after=1.0, on_blocked=None, compression=false, data_dir=None, durability="full"))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
         host: &str,
         port: u16,
-        io_threads: usize,
-        max_message_size: usize,
-        max_buffered_bytes: usize,
-        handshake_timeout: f64,
-        idle_timeout: f64,
+        limits: &SocketLimits,
         max_connections: usize,
         max_body_size: usize,
+        handshake_timeout: f64,
+        io_threads: usize,
         metering: bool,
         certfile: Option<std::path::PathBuf>,
         keyfile: Option<std::path::PathBuf>,
         smallest_cpu_limit: f64,
+        allowed_origins: Option<Vec<String>>,
+        log_blocked_after: f64,
+        on_blocked: Option<Py<PyAny>>,
+        compression: bool,
         data_dir: Option<std::path::PathBuf>,
         durability: &str,
     ) -> PyResult<Self> {
+        let socket_limits = limits.inner.clone();
         let build = || -> Result<sockworker_core::Server, CoreError> {
             let addr = (host, port)
                 .to_socket_addrs()?
                 .next()
                 .ok_or_else(|| CoreError::InvalidArgument(format!("cannot resolve host {host:?}")))?;
             let limits = Limits {
-                max_message_size,
-                max_buffered_bytes,
                 handshake_timeout: seconds(handshake_timeout, "handshake_timeout")?,
-                idle_timeout: if idle_timeout > 0.0 {
-                    Some(seconds(idle_timeout, "idle_timeout")?)
-                } else {
-                    None
-                },
                 max_connections,
                 max_body_size,
+                ..(*socket_limits).clone()
             };
             let tls = match (&certfile, &keyfile) {
                 (Some(cert), Some(key)) => Some(sockworker_core::tls::server_config(cert, key)?),
@@ -129,13 +168,18 @@ impl Server {
                 }
             };
             let storage = data_dir.map(|data_dir| StorageConfig { data_dir, durability });
-            sockworker_core::Server::start(ServerConfig { addr, io_threads, limits, tls, storage })
+            let config =
+                ServerConfig { addr, io_threads, limits, tls, storage, allowed_origins, compression };
+            sockworker_core::Server::start(config)
         };
         let server = py.detach(build).map_err(|e| to_pyerr(py, e))?;
         let watch = Arc::new(Watch::default());
         let smallest = seconds(smallest_cpu_limit, "smallest_cpu_limit").map_err(|e| to_pyerr(py, e))?;
+        let blocked_after =
+            optional_seconds(log_blocked_after, "log_blocked_after").map_err(|e| to_pyerr(py, e))?;
         let watchdog = if metering {
-            Some(start_watchdog(&watch, smallest).map_err(|e| to_pyerr(py, e.into()))?)
+            let dog = start_watchdog(&watch, smallest, blocked_after, on_blocked);
+            Some(dog.map_err(|e| to_pyerr(py, e.into()))?)
         } else {
             None
         };
@@ -149,6 +193,7 @@ impl Server {
             watch,
             watchdog: Mutex::new(watchdog),
             metering,
+            ident: current_thread_ident(),
         })
     }
 
@@ -180,6 +225,13 @@ impl Server {
         Batch { events: events.into_iter(), dispatch, watch: self.watch.clone() }
     }
 
+    /// The Python thread ident of the thread that made the server (the application thread),
+    /// for the report of a blocked loop.
+    #[getter]
+    fn thread_ident(&self) -> u64 {
+        self.ident
+    }
+
     /// Ends the batch `drain` began: charges its CPU time, commits what its handlers wrote (a
     /// commit point of the output gate), and writes what they sent (from this thread when few
     /// sockets were touched, else through their I/O tasks). Call it after every `drain`.
@@ -190,8 +242,24 @@ impl Server {
         }
         drop(dispatch);
         self.watch.leave();
-        self.commit();
+        let inner = self.inner.lock();
+        let Some(server) = inner.as_ref() else {
+            sockworker_core::socket::end_batch();
+            return;
+        };
+        let number = server.events().last_drained();
+        // While the output gate holds what the batch sent, it tells the connections waiting for
+        // the batch once it releases it; else they are told below, after the writes.
+        let held = server.gate().is_some_and(|gate| gate.hold_batch(number));
+        if let Some(gate) = server.gate() {
+            gate.commit_point();
+        }
         sockworker_core::socket::end_batch();
+        // After the writes: a connection that held its Close back for this batch's replies
+        // finds them queued.
+        if !held {
+            server.events().batch_done(number);
+        }
     }
 
     /// A commit point outside a batch (after a loop iteration whose tasks wrote).
@@ -280,7 +348,7 @@ impl Server {
         let mut dispatch = self.dispatch.lock();
         if dispatch.clock.in_batch() {
             dispatch.clock.relabel(&slot.inner);
-            self.watch.set_budget(slot.inner.cpu_limit_ns());
+            self.watch.set_budget(slot.inner.cpu_limit_ns(), slot.inner.wall_limit_ns());
         }
     }
 
@@ -293,7 +361,8 @@ impl Server {
             return false;
         }
         let cpu = thread_cpu_ns();
-        let progress = self.watch.enter(budget_ns.unwrap_or(u64::MAX), Some(cpu));
+        self.watch.set_kind(STEP);
+        let progress = self.watch.enter(budget_ns.unwrap_or(u64::MAX), slot.inner.wall_limit_ns(), Some(cpu));
         dispatch.step = Some((slot.inner.clone(), cpu, progress));
         true
     }
@@ -367,7 +436,7 @@ impl Server {
 /// One batch of events; iterate it once, then call `Server.flush`.
 #[pyclass(module = "sockworker._native")]
 pub struct Batch {
-    events: std::vec::IntoIter<(Py<PyAny>, EventSlot)>,
+    events: std::vec::IntoIter<(Py<PyAny>, EventSlot, u8)>,
     /// The accounting state (None: metering is off).
     dispatch: Option<Arc<Mutex<Dispatch>>>,
     watch: Arc<Watch>,
@@ -380,8 +449,9 @@ impl Batch {
     }
 
     fn __next__(&mut self) -> Option<Py<PyAny>> {
-        let (event, billed) = self.events.next()?;
+        let (event, billed, kind) = self.events.next()?;
         if let Some(dispatch) = &self.dispatch {
+            self.watch.set_kind(kind);
             let slot = match billed {
                 // Same slot: the run goes on; only the watchdog hears of a new event.
                 EventSlot::Same => {
@@ -393,7 +463,8 @@ impl Batch {
             };
             if dispatch.lock().clock.enter(slot.as_ref()) {
                 let budget = slot.as_ref().map_or(u64::MAX, |slot| slot.cpu_limit_ns());
-                self.watch.enter(budget, None);
+                let wall = slot.as_ref().map_or(u64::MAX, |slot| slot.wall_limit_ns());
+                self.watch.enter(budget, wall, None);
             } else {
                 self.watch.next_event();
             }
@@ -435,6 +506,7 @@ impl PendingReply {
         self.websocket
     }
 
+    /// Raises `InvalidArgument` (and answers nothing) for a header hyper could not send.
     fn respond(
         &self,
         py: Python<'_>,
@@ -442,23 +514,26 @@ impl PendingReply {
         headers: Vec<(String, Vec<u8>)>,
         body: Vec<u8>,
     ) -> PyResult<()> {
-        sockworker_core::gate::answer(self.take(py)?.respond(
-            status,
-            header_list(headers),
-            Bytes::from(body),
-        ));
+        let headers = header_list(headers);
+        sockworker_core::server::check_headers(&headers).map_err(|e| to_pyerr(py, e))?;
+        sockworker_core::gate::answer(self.take(py)?.respond(status, headers, Bytes::from(body)));
         Ok(())
     }
 
-    #[pyo3(signature = (headers, slot=None))]
+    /// Answers 101; the socket is held to `limits` (a namespace's) instead of the app's.
+    #[pyo3(signature = (headers, slot=None, limits=None))]
     fn accept_websocket(
         &self,
         py: Python<'_>,
         headers: Vec<(String, Vec<u8>)>,
         slot: Option<&Slot>,
+        limits: Option<&SocketLimits>,
     ) -> PyResult<SocketHandle> {
         let slot = slot.map(|slot| slot.inner.clone());
-        match self.take(py)?.accept_websocket(header_list(headers), slot) {
+        let headers = header_list(headers);
+        sockworker_core::server::check_headers(&headers).map_err(|e| to_pyerr(py, e))?;
+        let limits = limits.map(|limits| limits.inner.clone());
+        match self.take(py)?.accept_websocket_with(headers, slot, limits) {
             Ok((socket, answering)) => {
                 sockworker_core::gate::answer(answering);
                 Ok(SocketHandle { socket })

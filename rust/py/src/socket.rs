@@ -2,11 +2,12 @@
 //! returns; none waits on I/O.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyString};
 use sockworker_core::gate;
-use sockworker_core::{SendOutcome, SocketShared};
+use sockworker_core::{CoreError, Limits, SendOutcome, SocketShared};
 
 use crate::errors::to_pyerr;
 use crate::object::ObjectState;
@@ -94,6 +95,12 @@ impl SocketHandle {
         self.socket.meta_if_any().map(|meta| meta.url.clone()).unwrap_or_default()
     }
 
+    /// The `Sec-WebSocket-Extensions` the handshake answered ("" for none).
+    #[getter]
+    fn extensions(&self) -> String {
+        self.socket.deflate().map(|deflate| deflate.response()).unwrap_or_default()
+    }
+
     #[getter]
     fn protocol(&self) -> String {
         self.socket.meta_if_any().map(|meta| meta.protocol.clone()).unwrap_or_default()
@@ -125,5 +132,48 @@ impl SocketHandle {
     /// Asks for a DRAINED event; false when the queue is already low (no event will come).
     fn request_drain(&self) -> bool {
         self.socket.request_drain()
+    }
+}
+
+/// The per-socket limits of the app or of one Durable Object namespace, made once and shared by
+/// every socket accepted under them.
+#[pyclass(frozen, module = "sockworker._native")]
+pub struct SocketLimits {
+    pub(crate) inner: Arc<Limits>,
+}
+
+fn duration(value: f64, name: &str) -> Result<Option<Duration>, CoreError> {
+    if value <= 0.0 {
+        return Ok(None);
+    }
+    Duration::try_from_secs_f64(value)
+        .map(Some)
+        .map_err(|_| CoreError::InvalidArgument(format!("{name} must be a number of seconds >= 0")))
+}
+
+#[pymethods]
+impl SocketLimits {
+    /// Durations in seconds; 0 turns a timeout off.
+    #[new]
+    #[pyo3(signature = (*, max_message_size, max_buffered_bytes, idle_timeout, ping_interval, ping_timeout))]
+    fn new(
+        py: Python<'_>,
+        max_message_size: usize,
+        max_buffered_bytes: usize,
+        idle_timeout: f64,
+        ping_interval: f64,
+        ping_timeout: f64,
+    ) -> PyResult<Self> {
+        let build = || -> Result<Limits, CoreError> {
+            Ok(Limits {
+                max_message_size,
+                max_buffered_bytes,
+                idle_timeout: duration(idle_timeout, "idle_timeout")?,
+                ping_interval: duration(ping_interval, "ping_interval")?,
+                ping_timeout: duration(ping_timeout, "ping_timeout")?,
+                ..Limits::default()
+            })
+        };
+        Ok(Self { inner: Arc::new(build().map_err(|e| to_pyerr(py, e))?) })
     }
 }
