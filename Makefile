@@ -13,7 +13,7 @@ RUST_SOURCES := $(shell find rust -name '*.rs' -o -name Cargo.toml) Cargo.toml p
 # A venv with nothing but the wheel in it, for the smoke test.
 WHEEL_VENV := target/wheel-venv
 
-.PHONY: help build demo demo-echo test test-rust test-python test-wheel wheel docs lint fmt clean browser-deps
+.PHONY: help build demo demo-echo test test-rust test-python test-wheel wheel docs lint stubtest fmt clean browser-deps
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -69,12 +69,16 @@ browser-deps: ## install Debian's chromium and chromium-driver for the browser t
 docs: $(VENV)/.deps ## build the documentation site into target/site (mkdocs --strict: a warning fails)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
 
-lint: $(VENV)/.deps ## rustfmt --check, clippy -D warnings, ruff, mypy --strict
+lint: $(VENV)/.deps ## rustfmt --check, clippy -D warnings, ruff, mypy --strict, stubtest of the native module
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
 	$(VENV)/bin/ruff check python tests examples bench conformance
 	$(VENV)/bin/ruff format --check python tests examples bench conformance
 	$(VENV)/bin/mypy
+	$(MAKE) --no-print-directory stubtest
+
+stubtest: build ## the type stub of sockworker._native against the built module
+	$(PY) -m mypy.stubtest --ignore-disjoint-bases --allowlist python/sockworker/_native.stubtest-allowlist sockworker._native
 
 fmt: $(VENV)/.deps ## format Rust and Python
 	$(CARGO) fmt --all

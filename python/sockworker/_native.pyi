@@ -1,28 +1,92 @@
-"""Type stub of the private native module (rust/py). Not part of the public API."""
+"""Type stub of the private native module (rust/py). Not part of the public API.
+
+``mypy.stubtest`` checks it against the built module (``make lint``)."""
 
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any, Final, Literal, Self, final
 
 __version__: Final[str]
-EV_REQUEST: Final[int]
-EV_MESSAGE: Final[int]
-EV_CLOSE: Final[int]
-EV_ERROR: Final[int]
-EV_DRAINED: Final[int]
-EV_ALL_CLOSED: Final[int]
-EV_CONNECTED: Final[int]
-EV_ALARM: Final[int]
-EV_RELEASED: Final[int]
-EV_COMMIT_FAILED: Final[int]
+
+# -- events: what ``Batch`` yields, one tuple per event; the first item is its kind -------------
+
+EV_REQUEST: Final = 0
+EV_MESSAGE: Final = 1
+EV_CLOSE: Final = 2
+EV_ERROR: Final = 3
+EV_DRAINED: Final = 4
+EV_ALL_CLOSED: Final = 5
+EV_CONNECTED: Final = 6
+EV_ALARM: Final = 7
+EV_RELEASED: Final = 8
+EV_COMMIT_FAILED: Final = 9
+#: The kind of an async step, in the watchdog's report of a blocked loop (never in a batch).
+EV_STEP: Final = 255
+
+#: (kind, reply, method, target, headers, body, peer)
+RequestEvent = tuple[Literal[0], PendingReply, str, str, list[tuple[str, bytes]], bytes, str]
+#: (kind, socket id, data)
+MessageEvent = tuple[Literal[1], int, str | bytes]
+#: (kind, socket id, code, reason, was_clean, the handle of an object's socket or None)
+CloseEvent = tuple[Literal[2], int, int, str, bool, SocketHandle | None]
+#: (kind, socket id, message)
+ErrorEvent = tuple[Literal[3], int, str]
+#: (kind, socket id)
+DrainedEvent = tuple[Literal[4], int]
+AllClosedEvent = tuple[Literal[5]]
+#: (kind, token, handle or None, protocol, error or None)
+ConnectedEvent = tuple[Literal[6], int, SocketHandle | None, str, str | None]
+#: (kind, namespace, object id, id name or None, retries so far)
+AlarmEvent = tuple[Literal[7], str, str, str | None, int]
+#: (kind, token, committed)
+ReleasedEvent = tuple[Literal[8], int, bool]
+#: (kind, owner key, message)
+CommitFailedEvent = tuple[Literal[9], int, str]
+Event = (
+    RequestEvent
+    | MessageEvent
+    | CloseEvent
+    | ErrorEvent
+    | DrainedEvent
+    | AllClosedEvent
+    | ConnectedEvent
+    | AlarmEvent
+    | ReleasedEvent
+    | CommitFailedEvent
+)
+
+# -- facts of the core, read by Python rather than repeated ----------------------------------
+
 STORAGE_MAX_KEY_BYTES: Final[int]
 STORAGE_MAX_VALUE_BYTES: Final[int]
 STORAGE_MAX_KEYS_PER_CALL: Final[int]
-EV_STEP: Final[int]
+MAX_TAGS: Final[int]
+MAX_TAG_CHARS: Final[int]
+MAX_ATTACHMENT_BYTES: Final[int]
+MAX_CLOSE_REASON_BYTES: Final[int]
+#: What ``SocketHandle.send`` returns.
+SEND_QUEUED: Final = 0
+SEND_DROPPED: Final = 1
+SEND_OVERFLOW: Final = 2
+SendOutcome = Literal[0, 1, 2]
+CLOSE_NORMAL: Final = 1000
+CLOSE_GOING_AWAY: Final = 1001
+CLOSE_PROTOCOL_ERROR: Final = 1002
+CLOSE_NO_STATUS: Final = 1005
+CLOSE_ABNORMAL: Final = 1006
+CLOSE_INVALID_PAYLOAD: Final = 1007
+CLOSE_POLICY_VIOLATION: Final = 1008
+CLOSE_TOO_BIG: Final = 1009
+CLOSE_INTERNAL_ERROR: Final = 1011
+#: The core's defaults of what it enforces, by ``Limits`` field.
+LIMIT_DEFAULTS: Final[dict[str, int | float | None]]
 
+def check_close(code: int, reason: str) -> None: ...
+
+@final
 class SocketHandle:
     @property
     def id(self) -> int: ...
-    def send(self, data: str | bytes) -> int: ...
+    def send(self, data: str | bytes) -> SendOutcome: ...
     def close(self, code: int, reason: str) -> bool: ...
     @property
     def buffered_amount(self) -> int: ...
@@ -50,17 +114,22 @@ class SocketHandle:
     @property
     def auto_response_timestamp(self) -> float | None: ...
 
+@final
 class SocketLimits:
-    def __init__(
-        self,
+    def __new__(
+        cls,
         *,
         max_message_size: int,
         max_buffered_bytes: int,
         idle_timeout: float,
         ping_interval: float,
         ping_timeout: float,
-    ) -> None: ...
+        handshake_timeout: float,
+        max_connections: int,
+        max_body_size: int,
+    ) -> Self: ...
 
+@final
 class ObjectState:
     @property
     def key(self) -> int: ...
@@ -78,6 +147,7 @@ class ObjectState:
     ) -> int: ...
     def set_auto_responses(self, pairs: list[tuple[str | bytes, str | bytes]]) -> None: ...
 
+@final
 class Store:
     def get(self, keys: list[str]) -> list[bytes | None]: ...
     def put(self, pairs: list[tuple[str, bytes]]) -> None: ...
@@ -107,6 +177,7 @@ class Store:
     @property
     def path(self) -> str: ...
 
+@final
 class PendingReply:
     @property
     def is_websocket(self) -> bool: ...
@@ -118,21 +189,25 @@ class PendingReply:
         limits: SocketLimits | None = None,
     ) -> SocketHandle: ...
 
-UNIT_REQUESTS: int
-UNIT_CONNECTIONS: int
-UNIT_MESSAGES_IN: int
-UNIT_MESSAGES_OUT: int
-UNIT_AUTO_RESPONSES: int
-UNIT_CPU_NS: int
-UNIT_DURATION_US: int
-UNIT_BYTES_IN: int
-UNIT_BYTES_OUT: int
-UNIT_STORAGE_ROWS_READ: int
-UNIT_STORAGE_ROWS_WRITTEN: int
-UNIT_PROTOCOL_PINGS: int
+UNIT_REQUESTS: Final[int]
+UNIT_CONNECTIONS: Final[int]
+UNIT_MESSAGES_IN: Final[int]
+UNIT_MESSAGES_OUT: Final[int]
+UNIT_AUTO_RESPONSES: Final[int]
+UNIT_CPU_NS: Final[int]
+UNIT_DURATION_US: Final[int]
+UNIT_BYTES_IN: Final[int]
+UNIT_BYTES_OUT: Final[int]
+UNIT_STORAGE_ROWS_READ: Final[int]
+UNIT_STORAGE_ROWS_WRITTEN: Final[int]
+UNIT_PROTOCOL_PINGS: Final[int]
+#: The names of the units, in the order of usage vectors (UNIT_<NAME> is the index).
+UNIT_NAMES: Final[tuple[str, ...]]
+UNITS: Final[int]
 
+@final
 class Meter:
-    def __init__(self) -> None: ...
+    def __new__(cls) -> Self: ...
     def slot(
         self,
         account: str,
@@ -144,6 +219,7 @@ class Meter:
     def drain(self) -> list[tuple[str, str | None, str | None, list[int]]]: ...
     def totals(self) -> list[int]: ...
 
+@final
 class Slot:
     def add(self, unit: int, n: int) -> None: ...
     @property
@@ -155,21 +231,20 @@ class Slot:
     @property
     def cpu_limit_ns(self) -> int | None: ...
 
+@final
 class Batch:
     def __iter__(self) -> Batch: ...
-    def __next__(self) -> tuple[Any, ...]: ...
+    def __next__(self) -> Event: ...
     def __len__(self) -> int: ...
 
+@final
 class Server:
-    def __init__(
-        self,
+    def __new__(
+        cls,
         host: str,
         port: int,
         *,
         limits: SocketLimits,
-        max_connections: int,
-        max_body_size: int,
-        handshake_timeout: float,
         io_threads: int,
         metering: bool = True,
         certfile: str | None = None,
@@ -181,7 +256,7 @@ class Server:
         log_blocked_after: float = 1.0,
         on_blocked: Callable[[int, float], None] | None = None,
         compression: bool = False,
-    ) -> None: ...
+    ) -> Self: ...
     @property
     def address(self) -> tuple[str, int]: ...
     @property

@@ -11,10 +11,10 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 
+use crate::config::Limits;
 use crate::connection;
-use crate::event::Event;
+use crate::event::{Event, Events};
 use crate::meter::Slot;
-use crate::server::ServerCtx;
 use crate::tls;
 
 /// The response head may not be longer than this.
@@ -87,27 +87,27 @@ enum Opened {
 
 /// Connects, upgrades, and starts the connection task; the outcome is reported as an
 /// [`Event::Connected`]. Runs on the I/O runtime.
-pub(crate) async fn connect(ctx: Arc<ServerCtx>, request: ConnectRequest) {
-    let timeout = ctx.limits.handshake_timeout;
+pub(crate) async fn connect(limits: Arc<Limits>, queue: Arc<Events>, request: ConnectRequest) {
+    let timeout = limits.handshake_timeout;
     let token = request.token;
     match tokio::time::timeout(timeout, open(&request)).await {
-        Err(_) => ctx.events.push(Event::Connected {
+        Err(_) => queue.push(Event::Connected {
             token,
             result: Err(format!("connecting to {} timed out after {timeout:?}", request.url)),
         }),
-        Ok(Err(message)) => ctx.events.push(Event::Connected { token, result: Err(message) }),
+        Ok(Err(message)) => queue.push(Event::Connected { token, result: Err(message) }),
         Ok(Ok((opened, leftover, protocol))) => {
-            let socket = ctx.new_client_socket();
-            if ctx.is_shutting_down() {
+            let socket = queue.registry.register(limits, None, true);
+            if queue.registry.is_shutting_down() {
                 socket.close(crate::frame::close_code::GOING_AWAY, "server shutting down");
             }
             if let Some(slot) = request.slot {
                 socket.set_slot(slot);
             }
-            ctx.events.push(Event::Connected { token, result: Ok((socket.clone(), protocol)) });
+            queue.push(Event::Connected { token, result: Ok((socket.clone(), protocol)) });
             match opened {
-                Opened::Plain(stream) => connection::run(stream, leftover, socket, ctx).await,
-                Opened::Tls(stream) => connection::run(stream, leftover, socket, ctx).await,
+                Opened::Plain(stream) => connection::run(stream, leftover, socket, queue).await,
+                Opened::Tls(stream) => connection::run(stream, leftover, socket, queue).await,
             }
         }
     }

@@ -18,11 +18,10 @@ use tokio::net::{TcpStream, UnixStream};
 use tokio::time::{sleep_until, Instant, Sleep};
 
 use crate::config::QUEUED_FRAME_COST;
-use crate::event::Event;
+use crate::event::{Event, Events};
 use crate::frame::Payload;
 use crate::frame::{self, close_code, Incoming, MessageDecoder};
 use crate::meter::Unit;
-use crate::server::ServerCtx;
 use crate::socket::{CloseRequest, SocketShared};
 
 /// How long a started closing handshake (or a final flush) may take before the TCP connection
@@ -91,7 +90,8 @@ stream_impl!(UnixStream);
 struct Connection<S> {
     stream: S,
     socket: Arc<SocketShared>,
-    ctx: Arc<ServerCtx>,
+    /// The queue to the application (and the registry of open sockets).
+    queue: Arc<Events>,
     decoder: MessageDecoder,
     out: VecDeque<Bytes>,
     /// The front of `out` is the rest of a frame partly written already.
@@ -133,7 +133,7 @@ pub(crate) async fn run<S: Stream>(
     stream: S,
     leftover: Bytes,
     socket: Arc<SocketShared>,
-    ctx: Arc<ServerCtx>,
+    queue: Arc<Events>,
 ) {
     let max_message_size = socket.limits().max_message_size;
     let mut conn = Connection {
@@ -144,7 +144,7 @@ pub(crate) async fn run<S: Stream>(
             (false, true) => MessageDecoder::new(max_message_size).with_inflate(),
         },
         socket,
-        ctx,
+        queue,
         out: VecDeque::new(),
         front_partial: false,
         phase: Phase::Open,
@@ -173,7 +173,7 @@ pub(crate) async fn run<S: Stream>(
         reason: "connection lost".into(),
         was_clean: false,
     });
-    conn.ctx.finish_socket(conn.socket.id(), outcome.code, outcome.reason, outcome.was_clean);
+    conn.queue.finish_socket(conn.socket.id(), outcome.code, outcome.reason, outcome.was_clean);
     conn.linger().await;
 }
 
@@ -199,7 +199,7 @@ impl<S: Stream> Connection<S> {
                 self.socket.set_task_idle();
             }
             if self.socket.take_drained() {
-                self.ctx.events.push(Event::Drained { socket: self.socket.id() });
+                self.queue.push(Event::Drained { socket: self.socket.id() });
             }
             if self.phase == Phase::Finishing && self.out.is_empty() {
                 return;
@@ -237,7 +237,7 @@ impl<S: Stream> Connection<S> {
     /// The application has handled every message pushed so far; when not, the task is woken
     /// once it has.
     fn app_caught_up(&self) -> bool {
-        self.unhandled == 0 || self.ctx.events.wake_when_processed(self.pushed_batch, &self.socket)
+        self.unhandled == 0 || self.queue.wake_when_processed(self.pushed_batch, &self.socket)
     }
 
     /// Too much of this socket's input waits for the application: stop reading until it is
@@ -404,7 +404,7 @@ impl<S: Stream> Connection<S> {
     /// read, or pushed in a batch it has not finished).
     fn has_unhandled_messages(&self) -> bool {
         self.events.iter().any(|e| matches!(e, Event::Message { .. }))
-            || (self.unhandled > 0 && !self.ctx.events.is_processed(self.pushed_batch))
+            || (self.unhandled > 0 && !self.queue.is_processed(self.pushed_batch))
     }
 
     /// Holds a close back (and stops reading) until the application has handled what came
@@ -599,9 +599,9 @@ impl<S: Stream> Connection<S> {
                 _ => 0,
             })
             .sum();
-        let batch = self.ctx.events.push_all(&mut self.events);
+        let batch = self.queue.push_all(&mut self.events);
         if cost > 0 {
-            if self.ctx.events.is_processed(self.pushed_batch) {
+            if self.queue.is_processed(self.pushed_batch) {
                 self.unhandled = 0;
             }
             self.unhandled += cost;
@@ -642,18 +642,28 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpStream};
 
-    use crate::event::Event;
+    use crate::config::Limits;
+    use crate::event::{Event, Events};
     use crate::frame::Payload;
-    use crate::server::{test_ctx, ServerCtx};
     use crate::socket::SocketShared;
 
+    /// What a connection task is given: the limits of its socket, and the queue.
+    struct Ctx {
+        limits: Arc<Limits>,
+        events: Arc<Events>,
+    }
+
+    fn test_ctx() -> Ctx {
+        Ctx { limits: Arc::new(Limits::default()), events: Arc::new(Events::new().expect("an eventfd")) }
+    }
+
     /// A connected (client, server-side task) pair around `run`.
-    async fn pair(ctx: &Arc<ServerCtx>) -> (TcpStream, Arc<SocketShared>) {
+    async fn pair(ctx: &Arc<Ctx>) -> (TcpStream, Arc<SocketShared>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
         let (server, _) = listener.accept().await.unwrap();
         let socket = Arc::new(SocketShared::new(7, ctx.limits.clone()));
-        crate::runtime::spawn(super::run(server, Bytes::new(), socket.clone(), ctx.clone()));
+        crate::runtime::spawn(super::run(server, Bytes::new(), socket.clone(), ctx.events.clone()));
         (client, socket)
     }
 
@@ -665,7 +675,7 @@ mod tests {
     }
 
     /// Waits (bounded) on the eventfd until the application side has received `n` events.
-    async fn events(ctx: &ServerCtx, n: usize) -> Vec<Event> {
+    async fn events(ctx: &Ctx, n: usize) -> Vec<Event> {
         // SAFETY: the eventfd outlives this guard (both live in `ctx`), and nothing else
         // registers it with this runtime.
         let wakeup = unsafe { tokio::io::unix::AsyncFd::register(ctx.events.fd()) }.unwrap();
@@ -742,9 +752,9 @@ mod tests {
             let addr = listener.local_addr().unwrap();
             let _c = tokio::net::TcpStream::connect(addr).await.unwrap();
             let (s, _) = listener.accept().await.unwrap();
-            let ctx = std::sync::Arc::new(crate::server::test_ctx());
+            let ctx = std::sync::Arc::new(test_ctx());
             let socket = std::sync::Arc::new(crate::socket::SocketShared::new(1, ctx.limits.clone()));
-            let fut = super::run(s, bytes::Bytes::new(), socket, ctx);
+            let fut = super::run(s, bytes::Bytes::new(), socket, ctx.events.clone());
             let size = std::mem::size_of_val(&fut);
             assert!(size <= 656, "the connection task grew to {size} bytes");
         });

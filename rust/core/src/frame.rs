@@ -417,6 +417,21 @@ fn parse_close(payload: &[u8]) -> Result<Option<(u16, String)>, Violation> {
     }
 }
 
+/// The longest close reason, in UTF-8 bytes: a control frame's payload is at most 125 bytes,
+/// two of them the code.
+pub const MAX_CLOSE_REASON_BYTES: usize = 123;
+
+/// Why the application may not close with `code` and `reason`, if it may not.
+pub fn check_close(code: i64, reason: &str) -> Result<(), String> {
+    if !u16::try_from(code).is_ok_and(is_valid_close_code) {
+        return Err(format!("close code must be 1000-1003, 1007-1014 or 3000-4999, not {code}"));
+    }
+    if reason.len() > MAX_CLOSE_REASON_BYTES {
+        return Err(format!("close reason is at most {MAX_CLOSE_REASON_BYTES} bytes in UTF-8"));
+    }
+    Ok(())
+}
+
 /// Codes a peer may put in a Close frame (RFC 6455 §7.4).
 #[must_use]
 pub fn is_valid_close_code(code: u16) -> bool {

@@ -43,6 +43,42 @@ pub enum Unit {
 
 pub const UNITS: usize = 12;
 
+impl Unit {
+    /// Every unit, in the order of a [`Usage`].
+    pub const ALL: [Unit; UNITS] = [
+        Unit::Requests,
+        Unit::Connections,
+        Unit::MessagesIn,
+        Unit::MessagesOut,
+        Unit::AutoResponses,
+        Unit::CpuNs,
+        Unit::DurationUs,
+        Unit::BytesIn,
+        Unit::BytesOut,
+        Unit::ProtocolPings,
+        Unit::StorageRowsRead,
+        Unit::StorageRowsWritten,
+    ];
+
+    /// The unit's name: what the bindings call it (`UNIT_` and the name in capitals).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Unit::Requests => "requests",
+            Unit::Connections => "connections",
+            Unit::MessagesIn => "messages_in",
+            Unit::MessagesOut => "messages_out",
+            Unit::AutoResponses => "auto_responses",
+            Unit::CpuNs => "cpu_ns",
+            Unit::DurationUs => "duration_us",
+            Unit::BytesIn => "bytes_in",
+            Unit::BytesOut => "bytes_out",
+            Unit::ProtocolPings => "protocol_pings",
+            Unit::StorageRowsRead => "storage_rows_read",
+            Unit::StorageRowsWritten => "storage_rows_written",
+        }
+    }
+}
+
 /// One value per [`Unit`].
 pub type Usage = [u64; UNITS];
 
@@ -359,6 +395,13 @@ fn nanos(duration: std::time::Duration) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_unit_once_in_the_order_of_a_usage() {
+        for (index, unit) in Unit::ALL.into_iter().enumerate() {
+            assert_eq!(unit as usize, index, "{}", unit.name());
+        }
+    }
 
     fn label(account: &str) -> Label {
         Label { account: account.into(), namespace: None, object_id: None }

@@ -74,10 +74,6 @@ impl ServerCtx {
         self.http_connections.load(Ordering::Acquire) + self.open_sockets()
     }
 
-    pub(crate) fn new_client_socket(&self) -> Arc<SocketShared> {
-        self.events.registry.register(self.limits.clone(), None, true)
-    }
-
     /// An upgrade from a browser page of a site not on the allow-list.
     fn origin_refused(&self, headers: &hyper::HeaderMap) -> bool {
         let (Some(allowed), Some(origin)) = (&self.allowed_origins, headers.get(hyper::header::ORIGIN))
@@ -90,11 +86,6 @@ impl ServerCtx {
 
     pub(crate) fn is_shutting_down(&self) -> bool {
         self.events.registry.is_shutting_down()
-    }
-
-    /// Forgets a socket and reports its Close event (the last event of a socket).
-    pub(crate) fn finish_socket(&self, id: u64, code: u16, reason: String, was_clean: bool) {
-        self.events.finish_socket(id, code, reason, was_clean);
     }
 }
 
@@ -232,7 +223,7 @@ async fn handle(
             let (Some(on_upgrade), Some(accept)) = (on_upgrade, accept) else {
                 unreachable!("Reply::accept_websocket refuses plain requests")
             };
-            let upgrade_ctx = ctx.clone();
+            let queue = ctx.events.clone();
             let task = async move {
                 let id = socket.id();
                 // Bound first, so the upgrade's result is not kept in the task for its whole life.
@@ -244,17 +235,17 @@ async fn handle(
                     Err(_) => Err(None),
                 };
                 match stream {
-                    Ok((tcp, leftover)) => connection::run(tcp, leftover, socket, upgrade_ctx).await,
+                    Ok((tcp, leftover)) => connection::run(tcp, leftover, socket, queue).await,
                     Err(Some(parts)) => match tls::bridge(parts.io.into_inner()) {
-                        Ok(ours) => connection::run(ours, parts.read_buf, socket, upgrade_ctx).await,
+                        Ok(ours) => connection::run(ours, parts.read_buf, socket, queue).await,
                         Err(_) => {
                             let reason = "no socket pair for TLS".into();
-                            upgrade_ctx.finish_socket(id, crate::frame::close_code::ABNORMAL, reason, false);
+                            queue.finish_socket(id, crate::frame::close_code::ABNORMAL, reason, false);
                         }
                     },
                     Err(None) => {
                         let reason = "upgrade failed".into();
-                        upgrade_ctx.finish_socket(id, crate::frame::close_code::ABNORMAL, reason, false);
+                        queue.finish_socket(id, crate::frame::close_code::ABNORMAL, reason, false);
                     }
                 }
             };
@@ -525,7 +516,7 @@ impl Server {
         }
         if let Some(runtime) = &self.runtime {
             let _guard = runtime.enter();
-            runtime::spawn(client::connect(self.ctx.clone(), request));
+            runtime::spawn(client::connect(self.ctx.limits.clone(), self.ctx.events.clone(), request));
         }
     }
 
@@ -563,18 +554,4 @@ impl Drop for Server {
             runtime.shutdown_background();
         }
     }
-}
-
-#[cfg(test)]
-pub(crate) fn test_ctx() -> ServerCtx {
-    let mut config = ServerConfig {
-        addr: "127.0.0.1:0".parse().expect("an address"),
-        io_threads: 1,
-        limits: Limits::default(),
-        tls: None,
-        storage: None,
-        allowed_origins: None,
-        compression: false,
-    };
-    ServerCtx::new(&mut config).expect("an eventfd")
 }

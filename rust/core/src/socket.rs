@@ -21,12 +21,12 @@ use crate::object::SocketMeta;
 /// What became of a frame given to [`SocketShared::send`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SendOutcome {
-    Queued,
+    Queued = 0,
     /// The socket is closing or closed; the frame was dropped.
-    Dropped,
+    Dropped = 1,
     /// The queue was past `max_buffered_bytes` when the frame came: everything unsent (but a
     /// frame partly written) was dropped and the socket is being closed with 1008.
-    Overflow,
+    Overflow = 2,
 }
 
 impl SendOutcome {

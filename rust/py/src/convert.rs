@@ -17,7 +17,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyString};
 use sockworker_core::{Event, Payload, Slot};
 
-use crate::server::PendingReply;
+use crate::reply::PendingReply;
 use crate::socket::SocketHandle;
 
 const REQUEST: u8 = 0;

@@ -5,7 +5,7 @@ use log::{Level, LevelFilter};
 use pyo3::prelude::*;
 use sockworker_core::logs;
 
-use crate::errors::to_pyerr;
+use crate::errors::Result;
 
 /// Python's number for a `log` level; TRACE, which Python lacks, is 5.
 fn python_level(level: Level) -> u8 {
@@ -33,8 +33,8 @@ fn level_filter(level: i64) -> LevelFilter {
 /// Routes the core's records into the queue, up to the Python level `level`; returns the
 /// descriptor that becomes readable when records wait. Call again to change the level.
 #[pyfunction]
-pub fn install_log_queue(py: Python<'_>, level: i64) -> PyResult<i32> {
-    logs::install(level_filter(level)).map(logs::LogQueue::fd).map_err(|e| to_pyerr(py, e.into()))
+pub fn install_log_queue(level: i64) -> Result<i32> {
+    Ok(logs::install(level_filter(level)).map(logs::LogQueue::fd)?)
 }
 
 /// One waiting record, as Python builds its `LogRecord` from it.

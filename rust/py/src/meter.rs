@@ -6,25 +6,14 @@ use pyo3::prelude::*;
 use sockworker_core::meter::{self, UNITS};
 use sockworker_core::{Label, Unit};
 
-const UNIT_NAMES: [(&str, Unit); UNITS] = [
-    ("UNIT_REQUESTS", Unit::Requests),
-    ("UNIT_CONNECTIONS", Unit::Connections),
-    ("UNIT_MESSAGES_IN", Unit::MessagesIn),
-    ("UNIT_MESSAGES_OUT", Unit::MessagesOut),
-    ("UNIT_AUTO_RESPONSES", Unit::AutoResponses),
-    ("UNIT_CPU_NS", Unit::CpuNs),
-    ("UNIT_DURATION_US", Unit::DurationUs),
-    ("UNIT_BYTES_IN", Unit::BytesIn),
-    ("UNIT_BYTES_OUT", Unit::BytesOut),
-    ("UNIT_PROTOCOL_PINGS", Unit::ProtocolPings),
-    ("UNIT_STORAGE_ROWS_READ", Unit::StorageRowsRead),
-    ("UNIT_STORAGE_ROWS_WRITTEN", Unit::StorageRowsWritten),
-];
-
+/// `UNIT_<NAME>` for each unit (its index in a usage vector) and `UNIT_NAMES`, the names in
+/// that order: the core owns the units and their order, Python reads them from here.
 pub fn add_units(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    for (name, unit) in UNIT_NAMES {
-        m.add(name, unit as usize)?;
+    for unit in Unit::ALL {
+        m.add(format!("UNIT_{}", unit.name().to_uppercase()), unit as usize)?;
     }
+    m.add("UNIT_NAMES", pyo3::types::PyTuple::new(m.py(), Unit::ALL.map(Unit::name))?)?;
+    m.add("UNITS", UNITS)?;
     Ok(())
 }
 
@@ -87,7 +76,7 @@ impl Slot {
     /// Counts `n` of unit number `unit` (one of the module's UNIT_* constants).
     fn add(&self, unit: usize, n: u64) -> PyResult<()> {
         let unit =
-            UNIT_NAMES.get(unit).ok_or_else(|| pyo3::exceptions::PyValueError::new_err("no such unit"))?.1;
+            *Unit::ALL.get(unit).ok_or_else(|| pyo3::exceptions::PyValueError::new_err("no such unit"))?;
         self.inner.add(unit, n);
         Ok(())
     }

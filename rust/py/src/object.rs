@@ -9,7 +9,7 @@ use pyo3::types::{PyBytes, PyString};
 use sockworker_core::gate;
 use sockworker_core::{ObjectShared, Payload};
 
-use crate::errors::to_pyerr;
+use crate::errors::Result;
 use crate::socket::SocketHandle;
 
 /// A message as the core holds it: str is text, bytes-like is binary.
@@ -95,12 +95,12 @@ impl ObjectState {
     }
 
     /// Raises when `more` sockets with these tags could not be accepted.
-    fn check_accept(&self, py: Python<'_>, more: usize, tags: Vec<String>) -> PyResult<()> {
-        self.object.check_accept(more, &tags).map_err(|e| to_pyerr(py, e))
+    fn check_accept(&self, more: usize, tags: Vec<String>) -> Result<()> {
+        Ok(self.object.check_accept(more, &tags)?)
     }
 
-    fn adopt(&self, py: Python<'_>, handle: &SocketHandle, tags: Vec<String>) -> PyResult<()> {
-        self.object.adopt(&handle.socket, tags).map_err(|e| to_pyerr(py, e))
+    fn adopt(&self, handle: &SocketHandle, tags: Vec<String>) -> Result<()> {
+        Ok(self.object.adopt(&handle.socket, tags)?)
     }
 
     #[pyo3(signature = (tag=None))]

@@ -1,10 +1,9 @@
-//! `Server` and `PendingReply`: start and stop the core, take event batches, answer requests.
+//! `Server`: start and stop the core, take event batches, account for their CPU.
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use parking_lot::Mutex;
 use pyo3::prelude::*;
 use sockworker_core::gate::OutputGate;
@@ -13,11 +12,11 @@ use sockworker_core::watchdog::{
     current_thread_ident, tick_for, BlockedHook, Overrun, Watch, Watchdog, WatchdogHooks,
 };
 use sockworker_core::{
-    ConnectRequest, CoreError, Durability, Limits, Reply, ServerConfig, Slot as CoreSlot, StorageConfig, Unit,
+    ConnectRequest, CoreError, Durability, ServerConfig, Slot as CoreSlot, StorageConfig, Unit,
 };
 
 use crate::convert::{events_to_vec, EventSlot, STEP};
-use crate::errors::{cpu_limit_exceeded, to_pyerr, wall_limit_exceeded};
+use crate::errors::{cpu_limit_exceeded, wall_limit_exceeded, Result};
 use crate::meter::Slot;
 use crate::object::ObjectState;
 use crate::socket::{SocketHandle, SocketLimits};
@@ -66,13 +65,11 @@ fn start_watchdog(
                 Overrun::Cpu => cpu_limit_exceeded(py),
                 Overrun::Wall => wall_limit_exceeded(py),
             };
-            if let Ok(class) = class {
-                // SAFETY: the GIL is held; the class is a live exception type.
-                unsafe { pyo3::ffi::PyThreadState_SetAsyncExc(ident, class.as_ptr()) };
-                // Only a CPU overrun is thrown in again at later steps of an async event.
-                if overrun == Overrun::Cpu {
-                    seen.mark_interrupted(progress);
-                }
+            // SAFETY: the GIL is held; the class is a live exception type.
+            unsafe { pyo3::ffi::PyThreadState_SetAsyncExc(ident, class.as_ptr()) };
+            // Only a CPU overrun is thrown in again at later steps of an async event.
+            if overrun == Overrun::Cpu {
+                seen.mark_interrupted(progress);
             }
         });
     });
@@ -117,16 +114,13 @@ fn seconds(value: f64, name: &str) -> Result<Duration, CoreError> {
 #[pymethods]
 impl Server {
     #[new]
-    #[pyo3(signature = (host, port, *, limits, max_connections, max_body_size, handshake_timeout, io_threads, metering=true, certfile=None, keyfile=None, smallest_cpu_limit=30.0, allowed_origins=None, log_blocked_after=1.0, on_blocked=None, compression=false, data_dir=None, durability="full"))]
+    #[pyo3(signature = (host, port, *, limits, io_threads, metering=true, certfile=None, keyfile=None, smallest_cpu_limit=30.0, allowed_origins=None, log_blocked_after=1.0, on_blocked=None, compression=false, data_dir=None, durability="full"))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
         host: &str,
         port: u16,
         limits: &SocketLimits,
-        max_connections: usize,
-        max_body_size: usize,
-        handshake_timeout: f64,
         io_threads: usize,
         metering: bool,
         certfile: Option<std::path::PathBuf>,
@@ -138,19 +132,14 @@ impl Server {
         compression: bool,
         data_dir: Option<std::path::PathBuf>,
         durability: &str,
-    ) -> PyResult<Self> {
+    ) -> Result<Self> {
         let socket_limits = limits.inner.clone();
         let build = || -> Result<sockworker_core::Server, CoreError> {
             let addr = (host, port)
                 .to_socket_addrs()?
                 .next()
                 .ok_or_else(|| CoreError::InvalidArgument(format!("cannot resolve host {host:?}")))?;
-            let limits = Limits {
-                handshake_timeout: seconds(handshake_timeout, "handshake_timeout")?,
-                max_connections,
-                max_body_size,
-                ..(*socket_limits).clone()
-            };
+            let limits = (*socket_limits).clone();
             let tls = match (&certfile, &keyfile) {
                 (Some(cert), Some(key)) => Some(sockworker_core::tls::server_config(cert, key)?),
                 (None, None) => None,
@@ -172,14 +161,13 @@ impl Server {
                 ServerConfig { addr, io_threads, limits, tls, storage, allowed_origins, compression };
             sockworker_core::Server::start(config)
         };
-        let server = py.detach(build).map_err(|e| to_pyerr(py, e))?;
+        let server = py.detach(build)?;
         let watch = Arc::new(Watch::default());
-        let smallest = seconds(smallest_cpu_limit, "smallest_cpu_limit").map_err(|e| to_pyerr(py, e))?;
-        let blocked_after =
-            optional_seconds(log_blocked_after, "log_blocked_after").map_err(|e| to_pyerr(py, e))?;
+        let smallest = seconds(smallest_cpu_limit, "smallest_cpu_limit")?;
+        let blocked_after = optional_seconds(log_blocked_after, "log_blocked_after")?;
         let watchdog = if metering {
             let dog = start_watchdog(&watch, smallest, blocked_after, on_blocked);
-            Some(dog.map_err(|e| to_pyerr(py, e.into()))?)
+            Some(dog?)
         } else {
             None
         };
@@ -271,11 +259,11 @@ impl Server {
 
     /// The open store of an object (opened now if it is not); `owner` is the key of its core
     /// state, whose sockets a failed commit closes.
-    fn open_store(&self, py: Python<'_>, namespace: &str, object_id: &str, owner: u64) -> PyResult<Store> {
-        let gate = self.gate().ok_or_else(|| {
-            to_pyerr(py, CoreError::Storage("this server has no storage (no data directory)".into()))
-        })?;
-        let store = gate.storage().store(namespace, object_id, owner).map_err(|e| to_pyerr(py, e))?;
+    fn open_store(&self, namespace: &str, object_id: &str, owner: u64) -> Result<Store> {
+        let gate = self
+            .gate()
+            .ok_or_else(|| CoreError::Storage("this server has no storage (no data directory)".into()))?;
+        let store = gate.storage().store(namespace, object_id, owner)?;
         Ok(Store::new(store, gate))
     }
 
@@ -474,74 +462,5 @@ impl Batch {
 
     fn __len__(&self) -> usize {
         self.events.len()
-    }
-}
-
-/// A request's way back to its connection. Answer it once.
-#[pyclass(frozen, module = "sockworker._native")]
-pub struct PendingReply {
-    reply: Mutex<Option<Reply>>,
-    websocket: bool,
-}
-
-impl PendingReply {
-    pub fn new(reply: Reply) -> Self {
-        Self { websocket: reply.is_websocket(), reply: Mutex::new(Some(reply)) }
-    }
-
-    fn take(&self, py: Python<'_>) -> PyResult<Reply> {
-        self.reply.lock().take().ok_or_else(|| to_pyerr(py, CoreError::AlreadyAnswered))
-    }
-}
-
-fn header_list(headers: Vec<(String, Vec<u8>)>) -> Vec<(String, Bytes)> {
-    headers.into_iter().map(|(name, value)| (name, Bytes::from(value))).collect()
-}
-
-#[pymethods]
-impl PendingReply {
-    /// The request is a valid WebSocket upgrade (status 101 with a WebSocket may answer it).
-    #[getter]
-    fn is_websocket(&self) -> bool {
-        self.websocket
-    }
-
-    /// Raises `InvalidArgument` (and answers nothing) for a header hyper could not send.
-    fn respond(
-        &self,
-        py: Python<'_>,
-        status: u16,
-        headers: Vec<(String, Vec<u8>)>,
-        body: Vec<u8>,
-    ) -> PyResult<()> {
-        let headers = header_list(headers);
-        sockworker_core::server::check_headers(&headers).map_err(|e| to_pyerr(py, e))?;
-        sockworker_core::gate::answer(self.take(py)?.respond(status, headers, Bytes::from(body)));
-        Ok(())
-    }
-
-    /// Answers 101; the socket is held to `limits` (a namespace's) instead of the app's.
-    #[pyo3(signature = (headers, slot=None, limits=None))]
-    fn accept_websocket(
-        &self,
-        py: Python<'_>,
-        headers: Vec<(String, Vec<u8>)>,
-        slot: Option<&Slot>,
-        limits: Option<&SocketLimits>,
-    ) -> PyResult<SocketHandle> {
-        let slot = slot.map(|slot| slot.inner.clone());
-        let headers = header_list(headers);
-        sockworker_core::server::check_headers(&headers).map_err(|e| to_pyerr(py, e))?;
-        let limits = limits.map(|limits| limits.inner.clone());
-        match self.take(py)?.accept_websocket_with(headers, slot, limits) {
-            Ok((socket, answering)) => {
-                sockworker_core::gate::answer(answering);
-                Ok(SocketHandle { socket })
-            }
-            Err((reply, error)) => {
-                *self.reply.lock() = Some(reply);
-                Err(to_pyerr(py, error))
-            }
-        }
     }
 }

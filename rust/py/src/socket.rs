@@ -7,9 +7,9 @@ use std::time::Duration;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyString};
 use sockworker_core::gate;
-use sockworker_core::{CoreError, Limits, SendOutcome, SocketShared};
+use sockworker_core::{CoreError, Limits, SocketShared};
 
-use crate::errors::to_pyerr;
+use crate::errors::Result;
 use crate::object::ObjectState;
 
 #[pyclass(frozen, module = "sockworker._native")]
@@ -24,8 +24,9 @@ impl SocketHandle {
         self.socket.id()
     }
 
-    /// Queues a text (str) or binary (bytes-like) message. Returns 0 when queued, 1 when
-    /// dropped because the socket is closing, 2 when the queue overflowed (closing with 1008).
+    /// Queues a text (str) or binary (bytes-like) message. Returns `SEND_QUEUED` (0, false),
+    /// `SEND_DROPPED` when the socket is closing, `SEND_OVERFLOW` when the queue overflowed (the
+    /// core closes it with 1008).
     fn send(&self, data: &Bound<'_, PyAny>) -> PyResult<u8> {
         let outcome = if let Ok(text) = data.cast::<PyString>() {
             gate::send(&self.socket, true, text.to_str()?.as_bytes())
@@ -40,11 +41,7 @@ impl SocketHandle {
             })?;
             gate::send(&self.socket, false, &bytes)
         };
-        Ok(match outcome {
-            SendOutcome::Queued => 0,
-            SendOutcome::Dropped => 1,
-            SendOutcome::Overflow => 2,
-        })
+        Ok(outcome as u8)
     }
 
     /// Starts the closing handshake (after what the output gate holds); false if it had
@@ -119,8 +116,8 @@ impl SocketHandle {
         meta.attachment.as_ref().map(|bytes| PyBytes::new(py, bytes))
     }
 
-    fn set_attachment(&self, py: Python<'_>, attachment: Option<Vec<u8>>) -> PyResult<()> {
-        self.socket.set_attachment(attachment.map(bytes::Bytes::from)).map_err(|e| to_pyerr(py, e))
+    fn set_attachment(&self, attachment: Option<Vec<u8>>) -> Result<()> {
+        Ok(self.socket.set_attachment(attachment.map(bytes::Bytes::from))?)
     }
 
     /// Seconds since the epoch of the last auto-response the core sent on this socket.
@@ -135,11 +132,29 @@ impl SocketHandle {
     }
 }
 
-/// The per-socket limits of the app or of one Durable Object namespace, made once and shared by
-/// every socket accepted under them.
+/// The limits of the app or of one Durable Object namespace, as the core holds them: made once
+/// and shared by every socket accepted under them (the server-wide fields are read from the
+/// app's).
 #[pyclass(frozen, module = "sockworker._native")]
 pub struct SocketLimits {
     pub(crate) inner: Arc<Limits>,
+}
+
+/// The core's defaults, by the name of the Python `Limits` field (durations in seconds; 0.0 is
+/// off for `idle_timeout`, None for the pings).
+pub fn limit_defaults(py: Python<'_>) -> PyResult<Bound<'_, pyo3::types::PyDict>> {
+    let defaults = Limits::default();
+    let seconds = |d: Option<Duration>| d.map(|d| d.as_secs_f64());
+    let dict = pyo3::types::PyDict::new(py);
+    dict.set_item("max_message_size", defaults.max_message_size)?;
+    dict.set_item("max_buffered_bytes", defaults.max_buffered_bytes)?;
+    dict.set_item("handshake_timeout", defaults.handshake_timeout.as_secs_f64())?;
+    dict.set_item("idle_timeout", seconds(defaults.idle_timeout).unwrap_or(0.0))?;
+    dict.set_item("max_connections", defaults.max_connections)?;
+    dict.set_item("max_body_size", defaults.max_body_size)?;
+    dict.set_item("ping_interval", seconds(defaults.ping_interval))?;
+    dict.set_item("ping_timeout", seconds(defaults.ping_timeout))?;
+    Ok(dict)
 }
 
 fn duration(value: f64, name: &str) -> Result<Option<Duration>, CoreError> {
@@ -155,15 +170,18 @@ fn duration(value: f64, name: &str) -> Result<Option<Duration>, CoreError> {
 impl SocketLimits {
     /// Durations in seconds; 0 turns a timeout off.
     #[new]
-    #[pyo3(signature = (*, max_message_size, max_buffered_bytes, idle_timeout, ping_interval, ping_timeout))]
+    #[pyo3(signature = (*, max_message_size, max_buffered_bytes, idle_timeout, ping_interval, ping_timeout, handshake_timeout, max_connections, max_body_size))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
-        py: Python<'_>,
         max_message_size: usize,
         max_buffered_bytes: usize,
         idle_timeout: f64,
         ping_interval: f64,
         ping_timeout: f64,
-    ) -> PyResult<Self> {
+        handshake_timeout: f64,
+        max_connections: usize,
+        max_body_size: usize,
+    ) -> Result<Self> {
         let build = || -> Result<Limits, CoreError> {
             Ok(Limits {
                 max_message_size,
@@ -171,9 +189,12 @@ impl SocketLimits {
                 idle_timeout: duration(idle_timeout, "idle_timeout")?,
                 ping_interval: duration(ping_interval, "ping_interval")?,
                 ping_timeout: duration(ping_timeout, "ping_timeout")?,
-                ..Limits::default()
+                handshake_timeout: duration(handshake_timeout, "handshake_timeout")?
+                    .ok_or_else(|| CoreError::InvalidArgument("handshake_timeout must be > 0".into()))?,
+                max_connections,
+                max_body_size,
             })
         };
-        Ok(Self { inner: Arc::new(build().map_err(|e| to_pyerr(py, e))?) })
+        Ok(Self { inner: Arc::new(build()?) })
     }
 }

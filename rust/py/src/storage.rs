@@ -9,7 +9,7 @@ use sockworker_core::gate::OutputGate;
 use sockworker_core::storage::{Alarm, ListOptions, SqlValue};
 use sockworker_core::{CoreError, Store as CoreStore};
 
-use crate::errors::to_pyerr;
+use crate::errors::Result;
 
 #[pyclass(frozen, module = "sockworker._native")]
 pub struct Store {
@@ -23,8 +23,8 @@ impl Store {
     }
 
     /// Tells the gate when a write began a new commit.
-    fn wrote<T>(&self, py: Python<'_>, outcome: Result<(T, bool), CoreError>) -> PyResult<T> {
-        let (value, began) = outcome.map_err(|e| to_pyerr(py, e))?;
+    fn wrote<T>(&self, outcome: Result<(T, bool), CoreError>) -> Result<T> {
+        let (value, began) = outcome?;
         if began {
             self.gate.mark_dirty(&self.store);
         }
@@ -74,25 +74,25 @@ type SqlOutcome = (Vec<String>, Vec<Vec<Py<PyAny>>>, u64, u64);
 #[pymethods]
 impl Store {
     /// The values of `keys` (None where absent), as stored (pickled bytes).
-    fn get<'py>(&self, py: Python<'py>, keys: Vec<String>) -> PyResult<Vec<Option<Bound<'py, PyBytes>>>> {
+    fn get<'py>(&self, py: Python<'py>, keys: Vec<String>) -> Result<Vec<Option<Bound<'py, PyBytes>>>> {
         let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
-        let values = self.store.get(&keys).map_err(|e| to_pyerr(py, e))?;
+        let values = self.store.get(&keys)?;
         Ok(values.into_iter().map(|value| value.map(|v| PyBytes::new(py, &v))).collect())
     }
 
-    fn put(&self, py: Python<'_>, pairs: Vec<(String, Vec<u8>)>) -> PyResult<()> {
+    fn put(&self, pairs: Vec<(String, Vec<u8>)>) -> Result<()> {
         let pairs: Vec<(&str, &[u8])> = pairs.iter().map(|(k, v)| (k.as_str(), v.as_slice())).collect();
-        self.wrote(py, self.store.put(&pairs).map(|began| ((), began)))
+        self.wrote(self.store.put(&pairs).map(|began| ((), began)))
     }
 
     /// Deletes `keys`; returns how many existed.
-    fn delete(&self, py: Python<'_>, keys: Vec<String>) -> PyResult<u64> {
+    fn delete(&self, keys: Vec<String>) -> Result<u64> {
         let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
-        self.wrote(py, self.store.delete(&keys))
+        self.wrote(self.store.delete(&keys))
     }
 
-    fn delete_all(&self, py: Python<'_>) -> PyResult<u64> {
-        self.wrote(py, self.store.delete_all())
+    fn delete_all(&self) -> Result<u64> {
+        self.wrote(self.store.delete_all())
     }
 
     #[pyo3(signature = (prefix=None, start=None, start_after=None, end=None, limit=None, reverse=false))]
@@ -106,16 +106,16 @@ impl Store {
         end: Option<String>,
         limit: Option<usize>,
         reverse: bool,
-    ) -> PyResult<Vec<(String, Bound<'py, PyBytes>)>> {
+    ) -> Result<Vec<(String, Bound<'py, PyBytes>)>> {
         let options = ListOptions { prefix, start, start_after, end, limit, reverse };
-        let pairs = self.store.list(&options).map_err(|e| to_pyerr(py, e))?;
+        let pairs = self.store.list(&options)?;
         Ok(pairs.into_iter().map(|(key, value)| (key, PyBytes::new(py, &value))).collect())
     }
 
     /// Runs SQL: (column names, rows as lists, rows read, rows written).
-    fn exec(&self, py: Python<'_>, query: &str, bindings: Vec<Bound<'_, PyAny>>) -> PyResult<SqlOutcome> {
+    fn exec(&self, py: Python<'_>, query: &str, bindings: Vec<Bound<'_, PyAny>>) -> Result<SqlOutcome> {
         let bindings = bindings.iter().map(sql_value).collect::<PyResult<Vec<_>>>()?;
-        let result = self.wrote(py, self.store.exec(query, bindings))?;
+        let result = self.wrote(self.store.exec(query, bindings))?;
         let rows = result
             .rows
             .into_iter()
@@ -125,38 +125,32 @@ impl Store {
     }
 
     #[getter]
-    fn database_size(&self, py: Python<'_>) -> PyResult<u64> {
-        self.store.database_size().map_err(|e| to_pyerr(py, e))
+    fn database_size(&self) -> Result<u64> {
+        Ok(self.store.database_size()?)
     }
 
     /// Begins a `transaction()` block.
-    fn begin_block(&self, py: Python<'_>) -> PyResult<()> {
-        self.wrote(py, self.store.savepoint().map(|began| ((), began)))
+    fn begin_block(&self) -> Result<()> {
+        self.wrote(self.store.savepoint().map(|began| ((), began)))
     }
 
     /// Ends the innermost block; `rollback` undoes its writes.
-    fn end_block(&self, py: Python<'_>, rollback: bool) -> PyResult<()> {
-        self.store.end_savepoint(rollback).map_err(|e| to_pyerr(py, e))
+    fn end_block(&self, rollback: bool) -> Result<()> {
+        Ok(self.store.end_savepoint(rollback)?)
     }
 
     /// (seconds since the epoch, account that set it), or None.
-    fn get_alarm(&self, py: Python<'_>) -> PyResult<Option<(f64, String)>> {
-        let alarm = self.store.alarm().map_err(|e| to_pyerr(py, e))?;
+    fn get_alarm(&self) -> Result<Option<(f64, String)>> {
+        let alarm = self.store.alarm()?;
         Ok(alarm.map(|alarm| (alarm.at, alarm.account)))
     }
 
     /// Sets the alarm for `at` on behalf of `account` (`id_name`: the name of the object's id,
     /// if it has one), or (None) deletes it.
     #[pyo3(signature = (at, account="default", id_name=None))]
-    fn set_alarm(
-        &self,
-        py: Python<'_>,
-        at: Option<f64>,
-        account: &str,
-        id_name: Option<String>,
-    ) -> PyResult<()> {
+    fn set_alarm(&self, at: Option<f64>, account: &str, id_name: Option<String>) -> Result<()> {
         let alarm = at.map(|at| Alarm { at, account: account.to_owned(), id_name });
-        self.wrote(py, self.store.set_alarm(alarm.as_ref()).map(|began| ((), began)))
+        self.wrote(self.store.set_alarm(alarm.as_ref()).map(|began| ((), began)))
     }
 
     /// Closes the database once what it wrote is committed (the object hibernated).
