@@ -17,6 +17,7 @@ from .durable import (
     now,
 )
 from .errors import (
+    ConnectError,
     ConnectionClosed,
     CpuLimitExceeded,
     InvalidArgument,
@@ -30,9 +31,9 @@ from .errors import (
 )
 from .http import Headers, Request, Response
 from .limits import Limits
-from .outgoing import ConnectError, connect, fetch
+from .outgoing import connect, fetch
 from .storage import AlarmInfo, DurableObjectStorage, SqlCursor, SqlStorage
-from .websocket import CloseEvent, ErrorEvent, MessageEvent, WebSocket, WebSocketPair
+from .websocket import CloseCode, CloseEvent, ErrorEvent, MessageEvent, WebSocket, WebSocketPair
 
 #: Cloudflare's name of ``AutoResponse`` (``ctx.setWebSocketAutoResponse(pair)``).
 WebSocketRequestResponsePair = AutoResponse
@@ -42,6 +43,7 @@ __all__ = [
     "App",
     "AutoResponse",
     "BillingHook",
+    "CloseCode",
     "CloseEvent",
     "ConnectError",
     "ConnectionClosed",

@@ -16,31 +16,14 @@ from . import _native
 
 if TYPE_CHECKING:
     from .http import Request, Response
+    from .limits import Limits
 
 __all__ = ["BillingHook", "Meter", "Pricing", "UsageRecord"]
 
 logger = logging.getLogger("sockworker")
 
-# The order of the core's counters (module constants UNIT_*).
-_UNITS = (
-    "requests",
-    "ws_connections",
-    "ws_messages_in",
-    "ws_messages_out",
-    "auto_responses",
-    "cpu_ns",
-    "duration_us",
-    "bytes_in",
-    "bytes_out",
-    "protocol_pings",
-    "storage_rows_read",
-    "storage_rows_written",
-)
-assert [getattr(_native, f"UNIT_{name}") for name in (
-    "REQUESTS", "CONNECTIONS", "MESSAGES_IN", "MESSAGES_OUT", "AUTO_RESPONSES", "CPU_NS",
-    "DURATION_US", "BYTES_IN", "BYTES_OUT", "PROTOCOL_PINGS", "STORAGE_ROWS_READ",
-    "STORAGE_ROWS_WRITTEN",
-)] == list(range(len(_UNITS)))  # fmt: skip
+# The core's counters, in the order of its usage vectors (the core owns both).
+_UNITS: tuple[str, ...] = _native.UNIT_NAMES
 
 
 @dataclass(frozen=True)
@@ -104,9 +87,9 @@ class UsageRecord:
             start=start,
             end=end,
             requests=counts["requests"],
-            ws_connections=counts["ws_connections"],
-            ws_messages_in=counts["ws_messages_in"],
-            ws_messages_out=counts["ws_messages_out"],
+            ws_connections=counts["connections"],
+            ws_messages_in=counts["messages_in"],
+            ws_messages_out=counts["messages_out"],
             auto_responses=counts["auto_responses"],
             cpu_ms=counts["cpu_ns"] / 1e6,
             duration_gb_s=counts["duration_us"] / 1e6 * pricing.memory_mb / 1024,
@@ -116,8 +99,8 @@ class UsageRecord:
             storage_rows_read=counts["storage_rows_read"],
             storage_rows_written=counts["storage_rows_written"],
             billable_requests=counts["requests"]
-            + counts["ws_connections"]
-            + counts["ws_messages_in"] / pricing.messages_per_request,
+            + counts["connections"]
+            + counts["messages_in"] / pricing.messages_per_request,
         )
 
     def as_dict(self) -> dict[str, object]:
@@ -187,6 +170,28 @@ class Meter:
         except Exception:
             logger.exception("the billing hook's on_usage raised; its records are kept for later")
             self._unsent = records
+
+    # -- for the runtime serving the app ------------------------------------------------------
+
+    def _serve(self, server: _native.Server | None) -> None:
+        """Reads the storage gauge and counters of ``server`` while it serves (None: stopped)."""
+        if server is None:
+            self._storage_bytes = lambda: 0
+            self._storage_stats = lambda: (0,) * 7
+        else:
+            self._storage_bytes = lambda: server.storage_bytes
+            self._storage_stats = server.storage_stats
+
+    def _slot(
+        self, account: str, namespace: str | None, object_id: str | None, limits: Limits
+    ) -> _native.Slot:
+        """Where the core counts what one account's code of one object (or the Worker) uses."""
+        return self._native.slot(
+            account, namespace, object_id, limits.cpu_ms, float(limits.wall_ms or 0)
+        )
+
+    def _blocked(self) -> None:
+        self._blocked_events += 1
 
     def _prometheus(self) -> str:
         """The totals in the Prometheus text exposition format, and the storage's counters."""

@@ -16,14 +16,6 @@ from typing import Any
 from . import _native
 from .errors import CpuLimitExceeded
 
-# The server of the app being served (one per process), for ``current_slot``.
-_server: _native.Server | None = None
-
-
-def current_slot() -> _native.Slot | None:
-    """The meter slot of the code running now: an event, an async step, or None."""
-    return _server.current_slot() if _server is not None else None
-
 
 class Metered(Coroutine[Any, Any, Any]):
     """A coroutine whose steps are charged to ``slot`` and held to its per-event CPU limit.

@@ -19,6 +19,7 @@ and ``except ConnectionError`` keep working::
 from __future__ import annotations
 
 __all__ = [
+    "ConnectError",
     "ConnectionClosed",
     "CpuLimitExceeded",
     "InvalidArgument",
@@ -83,3 +84,8 @@ class ProtocolError(SockworkerError, ConnectionError):
 
 class ServerStartError(SockworkerError, OSError):
     """The server could not bind its address or start its threads."""
+
+
+class ConnectError(SockworkerError, ConnectionError):
+    """An outgoing WebSocket could not be opened: refused, unknown host, timeout, or a server
+    that answered something other than 101 (the message says which, with the status)."""

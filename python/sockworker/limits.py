@@ -4,10 +4,9 @@ enforced."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from . import _native
+from . import _native
 
 __all__ = ["Limits"]
 
@@ -17,19 +16,15 @@ SERVER_WIDE = ("handshake_timeout", "max_connections", "max_body_size", "log_blo
 
 # A field not given to the constructor (``over`` leaves it to the base).
 _UNSET: Any = object()
+# The defaults: the core's for what the core enforces (sizes, timeouts, connections), and
+# these for what the runtime does (CPU and wall limits per event, hibernation, the report of a
+# blocked loop).
 _DEFAULTS: dict[str, Any] = {
     "cpu_ms": 30_000,
-    "max_message_size": 1 << 20,
-    "max_buffered_bytes": 16 << 20,
     "hibernate_after": 10.0,
-    "handshake_timeout": 10.0,
-    "idle_timeout": 0.0,
-    "max_connections": 100_000,
-    "max_body_size": 16 << 20,
-    "ping_interval": 20.0,
-    "ping_timeout": 20.0,
     "wall_ms": None,
     "log_blocked_after": 1.0,
+    **_native.LIMIT_DEFAULTS,
 }
 
 
@@ -158,9 +153,8 @@ class Limits:
             )
 
     def _socket_limits(self) -> _native.SocketLimits:
-        """The per-socket part, as the core holds it (made once per ``Limits``)."""
-        from . import _native
-
+        """What the core enforces, as the core holds it (made once per ``Limits``): per socket
+        from any ``Limits``, server-wide from the app's."""
         try:
             return _SOCKET_LIMITS[self]
         except KeyError:
@@ -170,6 +164,9 @@ class Limits:
                 idle_timeout=float(self.idle_timeout),
                 ping_interval=float(self.ping_interval or 0),
                 ping_timeout=float(self.ping_timeout or 0),
+                handshake_timeout=float(self.handshake_timeout),
+                max_connections=self.max_connections,
+                max_body_size=self.max_body_size,
             )
             _SOCKET_LIMITS[self] = made
             return made

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
 
-from .errors import SockworkerError
+from ._runtime import running
+from .errors import ConnectError
 from .http import Headers, Response
 from .websocket import WebSocket
 
@@ -27,20 +27,6 @@ _HANDSHAKE_HEADERS = {
     "sec-websocket-version",
     "sec-websocket-protocol",
 }
-
-
-class ConnectError(SockworkerError, ConnectionError):
-    """An outgoing WebSocket could not be opened: refused, unknown host, timeout, or a server
-    that answered something other than 101 (the message says which, with the status)."""
-
-
-def _runtime() -> Any:
-    from .app import _Runtime
-
-    runtime = _Runtime.current
-    if runtime is None:
-        raise RuntimeError("outgoing WebSockets can be opened only while the app is serving")
-    return runtime
 
 
 async def connect(
@@ -64,7 +50,7 @@ async def connect(
         for name, value in (headers or {}).items()
         if str(name).lower() not in _HANDSHAKE_HEADERS
     ]
-    ws: WebSocket = await _runtime().connect(
+    ws: WebSocket = await running("opening an outgoing WebSocket").outgoing.connect(
         url, list(protocols), extra, accepted=True, ca_file=_path(ca_file)
     )
     return ws
@@ -94,7 +80,7 @@ async def fetch(
     extra = [
         (name, value) for name, value in given.items() if name.lower() not in _HANDSHAKE_HEADERS
     ]
-    ws: WebSocket = await _runtime().connect(
+    ws: WebSocket = await running("opening an outgoing WebSocket").outgoing.connect(
         url, protocols, extra, accepted=False, ca_file=_path(ca_file)
     )
     return Response(status=101, websocket=ws)

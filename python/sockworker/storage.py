@@ -12,13 +12,10 @@ import math
 import pickle
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, TypeVar, overload
+from typing import Any, Protocol, TypeVar, overload
 
 from . import _native
 from .errors import InvalidArgument, StorageError
-
-if TYPE_CHECKING:
-    from .durable import _ObjectHost
 
 __all__ = ["AlarmInfo", "DurableObjectStorage", "SqlCursor", "SqlStorage"]
 
@@ -94,6 +91,36 @@ def _epoch_seconds(when: float | datetime.datetime) -> float:
     return float(when)
 
 
+class StorageHost(Protocol):
+    """What storage needs of the host of its object (the runtime's ``ObjectHost``)."""
+
+    @property
+    def cache(self) -> dict[str, bytes]:
+        """The read cache: pickled values, ``b""`` for a key known to be absent."""
+        ...
+
+    @property
+    def id_name(self) -> str | None: ...
+
+    def store_for(self, generation: int) -> _native.Store:
+        """The open database, or ``StorageError`` if that instance is no longer the live one."""
+        ...
+
+    def remember(self, key: str, data: bytes) -> None: ...
+    def read(self, rows: int) -> None: ...
+    def wrote(self, rows: int) -> None:
+        """Counts written rows and has the core commit soon."""
+        ...
+
+    async def sync(self) -> None:
+        """Commits now and waits until the commit is durable."""
+        ...
+
+    def account(self) -> str:
+        """The account the code running now bills to."""
+        ...
+
+
 class DurableObjectStorage:
     """``self.ctx.storage``: this object's own database. Keys are ``str`` (at most 2 KiB of
     UTF-8), values anything picklable (at most 128 KiB pickled), at most 128 keys per call;
@@ -101,24 +128,17 @@ class DurableObjectStorage:
 
     __slots__ = ("_generation", "_host", "sql")
 
-    def __init__(self, host: _ObjectHost, generation: int) -> None:
+    def __init__(self, host: StorageHost, generation: int) -> None:
         self._host = host
         self._generation = generation
         self.sql = SqlStorage(self)
 
     def _store(self) -> _native.Store:
         """The open database, after checking this instance is still the object's live one."""
-        host = self._host
-        if host.generation != self._generation:
-            raise StorageError(
-                f"this instance of {host.cls.__name__} ({host.id}) was reset or hibernated; its "
-                "storage belongs to the object's new instance"
-            )
-        return host.store()
+        return self._host.store_for(self._generation)
 
     def _wrote(self, rows: int) -> None:
-        self._host.rows_written += rows
-        self._host.runtime.schedule_commit()
+        self._host.wrote(rows)
 
     # -- KV ----------------------------------------------------------------------------------------
 
@@ -132,14 +152,14 @@ class DurableObjectStorage:
         store = self._store()
         cache = self._host.cache
         if isinstance(key, str):
-            self._host.rows_read += 1
+            self._host.read(1)
             data = cache.get(key)
             if data is None:
                 data = store.get([key])[0] or _ABSENT
                 self._host.remember(key, data)
             return _unpickle(key, data) if data else None
         keys = _keys(key)
-        self._host.rows_read += len(keys)
+        self._host.read(len(keys))
         missing = [k for k in keys if k not in cache]
         found = dict(zip(missing, store.get(missing), strict=True)) if missing else {}
         values = {}
@@ -215,7 +235,7 @@ class DurableObjectStorage:
             if bound is not None:
                 _check_key(bound)
         pairs = self._store().list_range(prefix, start, start_after, end, limit, reverse)
-        self._host.rows_read += len(pairs)
+        self._host.read(len(pairs))
         return {key: _unpickle(key, data) for key, data in pairs}
 
     # -- transactions --------------------------------------------------------------------------
@@ -226,7 +246,7 @@ class DurableObjectStorage:
         writes (KV and SQL) and propagates; nothing else is undone. Blocks nest."""
         store = self._store()
         store.begin_block()
-        self._host.runtime.schedule_commit()
+        self._wrote(0)
         try:
             yield self
         except BaseException:
@@ -243,16 +263,14 @@ class DurableObjectStorage:
 
     async def sync(self) -> None:
         """Waits until every write made so far is durable (what the output gate waits for)."""
-        host = self._host
-        host.runtime.commit()
-        await host.runtime.released(host.native.key)
+        await self._host.sync()
 
     # -- the alarm -----------------------------------------------------------------------------
 
     def get_alarm(self) -> float | None:
         """When the alarm is set for (seconds since the epoch), or None."""
         alarm = self._store().get_alarm()
-        self._host.rows_read += 1
+        self._host.read(1)
         return None if alarm is None else alarm[0]
 
     def set_alarm(self, when: float | datetime.datetime) -> None:
@@ -260,7 +278,7 @@ class DurableObjectStorage:
         epoch, or an aware datetime), waking the object if it hibernated, also after a restart."""
         at = _epoch_seconds(when)
         host = self._host
-        self._store().set_alarm(at, host.runtime.current_account(), host.id.name)
+        self._store().set_alarm(at, host.account(), host.id_name)
         self._wrote(1)
 
     def delete_alarm(self) -> None:
@@ -356,8 +374,7 @@ class SqlStorage:
         store = storage._store()
         columns, rows, rows_read, rows_written = store.exec(query, list(bindings))
         # (The KV cache stays right: the application's SQL cannot reach the KV table.)
-        host = storage._host
-        host.rows_read += rows_read
+        storage._host.read(rows_read)
         storage._wrote(rows_written)
         return SqlCursor(columns, rows, rows_read, rows_written)
 

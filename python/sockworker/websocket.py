@@ -12,16 +12,18 @@ import logging
 import pickle
 from collections import deque
 from collections.abc import Awaitable, Callable
+from enum import IntEnum
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from . import cpu
+from . import _native
+from ._current import current_slot
 from .errors import ConnectionClosed, InvalidArgument, ProtocolError, ResponseError
 
 if TYPE_CHECKING:
     from ._native import Slot, SocketHandle
     from .limits import Limits
 
-__all__ = ["CloseEvent", "ErrorEvent", "MessageEvent", "WebSocket", "WebSocketPair"]
+__all__ = ["CloseCode", "CloseEvent", "ErrorEvent", "MessageEvent", "WebSocket", "WebSocketPair"]
 
 logger = logging.getLogger("sockworker")
 
@@ -32,18 +34,32 @@ Listener = Callable[[Any], Awaitable[None] | None]
 # once the application has read down to the low mark.
 INBOX_HIGH = 64
 INBOX_LOW = 16
-MAX_REASON_BYTES = 123
-MAX_ATTACHMENT_BYTES = 16 * 1024
+MAX_ATTACHMENT_BYTES = _native.MAX_ATTACHMENT_BYTES
+
+
+class CloseCode(IntEnum):
+    """The close codes of RFC 6455 §7.4.1 that the server itself uses or reports (an ``int``:
+    any code from 3000 to 4999 is the application's own)."""
+
+    NORMAL_CLOSURE = _native.CLOSE_NORMAL
+    GOING_AWAY = _native.CLOSE_GOING_AWAY
+    PROTOCOL_ERROR = _native.CLOSE_PROTOCOL_ERROR
+    #: Reported when the peer's Close carried no code (never sent).
+    NO_STATUS_RCVD = _native.CLOSE_NO_STATUS
+    #: Reported when the connection ended without a closing handshake (never sent).
+    ABNORMAL_CLOSURE = _native.CLOSE_ABNORMAL
+    INVALID_DATA = _native.CLOSE_INVALID_PAYLOAD
+    POLICY_VIOLATION = _native.CLOSE_POLICY_VIOLATION
+    MESSAGE_TOO_BIG = _native.CLOSE_TOO_BIG
+    INTERNAL_ERROR = _native.CLOSE_INTERNAL_ERROR
 
 
 def check_close(code: int, reason: str) -> None:
-    """Raises ``InvalidArgument`` (a ``ValueError``) for a code or reason a peer would reject."""
-    if not isinstance(code, int) or not (
-        code in (1000, 1001, 1002, 1003) or 1007 <= code <= 1014 or 3000 <= code <= 4999
-    ):
-        raise InvalidArgument(f"close code must be 1000-1003, 1007-1014 or 3000-4999, not {code!r}")
-    if len(reason.encode("utf-8")) > MAX_REASON_BYTES:
-        raise InvalidArgument(f"close reason is at most {MAX_REASON_BYTES} bytes in UTF-8")
+    """Raises ``InvalidArgument`` (a ``ValueError``) for a code or reason a peer would reject
+    (the core's rule), ``TypeError`` for a code that is not an int."""
+    if isinstance(code, bool) or not isinstance(code, int):
+        raise TypeError(f"a close code is an int, not {type(code).__name__}")
+    _native.check_close(code, reason)
 
 
 class MessageEvent:
@@ -210,7 +226,7 @@ class WebSocket:
             raise ResponseError("accept() was already called on this WebSocket")
         self._accepted = True
         self._ready_state = WebSocket.OPEN
-        self._slot = cpu.current_slot()
+        self._slot = current_slot()
 
     # -- listeners -----------------------------------------------------------------------------
 
@@ -253,8 +269,9 @@ class WebSocket:
         handle = self._handle
         if handle is not None and self._ready_state == WebSocket.OPEN:
             if handle.send(data):
-                # Not queued: the connection is closing or gone (1), or the queue passed
-                # max_buffered_bytes and the core is closing it with 1008 (2). The close event
+                # Not queued (not SEND_QUEUED): the connection is closing or gone (SEND_DROPPED),
+                # or the queue passed max_buffered_bytes and the core is closing it with 1008
+                # (SEND_OVERFLOW). The close event
                 # follows; until then the socket is CLOSING and further sends raise.
                 self._ready_state = WebSocket.CLOSING
             return
@@ -285,10 +302,11 @@ class WebSocket:
             self._drain_waiters.append(waiter)
             await waiter
 
-    def close(self, code: int = 1000, reason: str = "") -> None:
+    def close(self, code: int = CloseCode.NORMAL_CLOSURE, reason: str = "") -> None:
         """Starts the closing handshake. The code must be 1000-1003, 1007-1014 or 3000-4999 and
-        the reason at most 123 bytes of UTF-8, else ``InvalidArgument`` (a ``ValueError``). The
-        close event follows when the peer answers (or after 5 s, as 1006)."""
+        the reason at most 123 bytes of UTF-8, else ``InvalidArgument`` (a ``ValueError``); a code
+        that is not an ``int`` (a ``CloseCode`` is one) raises ``TypeError``. The close event
+        follows when the peer answers (or after 5 s, as 1006)."""
         check_close(code, reason)
         if self._ready_state >= WebSocket.CLOSING:
             return
@@ -368,6 +386,37 @@ class WebSocket:
 
     # -- from the runtime -----------------------------------------------------------------------
 
+    def _accept_for(self, events: ObjectEvents, tags: list[str], limits: Limits | None) -> None:
+        """``ctx.accept_websocket``: a hibernatable socket of ``events``'s object, bound once
+        its 101 is sent."""
+        if self._is_client_end:
+            raise ResponseError("accept_websocket takes the server end of the pair")
+        if self._accepted:
+            raise ResponseError("this WebSocket was already accepted")
+        self._slot = current_slot()
+        self._accepted = True
+        self._ready_state = WebSocket.OPEN
+        self._object = events
+        self._tags = tags
+        self._limits = limits
+
+    def _take_tags(self) -> list[str]:
+        """The tags given to ``accept_websocket``, handed to the core once the 101 is sent."""
+        tags, self._tags = self._tags, []
+        return tags
+
+    def _object_tags(self, events: object) -> list[str] | None:
+        """The tags, if this is a hibernatable socket of ``events``'s object (else None)."""
+        if self._object is not events:
+            return None
+        return self._handle.tags if self._handle is not None else list(self._tags)
+
+    def _socket_id(self) -> int | None:
+        return self._handle.id if self._handle is not None else None
+
+    def _auto_response_timestamp(self) -> float | None:
+        return self._handle.auto_response_timestamp if self._handle is not None else None
+
     def _bind(self, handle: SocketHandle, host: _Host, url: str, protocol: str) -> None:
         self._handle = handle
         self._host = host
@@ -382,6 +431,15 @@ class WebSocket:
         self._pending.clear()
         if self._close_request is not None:
             handle.close(*self._close_request)
+
+    @classmethod
+    def _outgoing(cls, slot: Slot | None, accepted: bool) -> WebSocket:
+        """An outgoing socket, open (``accepted``: already accepted, the ``sw.connect`` form)."""
+        ws = cls()
+        ws._slot = slot
+        ws._accepted = accepted
+        ws._ready_state = WebSocket.OPEN
+        return ws
 
     @classmethod
     def _revive(cls, handle: SocketHandle, host: _Host, events: ObjectEvents) -> WebSocket:
@@ -467,7 +525,7 @@ class WebSocket:
             "exception in a WebSocket %s listener (%s); closing it with 1011", kind, self.url
         )
         if self._ready_state < WebSocket.CLOSING:
-            self.close(1011, "internal error")
+            self.close(CloseCode.INTERNAL_ERROR, "internal error")
 
     def __repr__(self) -> str:
         state = ("CONNECTING", "OPEN", "CLOSING", "CLOSED")[self._ready_state]

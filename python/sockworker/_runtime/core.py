@@ -1,0 +1,214 @@
+"""``Runtime``: one run of an app. It owns the native server, the one Python thread's part of
+it (the asyncio loop), and the lifecycle (serve, graceful shutdown); it dispatches each batch of
+the core's events to the part of the runtime that handles it:
+
+- ``Requests`` (requests.py): HTTP requests, to the Worker's ``fetch``;
+- the sockets (``Services.sockets``) and ``Objects`` (host.py): socket events, alarms, commits;
+- ``Outgoing`` (connecting.py): outgoing sockets being opened;
+- ``Gate`` (gate.py) and ``Metering`` (metering.py): the output gate and the meter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from collections.abc import Iterable
+from typing import Final
+
+from .. import _current, _native, cpu
+from ..websocket import CloseCode, WebSocket
+from .connecting import Outgoing
+from .contract import AppLike
+from .host import Objects, adopt_by_current_host
+from .requests import Requests
+from .services import Services
+
+logger = logging.getLogger("sockworker")
+
+#: Seconds a graceful shutdown waits for sockets to close (``--shutdown-timeout``).
+SHUTDOWN_GRACE = 10.0
+#: Where Durable Object storage lives when neither App(data_dir=) nor --data-dir says.
+DEFAULT_DATA_DIR = "./.sockworker/data"
+
+# The event kinds, as module constants (a global is read faster than a module attribute).
+_EV_REQUEST: Final = _native.EV_REQUEST
+_EV_MESSAGE: Final = _native.EV_MESSAGE
+_EV_CLOSE: Final = _native.EV_CLOSE
+_EV_ERROR: Final = _native.EV_ERROR
+_EV_DRAINED: Final = _native.EV_DRAINED
+_EV_ALL_CLOSED: Final = _native.EV_ALL_CLOSED
+_EV_CONNECTED: Final = _native.EV_CONNECTED
+_EV_ALARM: Final = _native.EV_ALARM
+_EV_RELEASED: Final = _native.EV_RELEASED
+_EV_COMMIT_FAILED: Final = _native.EV_COMMIT_FAILED
+
+
+class Runtime:
+    """Owns the native server for one run of an app and dispatches its events."""
+
+    def __init__(
+        self,
+        app: AppLike,
+        host: str,
+        port: int,
+        io_threads: int,
+        certfile: str | None = None,
+        keyfile: str | None = None,
+        shutdown_timeout: float = SHUTDOWN_GRACE,
+    ) -> None:
+        limits = app.limits
+        self.app = app
+        every = [limits] + [kind.limits for kind in app.namespaces.values()]
+        self.server = _native.Server(
+            host,
+            port,
+            limits=limits._socket_limits(),
+            io_threads=io_threads,
+            metering=app.metering,
+            certfile=certfile,
+            keyfile=keyfile,
+            # The watchdog looks every tenth of the smallest CPU or wall limit (5 to 100 ms).
+            smallest_cpu_limit=min(
+                [lim.cpu_ms for lim in every] + [lim.wall_ms for lim in every if lim.wall_ms]
+            )
+            / 1000,
+            # Storage exists for apps with Durable Objects.
+            data_dir=os.fspath(app.data_dir or DEFAULT_DATA_DIR) if app.namespaces else None,
+            durability=app.durability,
+            allowed_origins=app.allowed_origins,
+            log_blocked_after=float(limits.log_blocked_after),
+            on_blocked=lambda kind, seconds: self.services.metering.on_blocked(kind, seconds),
+            compression=app.compression,
+        )
+        self.shutdown_timeout = float(shutdown_timeout)
+        self.scheme = "https" if certfile else "http"
+        self.loop = asyncio.get_running_loop()
+        self.services = Services(app, self.server, self.loop)
+        self.objects = Objects(self.services, app.namespaces)
+        self.requests = Requests(self.services)
+        self.outgoing = Outgoing(self.services, self.objects)
+        self.stopped = self.loop.create_future()
+        self.shutting_down = False
+
+    # -- what `_current.Serving` asks of the runtime --------------------------------------------
+
+    def current_slot(self) -> _native.Slot | None:
+        return self.services.metering.current_slot()
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        loop = self.loop
+        server = self.server
+        host, port = server.address
+        shown = f"[{host}]" if ":" in host else host
+        loop.add_reader(server.fileno(), self.dispatch)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.shutdown)
+        previous_factory = loop.get_task_factory()
+        _current.set_serving(self)
+        metering = self.services.metering
+        metering.start()
+        loop.set_task_factory(
+            cpu.task_factory(server if metering.on else None, adopt_by_current_host)
+        )
+        logger.info("listening on %s://%s:%d", self.scheme, shown, port)
+        try:
+            await self.stopped
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+            loop.remove_reader(server.fileno())
+            server.stop()
+            self.services.cancel_tasks()
+            _current.set_serving(None)
+            self.outgoing.stop()
+            loop.set_task_factory(previous_factory)
+            self.services.gate.stop()
+            metering.stop()
+            logger.info("stopped")
+
+    def shutdown(self) -> None:
+        """Stops accepting and closes every socket with 1001; the run ends when all are closed."""
+        if self.shutting_down or self.stopped.done():
+            return
+        self.shutting_down = True
+        logger.info("shutting down: closing %d sockets with 1001", self.server.open_sockets)
+        self.server.shutdown(CloseCode.GOING_AWAY, "server shutting down")
+        self.loop.call_later(self.shutdown_timeout, self._stop)
+
+    def _stop(self) -> None:
+        if not self.stopped.done():
+            self.stopped.set_result(None)
+
+    # -- the hot path: one call per batch of core events -----------------------------------------
+
+    def dispatch(self) -> None:
+        try:
+            self._dispatch(self.server.drain())
+        finally:
+            # Charges the batch's CPU time, and writes what its handlers sent in as few system
+            # calls as it can.
+            self.server.flush()
+
+    def _dispatch(self, events: Iterable[_native.Event]) -> None:
+        sockets = self.services.sockets
+        done = False
+        while not done:
+            event: _native.Event | None = None
+            # One try around the loop (free in CPython 3.11) rather than one per event: a bug of
+            # ours in one event is logged and must not cost the rest of the batch. Handlers' own
+            # exceptions are handled where they run. Iterating the batch tells the core which
+            # event runs (CPU accounting, the CPU-limit watchdog). Each test reads event[0], so
+            # that mypy knows the event's shape in its branch (the stub types each kind).
+            try:
+                for event in events:
+                    if event[0] == _EV_MESSAGE:
+                        socket = sockets.get(event[1]) or self.revive(event[1])
+                        if socket is not None:
+                            socket._on_message(event[2])
+                    elif event[0] == _EV_REQUEST:
+                        self.requests.on_request(*event[1:])
+                    elif event[0] == _EV_CLOSE:
+                        socket = sockets.pop(event[1], None)
+                        if socket is None and event[5] is not None:
+                            socket = self.revive_closed(event[5])
+                        if socket is not None:
+                            socket._on_close(event[2], event[3], event[4])
+                    elif event[0] == _EV_ERROR:
+                        socket = sockets.get(event[1]) or self.revive(event[1])
+                        if socket is not None:
+                            socket._on_error(event[2])
+                    elif event[0] == _EV_DRAINED:
+                        socket = sockets.get(event[1])
+                        if socket is not None:
+                            socket._on_drained()
+                    elif event[0] == _EV_RELEASED:
+                        self.services.gate.on_released(event[1], event[2])
+                    elif event[0] == _EV_ALARM:
+                        self.objects.on_alarm(event[1], event[2], event[3], event[4])
+                    elif event[0] == _EV_COMMIT_FAILED:
+                        self.objects.on_commit_failed(event[1], event[2])
+                    elif event[0] == _EV_ALL_CLOSED:
+                        self._stop()
+                    elif event[0] == _EV_CONNECTED:
+                        self.outgoing.on_connected(*event[1:])
+                done = True
+            except Exception:
+                shown = event[:2] if event is not None else None
+                logger.exception("internal error dispatching event %r", shown)
+
+    def revive(self, socket_id: int) -> WebSocket | None:
+        """The socket of a hibernated object: a new Python object for it (the object itself
+        is rebuilt by the handler call that follows)."""
+        handle = self.server.socket(socket_id)
+        host = self.objects.of_socket(handle) if handle is not None else None
+        if host is None or handle is None:
+            return None
+        return host.revive(handle)
+
+    def revive_closed(self, handle: _native.SocketHandle) -> WebSocket | None:
+        host = self.objects.of_socket(handle)
+        return WebSocket._revive(handle, self.services, host) if host is not None else None
