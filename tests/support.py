@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import os
 import re
@@ -31,19 +30,6 @@ START_TIMEOUT = 30.0
 
 P = ParamSpec("P")
 T = TypeVar("T")
-
-
-def run_async(fn: Callable[P, Awaitable[T]]) -> Callable[P, T]:
-    """Run an `async def` test body with `asyncio.run`, so every test owns a fresh loop.
-
-    The wrapper keeps the signature (via `__wrapped__`), so pytest still injects fixtures.
-    """
-
-    @functools.wraps(fn)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
-        return asyncio.run(fn(*args, **kwargs))  # type: ignore[arg-type]
-
-    return wrapper
 
 
 class ServerProcess:

@@ -30,7 +30,7 @@ from tests.rawws import (
     read_http_head,
     upgrade_request,
 )
-from tests.support import ServerProcess, get_json, healthy_client, run_async, wait_until
+from tests.support import ServerProcess, get_json, healthy_client, wait_until
 
 MAX_BUFFERED = 256 << 10
 HANDSHAKE_TIMEOUT = 1.0
@@ -72,7 +72,6 @@ async def _flood(ws: RawWebSocket, frame: bytes, count: int) -> int:
 # ---------------------------------------------------------------- ping flood
 
 
-@run_async
 async def test_ping_flood_from_a_client_that_never_reads_ends_in_1008_with_bounded_memory(
     hardened: ServerProcess,
 ) -> None:
@@ -92,7 +91,6 @@ async def test_ping_flood_from_a_client_that_never_reads_ends_in_1008_with_bound
 # ---------------------------------------------------------------- send-queue overflow
 
 
-@run_async
 async def test_overflow_finishes_the_frame_in_flight_then_closes_1008_every_time(
     hardened: ServerProcess,
 ) -> None:
@@ -122,7 +120,6 @@ async def test_overflow_finishes_the_frame_in_flight_then_closes_1008_every_time
         assert closes[0]["code"] == 1008, closes
 
 
-@run_async
 async def test_a_peer_that_reads_nothing_still_gets_1008_reported_to_the_app(
     hardened: ServerProcess,
 ) -> None:
@@ -140,7 +137,6 @@ async def test_a_peer_that_reads_nothing_still_gets_1008_reported_to_the_app(
 # ---------------------------------------------------------------- tiny messages
 
 
-@run_async
 async def test_a_flood_of_one_byte_echoes_is_counted_at_its_real_cost(
     hardened: ServerProcess,
 ) -> None:
@@ -158,7 +154,6 @@ async def test_a_flood_of_one_byte_echoes_is_counted_at_its_real_cost(
     assert peak - baseline < RSS_MARGIN_KIB, f"RSS grew {(peak - baseline) >> 10} MiB"
 
 
-@run_async
 async def test_input_waiting_for_a_blocked_loop_is_bounded_per_socket(
     hardened: ServerProcess,
 ) -> None:
@@ -180,7 +175,6 @@ async def test_input_waiting_for_a_blocked_loop_is_bounded_per_socket(
 # ---------------------------------------------------------------- fragments
 
 
-@run_async
 async def test_a_million_empty_continuation_frames_end_in_1009(hardened: ServerProcess) -> None:
     async with (
         healthy_client(hardened),
@@ -202,7 +196,6 @@ async def _slow_body(server: ServerProcess) -> tuple[asyncio.StreamReader, async
     return reader, writer
 
 
-@run_async
 async def test_a_request_body_that_trickles_is_answered_408(hardened: ServerProcess) -> None:
     reader, writer = await _slow_body(hardened)
     try:
@@ -212,7 +205,6 @@ async def test_a_request_body_that_trickles_is_answered_408(hardened: ServerProc
     assert reply.status == 408, reply.raw
 
 
-@run_async
 async def test_max_connections_bounds_plain_http_connections_too(hardened: ServerProcess) -> None:
     async with healthy_client(hardened) as healthy:
         # The healthy client holds one slot: these take the rest.
@@ -246,7 +238,6 @@ async def test_max_connections_bounds_plain_http_connections_too(hardened: Serve
         await wait_until(admitted, within=10, what="a freed slot")
 
 
-@run_async
 async def test_the_header_cap_does_not_count_the_handshakes_own_headers(
     hardened: ServerProcess,
 ) -> None:
@@ -261,7 +252,6 @@ async def test_the_header_cap_does_not_count_the_handshakes_own_headers(
         assert reply.status == status, (extra, reply.raw)
 
 
-@run_async
 async def test_an_invalid_response_header_is_a_500_with_a_log_line(hardened: ServerProcess) -> None:
     mark = hardened.log_mark()
     async with (
@@ -273,7 +263,6 @@ async def test_an_invalid_response_header_is_a_500_with_a_log_line(hardened: Ser
     await hardened.wait_for_log_async(r'invalid value of response header "x-bad"', start=mark)
 
 
-@run_async
 async def test_an_upgrade_from_another_site_is_403_before_the_handler_runs(
     hardened: ServerProcess,
 ) -> None:
@@ -292,7 +281,6 @@ async def test_an_upgrade_from_another_site_is_403_before_the_handler_runs(
     assert (await _stats(hardened))["fetch"] == before + 2, "the refused upgrade reached fetch"
 
 
-@run_async
 async def test_a_subprotocol_the_client_did_not_offer_is_refused_on_the_server(
     hardened: ServerProcess,
 ) -> None:
@@ -309,7 +297,6 @@ async def test_a_subprotocol_the_client_did_not_offer_is_refused_on_the_server(
 # ---------------------------------------------------------------- a blocked loop
 
 
-@run_async
 async def test_a_blocking_handler_is_logged_with_its_stack_and_counted(
     hardened: ServerProcess,
 ) -> None:
@@ -329,7 +316,6 @@ async def test_a_blocking_handler_is_logged_with_its_stack_and_counted(
     assert counted and int(counted[0].split()[1]) >= 1, metrics
 
 
-@run_async
 async def test_the_wall_limit_stops_a_handler_that_keeps_blocking(hardened: ServerProcess) -> None:
     async with (
         healthy_client(hardened),
@@ -343,7 +329,6 @@ async def test_the_wall_limit_stops_a_handler_that_keeps_blocking(hardened: Serv
 # ---------------------------------------------------------------- per-namespace limits
 
 
-@run_async
 async def test_a_namespaces_limits_hold_for_the_sockets_its_objects_accept(
     hardened: ServerProcess,
 ) -> None:
@@ -377,7 +362,6 @@ async def test_a_namespaces_limits_hold_for_the_sockets_its_objects_accept(
 BURST = 3000
 
 
-@run_async
 async def test_memory_of_a_burst_of_connections_is_given_back(
     make_server: Callable[..., ServerProcess],
 ) -> None:

@@ -15,7 +15,7 @@ import uuid
 from typing import Any
 
 from tests.rawws import OP_BINARY, OP_TEXT, RawWebSocket, encode_frame
-from tests.support import ServerProcess, get_json, run_async, wait_until
+from tests.support import ServerProcess, get_json, wait_until
 
 MAX_BUFFERED = 1 << 20  # max_buffered_bytes of tests/apps/flood.py
 CHUNK = 64 << 10
@@ -34,7 +34,6 @@ async def _stats(server: ServerProcess, conn_id: str) -> dict[str, Any]:
     return stats
 
 
-@run_async
 async def test_fast_sender_to_non_reading_client_is_closed_with_1008_and_memory_stays_bounded(
     flood_server: ServerProcess,
 ) -> None:
@@ -69,7 +68,6 @@ async def test_fast_sender_to_non_reading_client_is_closed_with_1008_and_memory_
     assert code == 1008, (code, reason)
 
 
-@run_async
 async def test_send_async_waits_for_a_slow_client_instead_of_failing(
     flood_server: ServerProcess,
 ) -> None:
@@ -124,7 +122,6 @@ def _pull_frame(seq: int) -> bytes:
     return encode_frame(OP_BINARY, struct.pack("!Q", seq) + b"\xab" * (MESSAGE - 8))
 
 
-@run_async
 async def test_async_for_that_stops_reading_makes_the_client_writes_block(
     flood_server: ServerProcess,
 ) -> None:
@@ -173,7 +170,6 @@ async def test_async_for_that_stops_reading_makes_the_client_writes_block(
 ABANDON_TRIALS = 16
 
 
-@run_async
 async def test_send_async_sender_finds_out_when_its_client_vanishes(
     flood_server: ServerProcess,
 ) -> None:

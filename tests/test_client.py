@@ -24,7 +24,7 @@ from sockworker.client import BufferFull, Client, ConnectFailed
 from sockworker.errors import ConnectionClosed, InvalidArgument, ProtocolError
 from sockworker.websocket import CloseEvent
 
-from tests.support import ServerProcess, get_json, run_async
+from tests.support import ServerProcess, get_json
 
 KINDS = ("message", "close", "error", "open", "reconnecting")
 WITHIN = 10.0
@@ -95,7 +95,6 @@ async def server_saw_close(ws: aiohttp.ClientWebSocketResponse, conn_id: str) ->
 # -- connecting and echo -------------------------------------------------------------------------
 
 
-@run_async
 async def test_connects_lazily_on_first_send_and_echoes_via_listener(
     echo_server: ServerProcess,
 ) -> None:
@@ -129,7 +128,6 @@ async def test_connects_lazily_on_first_send_and_echoes_via_listener(
         client.send("after close")
 
 
-@run_async
 async def test_async_for_receive_and_context_manager(echo_server: ServerProcess) -> None:
     async with Client(f"{echo_server.ws}/ws-pull?id={_id()}") as client:
         await client.connect()
@@ -153,7 +151,6 @@ async def test_async_for_receive_and_context_manager(echo_server: ServerProcess)
         await client.receive()
 
 
-@run_async
 async def test_failing_listeners_are_logged_and_the_client_goes_on(
     echo_server: ServerProcess, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -189,7 +186,6 @@ async def test_failing_listeners_are_logged_and_the_client_goes_on(
 # -- reconnecting --------------------------------------------------------------------------------
 
 
-@run_async
 async def test_survives_a_server_restart_and_delivers_what_was_buffered_in_order(
     make_server: Callable[..., ServerProcess],
 ) -> None:
@@ -246,7 +242,6 @@ async def test_survives_a_server_restart_and_delivers_what_was_buffered_in_order
     assert len(events.seen["close"]) == 2 and events.seen["error"] == []
 
 
-@run_async
 async def test_gives_up_after_max_attempts_and_fails_pending_sends(
     make_server: Callable[..., ServerProcess],
 ) -> None:
@@ -287,7 +282,6 @@ async def test_gives_up_after_max_attempts_and_fails_pending_sends(
         await client.receive()
 
 
-@run_async
 async def test_refused_from_the_start_and_rejected_handshakes(echo_server: ServerProcess) -> None:
     refused = Client(f"ws://127.0.0.1:{_free_port()}/", max_attempts=2, backoff_initial=0.01)
     refused_events = Events(refused)
@@ -311,7 +305,6 @@ async def test_refused_from_the_start_and_rejected_handshakes(echo_server: Serve
     assert not_found_events.seen["reconnecting"] == []
 
 
-@run_async
 async def test_connection_lost_without_reconnect_is_final(
     make_server: Callable[..., ServerProcess],
 ) -> None:
@@ -330,7 +323,6 @@ async def test_connection_lost_without_reconnect_is_final(
 # -- idle close ----------------------------------------------------------------------------------
 
 
-@run_async
 async def test_idle_close_then_reopen_on_next_send(echo_server: ServerProcess) -> None:
     conn_id = _id()
     async with observer(echo_server) as watch:
@@ -356,7 +348,6 @@ async def test_idle_close_then_reopen_on_next_send(echo_server: ServerProcess) -
     assert events.seen["error"] == [] and events.seen["reconnecting"] == []
 
 
-@run_async
 async def test_close_before_connecting_drops_buffered_messages() -> None:
     client = Client(f"ws://127.0.0.1:{_free_port()}/", backoff_initial=5.0, backoff_max=5.0)
     events = Events(client)
@@ -436,7 +427,6 @@ def test_bad_arguments_are_rejected(kwargs: dict[str, Any], error: type[Exceptio
         assert issubclass(error, ValueError)
 
 
-@run_async
 async def test_bad_calls_are_rejected() -> None:
     client = Client("ws://127.0.0.1:1/")
     with pytest.raises(TypeError):
@@ -452,7 +442,6 @@ async def test_bad_calls_are_rejected() -> None:
     await asyncio.wait_for(client.wait_closed(), WITHIN)
 
 
-@run_async
 async def test_a_close_listener_can_stop_the_reconnect(echo_server: ServerProcess) -> None:
     client = Client(f"{echo_server.ws}/ws?id={_id()}", backoff_initial=0.01)
     events = Events(client)
@@ -471,7 +460,6 @@ async def test_a_close_listener_can_stop_the_reconnect(echo_server: ServerProces
     assert events.seen["reconnecting"] == [] and len(events.seen["open"]) == 1
 
 
-@run_async
 async def test_a_message_too_large_for_the_client_is_an_error_then_it_reconnects(
     echo_server: ServerProcess,
 ) -> None:
@@ -502,7 +490,6 @@ async def _server_url(client: Client, events: Events) -> str:
     return url
 
 
-@run_async
 async def test_the_url_and_the_query_are_computed_for_each_attempt(
     echo_server: ServerProcess,
 ) -> None:
@@ -541,7 +528,6 @@ async def test_the_url_and_the_query_are_computed_for_each_attempt(
         assert await _server_url(static, Events(static)) == static.url
 
 
-@run_async
 async def test_what_the_url_callable_raises_fails_the_attempt(echo_server: ServerProcess) -> None:
     calls = 0
 
@@ -568,7 +554,6 @@ async def test_what_the_url_callable_raises_fails_the_attempt(echo_server: Serve
         assert isinstance(failed.value.__cause__, cause)
 
 
-@run_async
 async def test_should_reconnect_decides_from_the_close_code(
     echo_server: ServerProcess, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -602,7 +587,6 @@ async def test_should_reconnect_decides_from_the_close_code(
         client.send("after")
 
 
-@run_async
 async def test_reconnect_after_giving_up_and_after_close(
     make_server: Callable[..., ServerProcess],
 ) -> None:
@@ -633,7 +617,6 @@ async def test_reconnect_after_giving_up_and_after_close(
     await asyncio.wait_for(client.wait_closed(), WITHIN)
 
 
-@run_async
 async def test_reconnect_while_open_closes_and_connects_to_the_new_url(
     echo_server: ServerProcess,
 ) -> None:
@@ -656,7 +639,6 @@ async def test_reconnect_while_open_closes_and_connects_to_the_new_url(
     await asyncio.wait_for(client.wait_closed(), WITHIN)
 
 
-@run_async
 async def test_reconnect_cuts_a_backoff_wait_short(
     make_server: Callable[..., ServerProcess],
 ) -> None:

@@ -15,7 +15,7 @@ import sockworker as sw
 from sockworker.client import Client
 from websockets.asyncio.client import connect as ws_connect
 
-from tests.support import ServerProcess, get_json, run_async, wait_until
+from tests.support import ServerProcess, get_json, wait_until
 
 WITHIN = 10.0
 
@@ -106,7 +106,6 @@ async def _recv(ws: Any) -> Any:
     return await asyncio.wait_for(ws.recv(), WITHIN)
 
 
-@run_async
 async def test_a_ported_chat_room_runs(ported_server: ServerProcess) -> None:
     url = f"{ported_server.ws}/room/lobby"
     async with ws_connect(f"{url}?name=alice") as alice, ws_connect(f"{url}?name=bob") as bob:
@@ -142,7 +141,6 @@ async def _send_and_recv(ws: Any, message: str) -> Any:
     return await _recv(ws)
 
 
-@run_async
 async def test_a_ported_standard_api_socket_runs(ported_server: ServerProcess) -> None:
     async with aiohttp.ClientSession() as session:
         async with session.ws_connect(f"{ported_server.ws}/echo") as ws:

@@ -13,7 +13,7 @@ import pytest
 from websockets.asyncio.client import connect
 
 from tests.rawws import OP_TEXT, RSV1, RawWebSocket
-from tests.support import ServerProcess, run_async
+from tests.support import ServerProcess
 
 EXPECTED = "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
 
@@ -34,7 +34,6 @@ def _deflate(data: bytes) -> bytes:
     return out[:-4]
 
 
-@run_async
 async def test_negotiated_with_websockets_and_messages_round_trip(
     compressed: ServerProcess,
 ) -> None:
@@ -54,7 +53,6 @@ async def test_negotiated_with_websockets_and_messages_round_trip(
         assert await ws.recv() == ""
 
 
-@run_async
 async def test_a_small_frame_that_inflates_past_the_limit_is_1009(
     compressed: ServerProcess,
 ) -> None:
@@ -71,7 +69,6 @@ async def test_a_small_frame_that_inflates_past_the_limit_is_1009(
     assert code == 1009
 
 
-@run_async
 async def test_broadcast_reaches_compressed_and_plain_sockets(compressed: ServerProcess) -> None:
     room = f"{compressed.ws}/room/{uuid.uuid4().hex}"
     async with connect(room) as deflating, connect(room, compression=None) as plain:
@@ -81,7 +78,6 @@ async def test_broadcast_reaches_compressed_and_plain_sockets(compressed: Server
         assert await asyncio.wait_for(plain.recv(), 10) == message
 
 
-@run_async
 async def test_an_offer_with_a_bad_parameter_is_declined(compressed: ServerProcess) -> None:
     async with await RawWebSocket.connect(
         compressed.port,

@@ -7,7 +7,7 @@ from typing import Any
 
 import aiohttp
 
-from tests.support import ServerProcess, get_json, run_async
+from tests.support import ServerProcess, get_json
 
 CONNECTIONS = 1000
 MESSAGES = 100
@@ -19,7 +19,6 @@ def _message(conn: int, i: int) -> str | bytes:
     return text if i % 2 == 0 else text.encode()
 
 
-@run_async
 async def test_1000_concurrent_connections_each_echo_100_messages_in_order(
     echo_server: ServerProcess,
 ) -> None:

@@ -39,7 +39,7 @@ from tests.apps.rooms_client import (
     stats,
 )
 from tests.rawws import OP_TEXT, RawWebSocket
-from tests.support import ServerProcess, get_json, run_async, wait_until
+from tests.support import ServerProcess, get_json, wait_until
 
 HEX64 = re.compile(r"[0-9a-f]{64}")
 
@@ -52,7 +52,6 @@ def rooms() -> Iterator[ServerProcess]:
 # ---------------------------------------------------------------- ids and stubs
 
 
-@run_async
 async def test_namespace_ids(rooms: ServerProcess) -> None:
     ids = await get_json(f"{rooms.http}/ids")
     # id_from_name is deterministic, equal by value (and usable as a dict key), and keeps the name
@@ -81,7 +80,6 @@ async def test_namespace_ids(rooms: ServerProcess) -> None:
         assert error["value_error"], (label, error)
 
 
-@run_async
 async def test_id_from_name_is_stable_across_requests(rooms: ServerProcess) -> None:
     first = await get_json(f"{rooms.http}/ids")
     second = await get_json(f"{rooms.http}/ids")
@@ -89,7 +87,6 @@ async def test_id_from_name_is_stable_across_requests(rooms: ServerProcess) -> N
     assert first["u1"] not in (second["u1"], second["u2"])
 
 
-@run_async
 async def test_same_name_reaches_the_same_instance_from_many_connections(
     rooms: ServerProcess,
 ) -> None:
@@ -118,7 +115,6 @@ async def test_same_name_reaches_the_same_instance_from_many_connections(
     assert constructed(await stats(rooms), name) == 1
 
 
-@run_async
 async def test_two_names_never_share_an_instance(rooms: ServerProcess) -> None:
     names = [fresh(f"distinct{i}") for i in range(40)]
 
@@ -147,7 +143,6 @@ async def test_two_names_never_share_an_instance(rooms: ServerProcess) -> None:
     assert all(constructed(snapshot, name) == 1 for name in names)
 
 
-@run_async
 async def test_new_unique_id_and_id_from_string_reach_one_object(rooms: ServerProcess) -> None:
     made = await get_json(f"{rooms.http}/unique")
     assert HEX64.fullmatch(made["id"])
@@ -165,7 +160,6 @@ async def test_new_unique_id_and_id_from_string_reach_one_object(rooms: ServerPr
 
 
 @pytest.mark.parametrize("ns", ["steady", "async"], ids=["def-handler", "async-def-handler"])
-@run_async
 async def test_events_keep_their_order_under_100_concurrent_senders(
     rooms: ServerProcess, ns: str
 ) -> None:
@@ -210,7 +204,6 @@ async def test_events_keep_their_order_under_100_concurrent_senders(
 # ---------------------------------------------------------------- RPC
 
 
-@run_async
 async def test_rpc_arguments_and_results_are_passed_by_value(rooms: ServerProcess) -> None:
     result = await get_json(f"{rooms.http}/rpc-by-value/{fresh('byvalue')}")
     # the object appended 4 to its copy; the caller appended "caller" to its own list
@@ -220,7 +213,6 @@ async def test_rpc_arguments_and_results_are_passed_by_value(rooms: ServerProces
     assert result["same"] is False
 
 
-@run_async
 async def test_rpc_calls_def_and_async_def_methods(rooms: ServerProcess) -> None:
     name = fresh("rpc")
     assert await rpc(rooms, "steady", name, "add", 2, 3) == 5
@@ -229,7 +221,6 @@ async def test_rpc_calls_def_and_async_def_methods(rooms: ServerProcess) -> None
 
 
 @pytest.mark.parametrize("method", ["_private", "no_such_method"])
-@run_async
 async def test_rpc_reaches_only_public_methods(rooms: ServerProcess, method: str) -> None:
     status, body = await rpc_raw(rooms, "steady", fresh("private"), method)
     assert status == 500, f"stub.{method}() answered {body}"
@@ -238,7 +229,6 @@ async def test_rpc_reaches_only_public_methods(rooms: ServerProcess, method: str
 # ---------------------------------------------------------------- tags, counts, attachments
 
 
-@run_async
 async def test_tags_counts_and_get_websockets(rooms: ServerProcess) -> None:
     name = fresh("tags")
     tag_sets = [["red", "all"], ["blue", "all"], ["red"], []]
@@ -265,7 +255,6 @@ async def test_tags_counts_and_get_websockets(rooms: ServerProcess) -> None:
         await close_all(sockets)
 
 
-@run_async
 async def test_attachments(rooms: ServerProcess) -> None:
     name = fresh("att")
     value = {"user": "ann", "n": 1, "nested": [1, 2.5, None]}
@@ -312,7 +301,6 @@ async def _refused(rooms: ServerProcess, ns: str, name: str, **kw: Any) -> dict[
     return body
 
 
-@run_async
 async def test_at_most_10_tags_per_socket(rooms: ServerProcess) -> None:
     name = fresh("ntags")
     ten = [f"t{i}" for i in range(10)]
@@ -323,7 +311,6 @@ async def test_at_most_10_tags_per_socket(rooms: ServerProcess) -> None:
         assert await ask(ws, "!count") == "1"  # the refused socket was never counted
 
 
-@run_async
 async def test_at_most_256_characters_per_tag(rooms: ServerProcess) -> None:
     name = fresh("taglen")
     ascii_tag, wide_tag = "t" * 256, "é" * 256  # characters, not bytes: é is 2 bytes in UTF-8
@@ -336,7 +323,6 @@ async def test_at_most_256_characters_per_tag(rooms: ServerProcess) -> None:
         assert await ask(ws, "!count") == "1"
 
 
-@run_async
 async def test_hibernatable_socket_cap_per_object(rooms: ServerProcess) -> None:
     assert (await stats(rooms))["default_max_sockets"] == 32768
     name = fresh("cap")  # SmallRoom sets max_hibernatable_websockets = 5
@@ -363,7 +349,6 @@ async def test_hibernatable_socket_cap_per_object(rooms: ServerProcess) -> None:
 # ---------------------------------------------------------------- broadcast
 
 
-@run_async
 async def test_broadcast_to_1000_sockets_with_tag_and_exclude(rooms: ServerProcess) -> None:
     name = fresh("broadcast")
     total = 1000
@@ -428,7 +413,6 @@ async def test_broadcast_to_1000_sockets_with_tag_and_exclude(rooms: ServerProce
 # ---------------------------------------------------------------- auto-response while awake
 
 
-@run_async
 async def test_auto_response_is_answered_by_the_core_without_the_handler(
     rooms: ServerProcess,
 ) -> None:
@@ -457,7 +441,6 @@ async def test_auto_response_is_answered_by_the_core_without_the_handler(
         assert await ask(ws, "ping") == "ping"
 
 
-@run_async
 async def test_hibernatable_event_timeout_round_trip(rooms: ServerProcess) -> None:
     async with room_socket(rooms, "steady", fresh("evt")) as ws:
         assert await ask(ws, "!evt?") == "None"
@@ -470,7 +453,6 @@ async def test_hibernatable_event_timeout_round_trip(rooms: ServerProcess) -> No
 
 
 @pytest.mark.parametrize(("code", "reason"), [(1000, ""), (4001, "bye now"), (3000, "ünï ☃")])
-@run_async
 async def test_close_from_the_client_is_answered_then_websocket_close_runs(
     rooms: ServerProcess, code: int, reason: str
 ) -> None:
@@ -492,7 +474,6 @@ async def test_close_from_the_client_is_answered_then_websocket_close_runs(
         assert constructed(await stats(rooms), name) == 1
 
 
-@run_async
 async def test_close_from_an_aiohttp_client(rooms: ServerProcess) -> None:
     name = fresh("aiohttp-close")
     async with (
@@ -511,7 +492,6 @@ async def test_close_from_an_aiohttp_client(rooms: ServerProcess) -> None:
     )
 
 
-@run_async
 async def test_close_from_the_object(rooms: ServerProcess) -> None:
     name = fresh("server-close")
     async with room_socket(rooms, "steady", name, tags=["keeper"]) as keeper:
@@ -533,7 +513,6 @@ async def test_close_from_the_object(rooms: ServerProcess) -> None:
     assert (record["reason"], record["was_clean"]) == ("server says bye", True)
 
 
-@run_async
 async def test_abrupt_disconnect_gives_1006_not_clean(rooms: ServerProcess) -> None:
     name = fresh("abrupt")
     async with room_socket(rooms, "steady", name, tags=["keeper"]) as keeper:
@@ -548,7 +527,6 @@ async def test_abrupt_disconnect_gives_1006_not_clean(rooms: ServerProcess) -> N
         assert await ask(keeper, "!count") == "1"
 
 
-@run_async
 async def test_protocol_error_reaches_websocket_error(rooms: ServerProcess) -> None:
     name = fresh("protoerr")
     async with room_socket(rooms, "steady", name, tags=["keeper"]) as keeper:
@@ -609,7 +587,6 @@ LOG_KIND = {
 
 
 @pytest.mark.parametrize("kind", list(LOG_KIND))
-@run_async
 async def test_exception_in_a_handler_resets_the_instance_and_sockets_stay_open(
     rooms: ServerProcess, kind: str
 ) -> None:
@@ -654,7 +631,6 @@ async def test_exception_in_a_handler_resets_the_instance_and_sockets_stay_open(
 # ---------------------------------------------------------------- Cloudflare's camelCase names
 
 
-@run_async
 async def test_camel_case_handlers_and_state_methods(rooms: ServerProcess) -> None:
     name = fresh("camel")
     async with (
@@ -704,7 +680,6 @@ async def _history(ws: ClientConnection) -> list[tuple[str, str]]:
     return [(m["user"], m["text"]) for m in event["messages"]]
 
 
-@run_async
 async def test_chat_example(chat: ServerProcess) -> None:
     room = fresh("chat")
     status, page = await http_get(f"{chat.http}/room/{room}")

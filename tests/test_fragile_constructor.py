@@ -6,10 +6,9 @@ from __future__ import annotations
 import aiohttp
 
 from tests.rawws import OP_TEXT, RawWebSocket, encode_frame
-from tests.support import ServerProcess, get_json, run_async, wait_until
+from tests.support import ServerProcess, get_json, wait_until
 
 
-@run_async
 async def test_a_failing_constructor_costs_only_its_own_event() -> None:
     server = ServerProcess("tests.apps.fragile:app")
     try:

@@ -42,7 +42,7 @@ from tests.apps.rooms_client import (
     wait_hibernated,
 )
 from tests.rawws import RawWebSocket
-from tests.support import ServerProcess, run_async, wait_until
+from tests.support import ServerProcess, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,6 @@ def traced_rooms() -> Iterator[ServerProcess]:
 # ---------------------------------------------------------------- hibernate and wake
 
 
-@run_async
 async def test_idle_object_hibernates_and_wakes_with_its_sockets_intact(
     rooms: ServerProcess,
 ) -> None:
@@ -120,7 +119,6 @@ async def test_idle_object_hibernates_and_wakes_with_its_sockets_intact(
         await close_all(sockets)
 
 
-@run_async
 async def test_hibernated_object_wakes_for_fetch_and_for_rpc(rooms: ServerProcess) -> None:
     name = fresh("wake")
     async with room_socket(rooms, "room", name, tags=["t"], att=[1, 2]) as ws:
@@ -141,7 +139,6 @@ async def test_hibernated_object_wakes_for_fetch_and_for_rpc(rooms: ServerProces
         assert constructed(await stats(rooms), name) == 4
 
 
-@run_async
 async def test_a_burst_on_a_hibernated_object_builds_one_instance_in_order(
     rooms: ServerProcess,
 ) -> None:
@@ -168,7 +165,6 @@ async def test_a_burst_on_a_hibernated_object_builds_one_instance_in_order(
         await close_all(sockets)
 
 
-@run_async
 async def test_namespace_limits_override_the_app_hibernate_after(rooms: ServerProcess) -> None:
     # STEADY has `limits = sw.Limits(hibernate_after=60)`; ROOMS uses the app's 0.5 s
     steady, napping = fresh("steady"), fresh("napping")
@@ -183,7 +179,6 @@ async def test_namespace_limits_override_the_app_hibernate_after(rooms: ServerPr
         assert constructed(await stats(rooms), steady) == 1
 
 
-@run_async
 async def test_url_and_protocol_survive_hibernation(rooms: ServerProcess) -> None:
     name = fresh("origin")
     url = room_url(rooms, "room", name, tags=["p"])
@@ -197,7 +192,6 @@ async def test_url_and_protocol_survive_hibernation(rooms: ServerProcess) -> Non
         assert constructed(await stats(rooms), name) == 2
 
 
-@run_async
 async def test_an_object_without_sockets_is_dropped_when_idle(rooms: ServerProcess) -> None:
     name = fresh("nosockets")
     assert await rpc(rooms, "room", name, "add", 1, 2) == 3
@@ -209,7 +203,6 @@ async def test_an_object_without_sockets_is_dropped_when_idle(rooms: ServerProce
 # ---------------------------------------------------------------- what prevents hibernation
 
 
-@run_async
 async def test_a_standard_api_socket_prevents_hibernation(rooms: ServerProcess) -> None:
     name = fresh("standard")
     async with room_socket(rooms, "room", name, tags=["h"]) as hibernatable:
@@ -224,7 +217,6 @@ async def test_a_standard_api_socket_prevents_hibernation(rooms: ServerProcess) 
         assert constructed(await stats(rooms), name) == 2
 
 
-@run_async
 async def test_pending_wait_until_delays_hibernation(rooms: ServerProcess) -> None:
     name = fresh("waiting")
     pending = HIBERNATE_AFTER * 5
@@ -240,7 +232,6 @@ async def test_pending_wait_until_delays_hibernation(rooms: ServerProcess) -> No
 # ---------------------------------------------------------------- auto-response while hibernated
 
 
-@run_async
 async def test_auto_response_while_hibernated_runs_no_python_and_moves_the_timestamp(
     rooms: ServerProcess,
 ) -> None:
@@ -287,7 +278,6 @@ async def test_auto_response_while_hibernated_runs_no_python_and_moves_the_times
         assert await ask_json(quiet, "!autots") is None
 
 
-@run_async
 async def test_several_auto_response_pairs_survive_hibernation(rooms: ServerProcess) -> None:
     name = fresh("multinap")
     async with room_socket(rooms, "room", name) as ws:
@@ -306,7 +296,6 @@ async def test_several_auto_response_pairs_survive_hibernation(rooms: ServerProc
         assert await ask(ws, "!evt?") == "7000"
 
 
-@run_async
 async def test_event_timeout_cancels_a_slow_async_handler_and_resets(
     rooms: ServerProcess,
 ) -> None:
@@ -327,7 +316,6 @@ async def test_event_timeout_cancels_a_slow_async_handler_and_resets(
         assert await ask_json(ws, "!tags") == ["slow"]
 
 
-@run_async
 async def test_limits_apply_to_a_hibernated_socket(rooms: ServerProcess) -> None:
     name = fresh("bignap")
     async with (
@@ -349,7 +337,6 @@ async def test_limits_apply_to_a_hibernated_socket(rooms: ServerProcess) -> None
 # ---------------------------------------------------------------- closing while hibernated
 
 
-@run_async
 async def test_client_close_wakes_a_hibernated_object(rooms: ServerProcess) -> None:
     name = fresh("closenap")
     async with room_socket(rooms, "room", name, tags=["keeper"]) as keeper:
@@ -367,7 +354,6 @@ async def test_client_close_wakes_a_hibernated_object(rooms: ServerProcess) -> N
         assert await ask(keeper, "!count") == "1"
 
 
-@run_async
 async def test_abrupt_disconnect_of_a_hibernated_socket_is_1006(rooms: ServerProcess) -> None:
     name = fresh("abruptnap")
     async with room_socket(rooms, "room", name, tags=["keeper"]) as keeper:
@@ -382,7 +368,6 @@ async def test_abrupt_disconnect_of_a_hibernated_socket_is_1006(rooms: ServerPro
         assert await ask(keeper, "!count") == "1"
 
 
-@run_async
 async def test_object_closing_a_socket_after_waking(rooms: ServerProcess) -> None:
     name = fresh("servercloses")
     async with (
@@ -407,7 +392,6 @@ async def test_object_closing_a_socket_after_waking(rooms: ServerProcess) -> Non
 
 
 @pytest.mark.timeout(120)
-@run_async
 async def test_1000_hibernated_sockets_keep_no_python_object_per_socket(
     traced_rooms: ServerProcess,
 ) -> None:

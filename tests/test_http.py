@@ -11,10 +11,9 @@ import aiohttp
 import pytest
 
 from tests.rawws import open_tcp, read_http_head, upgrade_request
-from tests.support import ServerProcess, get_json, healthy_client, run_async
+from tests.support import ServerProcess, get_json, healthy_client
 
 
-@run_async
 async def test_get_reaches_worker_with_method_path_query_headers(
     echo_server: ServerProcess,
 ) -> None:
@@ -50,7 +49,6 @@ def _dechunk(data: bytes) -> bytes:
         out, data = out + data[:size], data[size + 2 :]
 
 
-@run_async
 async def test_request_client_is_the_peer_address(echo_server: ServerProcess) -> None:
     reader, writer = await open_tcp(echo_server.port)
     try:
@@ -69,7 +67,6 @@ async def test_request_client_is_the_peer_address(echo_server: ServerProcess) ->
     assert json.loads(body)["client"] == f"127.0.0.1:{local_port}"
 
 
-@run_async
 async def test_post_reaches_worker_with_body(echo_server: ServerProcess) -> None:
     body = ("héllo wörld \u2603 " * 2000).encode()
     async with (
@@ -92,7 +89,6 @@ async def test_post_reaches_worker_with_body(echo_server: ServerProcess) -> None
     assert seen["text"] == body.decode()
 
 
-@run_async
 async def test_post_large_binary_body_arrives_whole(echo_server: ServerProcess) -> None:
     body = os.urandom(300_000).hex().encode()  # 600 kB, ASCII so request.text() works too
     async with (
@@ -105,7 +101,6 @@ async def test_post_large_binary_body_arrives_whole(echo_server: ServerProcess) 
     assert bytes.fromhex(seen["body_hex"]) == body
 
 
-@run_async
 async def test_post_json_body(echo_server: ServerProcess) -> None:
     payload = {"k": [1, 2, "é"], "nested": {"ok": True}}
     async with (
@@ -118,7 +113,6 @@ async def test_post_json_body(echo_server: ServerProcess) -> None:
     assert seen["json"] == payload
 
 
-@run_async
 async def test_unknown_path_is_the_apps_404(echo_server: ServerProcess) -> None:
     async with (
         aiohttp.ClientSession() as session,
@@ -128,7 +122,6 @@ async def test_unknown_path_is_the_apps_404(echo_server: ServerProcess) -> None:
         assert await resp.text() == "not found"
 
 
-@run_async
 async def test_handler_exception_is_a_bare_500_and_logged_with_traceback(
     echo_server: ServerProcess,
 ) -> None:
@@ -159,7 +152,6 @@ MALFORMED = {
 
 
 @pytest.mark.parametrize("request_bytes", MALFORMED.values(), ids=MALFORMED.keys())
-@run_async
 async def test_malformed_http_gets_400(echo_server: ServerProcess, request_bytes: bytes) -> None:
     async with healthy_client(echo_server):
         reader, writer = await open_tcp(echo_server.port)
@@ -185,7 +177,6 @@ BAD_KEYS = {
 
 
 @pytest.mark.parametrize("key", BAD_KEYS.values(), ids=BAD_KEYS.keys())
-@run_async
 async def test_upgrade_with_bad_key_gets_400(echo_server: ServerProcess, key: str | None) -> None:
     async with healthy_client(echo_server):
         reader, writer = await open_tcp(echo_server.port)
@@ -200,7 +191,6 @@ async def test_upgrade_with_bad_key_gets_400(echo_server: ServerProcess, key: st
 
 
 @pytest.mark.parametrize("version", ["8", "14"])
-@run_async
 async def test_upgrade_with_wrong_version_gets_426(
     echo_server: ServerProcess, version: str
 ) -> None:
@@ -216,7 +206,6 @@ async def test_upgrade_with_wrong_version_gets_426(
         assert reply.headers.get("sec-websocket-version") == "13", reply.raw
 
 
-@run_async
 async def test_many_bad_requests_at_once_leave_healthy_clients_alone(
     echo_server: ServerProcess,
 ) -> None:

@@ -14,7 +14,7 @@ import pytest
 from websockets.asyncio.client import connect
 
 from tests.rawws import OP_CLOSE, OP_PING, RawWebSocket, parse_close
-from tests.support import ServerProcess, get_json, run_async, wait_until
+from tests.support import ServerProcess, get_json, wait_until
 
 PING_INTERVAL = 0.3
 
@@ -28,7 +28,6 @@ def keepalive() -> Iterator[ServerProcess]:
         assert server.stop() == 0, server.log_tail()
 
 
-@run_async
 async def test_a_peer_that_does_not_answer_pings_is_closed_1011_and_the_app_sees_1006(
     keepalive: ServerProcess,
 ) -> None:
@@ -49,7 +48,6 @@ async def test_a_peer_that_does_not_answer_pings_is_closed_1011_and_the_app_sees
     assert (event["code"], event["clean"]) == (1006, False), event
 
 
-@run_async
 async def test_a_peer_that_answers_stays_open_and_any_byte_counts(keepalive: ServerProcess) -> None:
     # websockets answers pings on its own: open across many intervals.
     async with connect(f"{keepalive.ws}/ws", ping_interval=None) as ws:
@@ -65,7 +63,6 @@ async def test_a_peer_that_answers_stays_open_and_any_byte_counts(keepalive: Ser
             await asyncio.sleep(PING_INTERVAL / 2)  # pacing: stay inside the interval
 
 
-@run_async
 async def test_pings_do_not_wake_a_hibernated_object_and_are_counted(
     keepalive: ServerProcess,
 ) -> None:

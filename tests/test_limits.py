@@ -15,7 +15,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from tests.rawws import OP_BINARY, OP_CONT, OP_TEXT, RawWebSocket, encode_frame, open_tcp
-from tests.support import ServerProcess, healthy_client, run_async, wait_until
+from tests.support import ServerProcess, healthy_client, wait_until
 
 # The limits the apps configure (tests/apps/tight.py and tests/apps/few.py); the test process
 # does not import the apps, which need the built extension.
@@ -32,7 +32,6 @@ def _message(kind: str, size: int) -> str | bytes:
 
 
 @pytest.mark.parametrize("kind", ["text", "binary"])
-@run_async
 async def test_message_at_the_limit_is_echoed_one_byte_more_is_1009(
     tight_server: ServerProcess, kind: str
 ) -> None:
@@ -48,7 +47,6 @@ async def test_message_at_the_limit_is_echoed_one_byte_more_is_1009(
         assert closed.value.rcvd.code == 1009
 
 
-@run_async
 async def test_fragments_each_small_but_together_too_big_is_1009(
     tight_server: ServerProcess,
 ) -> None:
@@ -60,7 +58,6 @@ async def test_fragments_each_small_but_together_too_big_is_1009(
     assert closed.value.rcvd.code == 1009
 
 
-@run_async
 async def test_announced_oversize_length_is_1009_without_waiting_for_the_payload(
     tight_server: ServerProcess,
 ) -> None:
@@ -71,7 +68,6 @@ async def test_announced_oversize_length_is_1009_without_waiting_for_the_payload
     assert code == 1009
 
 
-@run_async
 async def test_oversize_message_from_aiohttp_is_1009(tight_server: ServerProcess) -> None:
     async with (
         aiohttp.ClientSession() as session,
@@ -83,7 +79,6 @@ async def test_oversize_message_from_aiohttp_is_1009(tight_server: ServerProcess
         assert msg.data == 1009
 
 
-@run_async
 async def test_fragmented_message_within_the_limit_is_fine(tight_server: ServerProcess) -> None:
     async with await RawWebSocket.connect(tight_server.port, "/ws") as ws:
         ws.write_raw(encode_frame(OP_TEXT, b"x" * 500, fin=False))
@@ -94,7 +89,6 @@ async def test_fragmented_message_within_the_limit_is_fine(tight_server: ServerP
 # ---------------------------------------------------------------- idle_timeout
 
 
-@run_async
 async def test_idle_websockets_client_is_closed_with_1001(tight_server: ServerProcess) -> None:
     async with connect(f"{tight_server.ws}/ws", ping_interval=None) as ws:
         await ws.send("one message, then silence")
@@ -110,7 +104,6 @@ async def test_idle_websockets_client_is_closed_with_1001(tight_server: ServerPr
     assert elapsed >= IDLE_TIMEOUT * 0.8, f"closed after {elapsed:.2f}s, before the idle timeout"
 
 
-@run_async
 async def test_idle_aiohttp_client_is_closed_with_1001(tight_server: ServerProcess) -> None:
     async with (
         aiohttp.ClientSession() as session,
@@ -144,7 +137,6 @@ async def _echo(ws: ClientConnection, i: int) -> None:
 
 
 @pytest.mark.parametrize("action", [_ping, _echo], ids=["pings", "messages"])
-@run_async
 async def test_client_sending_frames_outlives_the_idle_timeout(
     tight_server: ServerProcess,
     action: Callable[[ClientConnection, int], Awaitable[None]],
@@ -176,7 +168,6 @@ async def _time_until_dropped(reader: asyncio.StreamReader, within: float) -> fl
 @pytest.mark.parametrize(
     "first_bytes", [b"", b"GET /ws HTTP/1.1\r\nHost: x\r\n"], ids=["silent", "partial-request"]
 )
-@run_async
 async def test_client_that_never_finishes_the_handshake_is_dropped(
     tight_server: ServerProcess, first_bytes: bytes
 ) -> None:
@@ -190,7 +181,6 @@ async def test_client_that_never_finishes_the_handshake_is_dropped(
     assert elapsed >= HANDSHAKE_TIMEOUT * 0.6, f"dropped after {elapsed:.2f}s, too early"
 
 
-@run_async
 async def test_trickling_handshake_is_dropped_at_the_timeout(tight_server: ServerProcess) -> None:
     """A client that keeps sending one header byte at a time must not extend the handshake."""
     reader, writer = await open_tcp(tight_server.port)
@@ -231,7 +221,6 @@ async def _status_of_websockets_attempt(server: ServerProcess) -> int:
         return exc.response.status_code
 
 
-@run_async
 async def test_connections_past_max_connections_get_503_before_upgrade(
     few_server: ServerProcess,
 ) -> None:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import aiohttp
 
-from tests.support import ServerProcess, run_async
+from tests.support import ServerProcess
 
 WITHIN = 10.0
 CORE_ERROR = "invalid response from the application"
@@ -34,7 +34,6 @@ async def _send_garbage(server: ServerProcess) -> bytes:
     return answer
 
 
-@run_async
 async def test_a_record_of_the_core_reaches_the_log(
     make_server: Callable[..., ServerProcess],
 ) -> None:
@@ -50,7 +49,6 @@ async def test_a_record_of_the_core_reaches_the_log(
     assert await _status(server, "/") == 200  # and the server goes on
 
 
-@run_async
 async def test_the_log_level_applies_to_the_core(
     make_server: Callable[..., ServerProcess],
 ) -> None:
@@ -67,7 +65,6 @@ async def test_the_log_level_applies_to_the_core(
     assert CONNECTION_DEBUG not in info.log_text()
 
 
-@run_async
 async def test_json_log_format(make_server: Callable[..., ServerProcess]) -> None:
     server = make_server("tests.apps.loud:app", "--log-format", "json")
     assert await _status(server, "/bad-header") == 500

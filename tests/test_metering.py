@@ -26,7 +26,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from tests.apps.billing import APP_CPU_MS, ROOM_CPU_MS
 from tests.apps.rooms_client import module_server
-from tests.support import ServerProcess, get_json, run_async, wait_until
+from tests.support import ServerProcess, get_json, wait_until
 
 # What one handler costs beyond the CPU it burns itself: parsing, dispatch, the response, and
 # its share of a batch (a few hundred microseconds at most, on a loaded machine a few ms).
@@ -65,7 +65,6 @@ async def ask(ws: ClientConnection, message: str) -> str | bytes:
 # ---------------------------------------------------------------- CPU accounting
 
 
-@run_async
 async def test_a_handler_burning_20ms_of_cpu_is_charged_20ms(billing: ServerProcess) -> None:
     who = account()
     assert await get(billing, f"/burn?ms=20&account={who}") == (200, "burnt")
@@ -76,7 +75,6 @@ async def test_a_handler_burning_20ms_of_cpu_is_charged_20ms(billing: ServerProc
     assert worker["requests"] == 1
 
 
-@run_async
 async def test_waiting_is_not_charged(billing: ServerProcess) -> None:
     who = account()
     assert await get(billing, f"/sleep?s=0.5&account={who}") == (200, "slept")
@@ -85,7 +83,6 @@ async def test_waiting_is_not_charged(billing: ServerProcess) -> None:
     assert worker["requests"] == 1
 
 
-@run_async
 async def test_an_async_handler_is_charged_the_sum_of_its_steps(billing: ServerProcess) -> None:
     who = account()
     assert await get(billing, f"/steps?ms=10&n=3&account={who}") == (200, "burnt in steps")
@@ -93,7 +90,6 @@ async def test_an_async_handler_is_charged_the_sum_of_its_steps(billing: ServerP
     assert 30 <= worker["cpu_ms"] <= 30 + OVERHEAD_MS, worker
 
 
-@run_async
 async def test_a_task_the_handler_creates_is_charged_to_it(billing: ServerProcess) -> None:
     who = account()
     assert await get(billing, f"/spawn?ms=15&account={who}") == (200, "spawned")
@@ -101,7 +97,6 @@ async def test_a_task_the_handler_creates_is_charged_to_it(billing: ServerProces
     assert 15 <= worker["cpu_ms"] <= 15 + OVERHEAD_MS, worker
 
 
-@run_async
 async def test_an_object_is_charged_for_its_own_events(billing: ServerProcess) -> None:
     who, room = account(), f"cpu-{uuid.uuid4().hex[:8]}"
     async with connect(f"{billing.ws}/room/{room}?account={who}") as ws:
@@ -119,7 +114,6 @@ async def test_an_object_is_charged_for_its_own_events(billing: ServerProcess) -
     assert (obj["ws_messages_in"], obj["ws_messages_out"]) == (2, 2)
 
 
-@run_async
 async def test_auto_responses_are_counted_apart_from_messages(billing: ServerProcess) -> None:
     who, room = account(), f"auto-{uuid.uuid4().hex[:8]}"
     async with connect(f"{billing.ws}/room/{room}?account={who}") as ws:
@@ -133,7 +127,6 @@ async def test_auto_responses_are_counted_apart_from_messages(billing: ServerPro
     assert obj["bytes_in"] > 0 and obj["bytes_out"] > 0
 
 
-@run_async
 async def test_an_outgoing_socket_is_metered_to_the_object_that_opened_it(
     billing: ServerProcess,
 ) -> None:
@@ -163,7 +156,6 @@ async def test_an_outgoing_socket_is_metered_to_the_object_that_opened_it(
 # ---------------------------------------------------------------- CPU limit
 
 
-@run_async
 async def test_a_busy_loop_is_stopped_at_the_cpu_limit(billing: ServerProcess) -> None:
     who, room, other = account(), f"spin-{uuid.uuid4().hex[:8]}", f"calm-{uuid.uuid4().hex[:8]}"
     base = f"{billing.ws}/room/{{}}?account={who}"
@@ -213,7 +205,6 @@ async def test_a_busy_loop_is_stopped_at_the_cpu_limit(billing: ServerProcess) -
 # ---------------------------------------------------------------- admission
 
 
-@run_async
 async def test_admit_rejects_an_upgrade_before_anything_is_counted(
     billing: ServerProcess,
 ) -> None:
@@ -228,7 +219,6 @@ async def test_admit_rejects_an_upgrade_before_anything_is_counted(
 # ---------------------------------------------------------------- duration
 
 
-@run_async
 async def test_duration_is_billed_only_while_an_object_is_not_idle_and_hibernatable(
     billing: ServerProcess,
 ) -> None:
@@ -258,7 +248,6 @@ async def test_duration_is_billed_only_while_an_object_is_not_idle_and_hibernata
 # ---------------------------------------------------------------- Prometheus
 
 
-@run_async
 async def test_the_totals_are_exposed_as_prometheus_text(billing: ServerProcess) -> None:
     assert await get(billing, f"/burn?ms=1&account={account()}") == (200, "burnt")
     status, text = await get(billing, "/metrics")
@@ -273,7 +262,6 @@ async def test_the_totals_are_exposed_as_prometheus_text(billing: ServerProcess)
     assert "# TYPE sockworker_ws_messages_in_total counter" in text
 
 
-@run_async
 async def test_no_metrics_path_unless_the_app_asks(echo_server: ServerProcess) -> None:
     status, text = await get(echo_server, "/metrics")
     assert "sockworker_requests_total" not in text, (status, text)
@@ -286,7 +274,6 @@ def _sum(records: list[dict[str, Any]], field: str, where: Callable[[dict[str, A
     return sum(r[field] for r in records if where(r))
 
 
-@run_async
 async def test_records_partition_the_totals_across_hibernation_reset_and_shutdown(
     make_server: Callable[..., ServerProcess], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -15,7 +15,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import ServerConnection, serve
 
 from tests.apps.rooms_client import module_server
-from tests.support import ServerProcess, get_json, run_async
+from tests.support import ServerProcess, get_json
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,6 @@ async def recv(ws: ClientConnection) -> str | bytes:
     return await asyncio.wait_for(ws.recv(), 10)
 
 
-@run_async
 async def test_an_object_relays_its_upstream_to_clients_of_later_requests(
     relay: ServerProcess,
 ) -> None:
@@ -108,7 +107,6 @@ async def misbehaving_upstream(reader: asyncio.StreamReader, writer: asyncio.Str
     writer.close()
 
 
-@run_async
 async def test_an_upstream_protocol_error_reaches_the_object(relay: ServerProcess) -> None:
     server = await asyncio.start_server(misbehaving_upstream, "127.0.0.1", 0)
     async with server:
@@ -124,7 +122,6 @@ async def test_an_upstream_protocol_error_reaches_the_object(relay: ServerProces
         assert "masked" in status["seen"][1][1]
 
 
-@run_async
 async def test_failed_connects_raise_a_clear_error(relay: ServerProcess) -> None:
     async def attempt(url: str) -> dict[str, str]:
         result: dict[str, str] = await get_json(f"{relay.http}/try-connect?url={url}")
@@ -146,7 +143,6 @@ async def test_failed_connects_raise_a_clear_error(relay: ServerProcess) -> None
     assert wrong["error"] == "ConnectError" and "ws://" in wrong["message"], wrong
 
 
-@run_async
 async def test_the_fetch_form_opens_a_socket_to_accept(relay: ServerProcess) -> None:
     async def echo(connection: ServerConnection) -> None:
         async for message in connection:
@@ -158,7 +154,6 @@ async def test_the_fetch_form_opens_a_socket_to_accept(relay: ServerProcess) -> 
     assert result == {"reply": "echo: hello from the fetch form"}
 
 
-@run_async
 async def test_the_relay_example_fans_out_its_upstream(
     make_server: Callable[..., ServerProcess], monkeypatch: pytest.MonkeyPatch
 ) -> None:

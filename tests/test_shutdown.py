@@ -12,13 +12,12 @@ import pytest
 from websockets.asyncio.client import connect
 
 from tests.rawws import OP_CLOSE, RawWebSocket, close_payload
-from tests.support import ServerProcess, run_async
+from tests.support import ServerProcess
 
 EXIT_DEADLINE = 20.0
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-@run_async
 async def test_signal_closes_every_socket_with_1001_and_exits_0(
     make_server: Callable[..., ServerProcess],
     signum: int,
@@ -69,7 +68,6 @@ async def test_signal_closes_every_socket_with_1001_and_exits_0(
     assert "Traceback" not in server.log_text(), server.log_text()
 
 
-@run_async
 async def test_sigterm_exits_0_even_if_a_client_never_answers_the_close(
     make_server: Callable[..., ServerProcess],
 ) -> None:
@@ -87,7 +85,6 @@ async def test_sigterm_exits_0_even_if_a_client_never_answers_the_close(
     assert code == 1001
 
 
-@run_async
 async def test_shutdown_timeout_bounds_the_wait_for_a_peer_that_never_answers(
     make_server: Callable[..., ServerProcess],
 ) -> None:

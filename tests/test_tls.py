@@ -19,7 +19,7 @@ from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import InvalidMessage
 
-from tests.support import ServerProcess, run_async
+from tests.support import ServerProcess
 
 
 class Certs:
@@ -61,7 +61,6 @@ def q(value: str) -> str:
     return urllib.parse.quote(value, safe="")
 
 
-@run_async
 async def test_wss_both_ways(certs: Certs, tls_relay: ServerProcess) -> None:
     assert "listening on https://" in tls_relay.log_tail()
     got: asyncio.Queue[str | bytes] = asyncio.Queue()
@@ -106,7 +105,6 @@ async def test_wss_both_ways(certs: Certs, tls_relay: ServerProcess) -> None:
                 assert (await resp.json())["seen"][0] == ["open", "relay"]
 
 
-@run_async
 async def test_a_wrong_ca_fails_the_connect_with_a_tls_error(
     certs: Certs, tls_relay: ServerProcess
 ) -> None:
@@ -129,7 +127,6 @@ async def test_a_wrong_ca_fails_the_connect_with_a_tls_error(
             assert right["error"] is None, right
 
 
-@run_async
 async def test_a_plain_client_cannot_talk_to_the_tls_server(tls_relay: ServerProcess) -> None:
     # The TLS server reads a plain HTTP request as a bad TLS record and drops the connection.
     with pytest.raises(InvalidMessage):

@@ -19,7 +19,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from tests.rawws import RawWebSocket
-from tests.support import ServerProcess, run_async
+from tests.support import ServerProcess
 
 
 def _id() -> str:
@@ -54,7 +54,6 @@ CLIENT_CLOSES = [(1000, ""), (4001, "bye now"), (3000, "ünïcode reason ☃"), 
 
 
 @pytest.mark.parametrize(("code", "reason"), CLIENT_CLOSES, ids=["1000", "4001", "utf8", "123B"])
-@run_async
 async def test_close_started_by_websockets_client(
     echo_server: ServerProcess, code: int, reason: str
 ) -> None:
@@ -71,7 +70,6 @@ async def test_close_started_by_websockets_client(
     assert seen["ready_state"] == 3  # CLOSED by the time the close event runs
 
 
-@run_async
 async def test_close_started_by_aiohttp_client(echo_server: ServerProcess) -> None:
     conn_id = _id()
     async with observer(echo_server) as obs:
@@ -88,7 +86,6 @@ async def test_close_started_by_aiohttp_client(echo_server: ServerProcess) -> No
 
 
 @pytest.mark.parametrize("route", ["/ws", "/ws-pull"])
-@run_async
 async def test_close_started_by_server_seen_by_websockets(
     echo_server: ServerProcess, route: str
 ) -> None:
@@ -106,7 +103,6 @@ async def test_close_started_by_server_seen_by_websockets(
     assert (seen["code"], seen["reason"], seen["was_clean"]) == (4002, "server says bye", True)
 
 
-@run_async
 async def test_close_started_by_server_seen_by_aiohttp(echo_server: ServerProcess) -> None:
     async with (
         aiohttp.ClientSession() as session,
@@ -118,7 +114,6 @@ async def test_close_started_by_server_seen_by_aiohttp(echo_server: ServerProces
         assert (msg.data, msg.extra) == (4004, "from the server")
 
 
-@run_async
 async def test_close_reason_longer_than_123_bytes_is_refused(echo_server: ServerProcess) -> None:
     # server.close() with a 124-byte reason raises ValueError inside the listener, which the
     # runtime turns into 1011 - the client must never see an over-long Close frame.
@@ -130,7 +125,6 @@ async def test_close_reason_longer_than_123_bytes_is_refused(echo_server: Server
     assert closed.value.rcvd.code == 1011
 
 
-@run_async
 async def test_abrupt_disconnect_reaches_close_listener_as_1006(echo_server: ServerProcess) -> None:
     conn_id = _id()
     async with observer(echo_server) as obs:
@@ -144,7 +138,6 @@ async def test_abrupt_disconnect_reaches_close_listener_as_1006(echo_server: Ser
     assert seen["ready_state"] == 3
 
 
-@run_async
 async def test_abrupt_disconnect_of_pull_socket_ends_iteration_with_1006(
     echo_server: ServerProcess,
 ) -> None:

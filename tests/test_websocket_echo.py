@@ -13,7 +13,7 @@ import pytest
 from websockets.asyncio.client import connect
 
 from tests.rawws import OP_CONT, OP_PING, OP_PONG, OP_TEXT, RawWebSocket
-from tests.support import ServerProcess, run_async
+from tests.support import ServerProcess
 
 # 125/126 and 65535/65536 are where the frame's length encoding changes; the echo app allows 2 MiB.
 SIZES = [0, 125, 126, 65535, 65536, 1 << 20]
@@ -31,7 +31,6 @@ def _id() -> str:
 
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("kind", ["text", "binary"])
-@run_async
 async def test_echo_sizes_websockets(echo_server: ServerProcess, kind: str, size: int) -> None:
     message = _payload(kind, size)
     async with connect(f"{echo_server.ws}/ws?id={_id()}", max_size=4 << 20) as ws:
@@ -44,7 +43,6 @@ async def test_echo_sizes_websockets(echo_server: ServerProcess, kind: str, size
 
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("kind", ["text", "binary"])
-@run_async
 async def test_echo_sizes_aiohttp(echo_server: ServerProcess, kind: str, size: int) -> None:
     message = _payload(kind, size)
     async with (
@@ -62,7 +60,6 @@ async def test_echo_sizes_aiohttp(echo_server: ServerProcess, kind: str, size: i
     assert msg.data == message
 
 
-@run_async
 async def test_unicode_text_round_trips(echo_server: ServerProcess) -> None:
     message = "héllo wörld — ☃ 😀 𝄞 " * 100
     async with connect(f"{echo_server.ws}/ws?id={_id()}") as ws:
@@ -71,7 +68,6 @@ async def test_unicode_text_round_trips(echo_server: ServerProcess) -> None:
 
 
 @pytest.mark.parametrize("kind", ["text", "binary"])
-@run_async
 async def test_fragmented_message_arrives_whole(echo_server: ServerProcess, kind: str) -> None:
     fragments = [_payload(kind, n) for n in (1, 0, 125, 126, 70_000, 300_000, 3)]
     whole = "".join(fragments) if kind == "text" else b"".join(fragments)  # type: ignore[arg-type]
@@ -84,7 +80,6 @@ async def test_fragmented_message_arrives_whole(echo_server: ServerProcess, kind
     assert echoed == whole
 
 
-@run_async
 async def test_fragments_split_inside_a_utf8_character_and_ping_between_fragments(
     echo_server: ServerProcess,
 ) -> None:
@@ -102,7 +97,6 @@ async def test_fragments_split_inside_a_utf8_character_and_ping_between_fragment
 
 
 @pytest.mark.parametrize("route", ["/ws", "/ws-async", "/ws-pull"])
-@run_async
 async def test_every_reading_style_echoes_in_order(echo_server: ServerProcess, route: str) -> None:
     messages: list[str | bytes] = [f"m{i}" if i % 2 else os.urandom(i) for i in range(200)]
     async with connect(f"{echo_server.ws}{route}?id={_id()}") as ws:
@@ -112,7 +106,6 @@ async def test_every_reading_style_echoes_in_order(echo_server: ServerProcess, r
     assert echoed == messages
 
 
-@run_async
 async def test_subprotocol_selected_by_the_worker(echo_server: ServerProcess) -> None:
     async with connect(
         f"{echo_server.ws}/ws?id={_id()}", subprotocols=["superchat", "chat"], compression=None
@@ -133,7 +126,6 @@ async def test_subprotocol_selected_by_the_worker(echo_server: ServerProcess) ->
         assert ws2.protocol == "chat"
 
 
-@run_async
 async def test_no_subprotocol_when_none_offered(echo_server: ServerProcess) -> None:
     async with connect(f"{echo_server.ws}/ws?id={_id()}") as ws:
         assert ws.subprotocol is None
@@ -143,7 +135,6 @@ async def test_no_subprotocol_when_none_offered(echo_server: ServerProcess) -> N
     assert not info["protocol"]  # "" (or None): nothing was negotiated
 
 
-@run_async
 async def test_compression_offer_is_declined_cleanly(echo_server: ServerProcess) -> None:
     # websockets offers permessage-deflate by default; whatever the server answers must be coherent.
     async with connect(f"{echo_server.ws}/ws?id={_id()}") as ws:

@@ -25,7 +25,7 @@ from tests.rawws import (
     RawWebSocket,
     encode_frame,
 )
-from tests.support import ServerProcess, get_json, healthy_client, run_async
+from tests.support import ServerProcess, get_json, healthy_client
 
 
 def _id() -> str:
@@ -37,7 +37,6 @@ async def _counts(server: ServerProcess) -> dict[str, int]:
     return stats["counts"]
 
 
-@run_async
 async def test_client_ping_gets_pong_without_any_handler_call(echo_server: ServerProcess) -> None:
     async with connect(f"{echo_server.ws}/ws?id={_id()}", ping_interval=None) as ws:
         await ws.send("warm-up")
@@ -59,7 +58,6 @@ async def test_client_ping_gets_pong_without_any_handler_call(echo_server: Serve
     assert after["error"] == before["error"]
 
 
-@run_async
 async def test_ping_payload_is_echoed_in_pong_and_unsolicited_pong_is_ignored(
     echo_server: ServerProcess,
 ) -> None:
@@ -115,7 +113,6 @@ VIOLATIONS: dict[str, tuple[list[bytes], int]] = {
 
 
 @pytest.mark.parametrize(("frames", "well_formed"), VIOLATIONS.values(), ids=VIOLATIONS.keys())
-@run_async
 async def test_protocol_violation_closes_with_1002(
     echo_server: ServerProcess, frames: list[bytes], well_formed: int
 ) -> None:
@@ -147,7 +144,6 @@ INVALID_UTF8: dict[str, list[bytes]] = {
 
 
 @pytest.mark.parametrize("frames", INVALID_UTF8.values(), ids=INVALID_UTF8.keys())
-@run_async
 async def test_invalid_utf8_closes_with_1007(
     echo_server: ServerProcess, frames: list[bytes]
 ) -> None:
@@ -162,7 +158,6 @@ async def test_invalid_utf8_closes_with_1007(
 
 
 @pytest.mark.parametrize("route", ["/ws", "/ws-async"])
-@run_async
 async def test_listener_exception_closes_socket_with_1011_and_is_logged(
     echo_server: ServerProcess,
     route: str,
@@ -180,7 +175,6 @@ async def test_listener_exception_closes_socket_with_1011_and_is_logged(
     assert "Traceback (most recent call last)" in "\n".join(echo_server.lines[mark:])
 
 
-@run_async
 async def test_listener_exception_seen_by_aiohttp_as_1011(echo_server: ServerProcess) -> None:
     async with (
         aiohttp.ClientSession() as session,

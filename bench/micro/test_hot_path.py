@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 import sockworker as sw
 from sockworker import _native
-from sockworker.app import _Runtime
+from sockworker._runtime.core import Runtime
+from sockworker._runtime.services import Services
 
 UPGRADE = (
     b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -49,11 +50,11 @@ class Bound:
         _client_end, self.ws = sw.WebSocketPair()
         self.ws.accept()
         handle = reply.accept_websocket([])
-        self.runtime: Any = _Runtime.__new__(_Runtime)
-        self.runtime.sockets = {handle.id: self.ws}
-        self.runtime.objects = {}
+        self.runtime: Any = Runtime.__new__(Runtime)
+        self.runtime.services = Services.__new__(Services)
+        self.runtime.services.sockets = {handle.id: self.ws}
         self.runtime.server = self.server
-        self.ws._bind(handle, self.runtime, "ws://x/", "")
+        self.ws._bind(handle, self.runtime.services, "ws://x/", "")
         self.id = handle.id
         self.stop = threading.Event()
         self.reader = threading.Thread(target=self._discard, daemon=True)
