@@ -15,7 +15,7 @@ import traceback
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
-from . import _native, cpu
+from . import _loop, _native, cpu
 from .billing import BillingHook, Meter, Pricing
 from .durable import DurableObjectId, DurableObjectNamespace, _ObjectHost, current_host
 from .errors import CpuLimitExceeded, ResponseError, StorageError, WallLimitExceeded
@@ -175,7 +175,7 @@ class App:
         host: str = "127.0.0.1",
         port: int = 8787,
         *,
-        io_threads: int = 1,
+        io_threads: int | None = None,
         certfile: str | None = None,
         keyfile: str | None = None,
         shutdown_timeout: float = SHUTDOWN_GRACE,
@@ -186,34 +186,38 @@ class App:
         With ``certfile`` (a PEM certificate chain) and ``keyfile`` (its PEM key) it serves
         ``https://`` and ``wss://`` (rustls; TLS 1.2 and 1.3). A missing or unreadable file, or
         one without a usable certificate or key, raises ``ServerStartError`` before anything
-        is served, as does an address in use. ``io_threads`` is the number of tokio threads
-        doing socket I/O; the application always runs on one Python thread. Logging is set up
-        (INFO, to stderr) unless the program configured it.
+        is served, as does an address in use. ``io_threads`` is the number of threads doing
+        socket I/O besides the one Python thread that runs the application; with 0 that thread
+        does the I/O too (the single-thread mode). The default is ``$SOCKWORKER_IO_THREADS``,
+        else 0 when the process has one core to itself (its CPU affinity or cgroup quota) and 1
+        otherwise. Logging is set up (INFO, to stderr) unless the program configured it.
         """
         if not logging.getLogger().handlers:
             logging.basicConfig(level=logging.INFO, format=TEXT_FORMAT)
-        asyncio.run(
-            self.serve(
-                host,
-                port,
-                io_threads=io_threads,
-                certfile=certfile,
-                keyfile=keyfile,
-                shutdown_timeout=shutdown_timeout,
-            )
+        threads = _loop.io_threads(io_threads)
+        serving = self.serve(
+            host,
+            port,
+            io_threads=threads,
+            certfile=certfile,
+            keyfile=keyfile,
+            shutdown_timeout=shutdown_timeout,
         )
+        _loop.run(serving, single_thread=threads == 0)
 
     async def serve(
         self,
         host: str = "127.0.0.1",
         port: int = 8787,
         *,
-        io_threads: int = 1,
+        io_threads: int | None = None,
         certfile: str | None = None,
         keyfile: str | None = None,
         shutdown_timeout: float = SHUTDOWN_GRACE,
     ) -> None:
-        """``run``, on the running asyncio loop: serves until SIGINT or SIGTERM."""
+        """``run``, on the running asyncio loop: serves until SIGINT or SIGTERM. The
+        single-thread mode (``io_threads=0``) needs the loop ``run`` makes; on another loop the
+        server gets one I/O thread instead."""
         if not isinstance(shutdown_timeout, int | float) or shutdown_timeout < 0:
             raise ValueError("shutdown_timeout is a number of seconds >= 0")
         _raise_fd_limit()
@@ -224,7 +228,7 @@ class App:
         core_logs = CoreLogs(asyncio.get_running_loop())
         core_logs.start()
         try:
-            runtime = _Runtime(self, host, port, io_threads, certfile, keyfile)
+            runtime = _Runtime(self, host, port, _loop.io_threads(io_threads), certfile, keyfile)
             runtime.shutdown_timeout = float(shutdown_timeout)
             await runtime.run()
         finally:
@@ -259,6 +263,11 @@ class _Runtime:
         limits = app.limits
         self.app = app
         every = [limits] + [ns.limits for ns in app.namespaces.values()]
+        reactor = _loop.reactor_of(asyncio.get_running_loop()) if io_threads == 0 else None
+        if io_threads == 0 and reactor is None:
+            logger.debug("not on sockworker's event loop: one I/O thread instead of none")
+            io_threads = 1
+        self.io_threads = io_threads
         self.server = _native.Server(
             host,
             port,
@@ -282,6 +291,7 @@ class _Runtime:
             log_blocked_after=float(limits.log_blocked_after),
             on_blocked=self._on_blocked,
             compression=app.compression,
+            reactor=reactor,
         )
         self.shutdown_timeout = SHUTDOWN_GRACE
         self.scheme = "https" if certfile else "http"
@@ -327,7 +337,9 @@ class _Runtime:
         server = self.server
         self.meter._storage_bytes = lambda: server.storage_bytes
         self.meter._storage_stats = server.storage_stats
-        logger.info("listening on %s://%s:%d", self.scheme, shown, port)
+        threads = self.io_threads
+        mode = "single-thread" if threads == 0 else f"{threads} I/O thread{'s' * (threads > 1)}"
+        logger.info("listening on %s://%s:%d (%s)", self.scheme, shown, port, mode)
         try:
             await self.stopped
         finally:

@@ -6,6 +6,7 @@ mod errors;
 mod logs;
 mod meter;
 mod object;
+mod reactor;
 mod server;
 mod socket;
 mod storage;
@@ -27,6 +28,7 @@ pub static malloc_conf: &u8 = &b"background_thread:true,dirty_decay_ms:1000,muzz
 
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<reactor::Reactor>()?;
     m.add_class::<server::Server>()?;
     m.add_class::<server::PendingReply>()?;
     m.add_class::<server::Batch>()?;
