@@ -48,8 +48,11 @@ test: build test-rust test-python test-wheel ## build, then run cargo test, pyte
 test-rust:
 	$(CARGO) test --release -p sockworker-core
 
+# The suite runs twice: in the single-thread mode (the application thread does the socket I/O)
+# and with two I/O threads beside it.
 test-python: build
-	$(PY) -m pytest tests
+	SOCKWORKER_IO_THREADS=0 $(PY) -m pytest tests
+	SOCKWORKER_IO_THREADS=2 $(PY) -m pytest tests
 
 wheel: $(VENV)/.deps ## build the abi3 wheel (CPython 3.11 and later) into dist/
 	rm -f dist/sockworker-*.whl

@@ -54,6 +54,7 @@ README_END = "<!-- bench:latest:end -->"
 ALL_SERVERS = [
     "sockworker",
     "sockworker-nometer",
+    "sockworker-threads",
     "picows",
     "websockets",
     "aiohttp",
@@ -62,6 +63,8 @@ ALL_SERVERS = [
     "rust-ref",
 ]
 QUICK_SERVERS = ["sockworker", "picows", "websockets", "rust-ref"]
+#: The server of `--baseline DIR`.
+BASELINE = "sockworker-base"
 
 
 @dataclass
@@ -154,7 +157,11 @@ def snapshot_sockworker(dest: Path) -> Path:
 
 
 def servers(
-    python: str, loadgen_dir: Path, wanted: list[str], snapshot: Path | None
+    python: str,
+    loadgen_dir: Path,
+    wanted: list[str],
+    snapshot: Path | None,
+    baseline: Path | None = None,
 ) -> dict[str, Server]:
     venv_python = ROOT / ".venv" / "bin" / "python"
     native = list((ROOT / "python" / "sockworker").glob("_native*.so"))
@@ -194,6 +201,20 @@ def servers(
             else "not built yet (run `make build`: no .venv/bin/sockworker or _native*.so)",
             {"PYTHONPATH": str(sw_dir)},
         ),
+        # The same with one I/O thread beside the Python thread: the threaded design, on the one
+        # core the server is pinned to (sockworker alone runs single-threaded there).
+        "sockworker-threads": Server(
+            "sockworker-threads",
+            [s.replace("{app}", "examples.echo:app") for s in sw] + ["--io-threads", "1"],
+            [s.replace("{app}", "examples.broadcast:app") for s in sw] + ["--io-threads", "1"]
+            if (sw_dir / "examples" / "broadcast.py").exists()
+            else None,
+            sw_dir,
+            None
+            if (ROOT / ".venv" / "bin" / "sockworker").exists() and native
+            else "not built yet (run `make build`: no .venv/bin/sockworker or _native*.so)",
+            {"PYTHONPATH": str(sw_dir)},
+        ),
         "rust-ref": Server(
             "rust-ref",
             [str(loadgen_dir / "echo_ref"), "--host", HOST, "--port", port],
@@ -201,11 +222,26 @@ def servers(
             ROOT,
         ),
     }
+    if baseline is not None:
+        # Another build (a copy of its python/sockworker, with the extension, and examples/),
+        # measured in the same rounds: before and after a change, interleaved.
+        out[BASELINE] = Server(
+            BASELINE,
+            [s.replace("{app}", "examples.echo:app") for s in sw],
+            [s.replace("{app}", "examples.broadcast:app") for s in sw]
+            if (baseline / "examples" / "broadcast.py").exists()
+            else None,
+            baseline,
+            None
+            if list((baseline / "sockworker").glob("_native*.so"))
+            else f"no sockworker/_native*.so in {baseline}",
+            {"PYTHONPATH": str(baseline)},
+        )
     for name in ("picows", "websockets", "aiohttp", "granian", "socketify"):
         out[name] = Server(name, peer[name], peer_bc.get(name), PEERS)
     for name in wanted:
         s = out[name]
-        if s.missing is None and name not in ("sockworker", "sockworker-nometer", "rust-ref"):
+        if s.missing is None and not name.startswith("sockworker") and name != "rust-ref":
             s.missing = has_module(python, name)
     return {name: out[name] for name in wanted}
 
@@ -649,6 +685,12 @@ def main() -> int:
     ap.add_argument("--no-build", action="store_true", help="use the loadgen binaries as built")
     ap.add_argument("--no-pin", action="store_true", help="do not pin (machines with one CPU)")
     ap.add_argument(
+        "--baseline",
+        type=Path,
+        help=f"also measure, as {BASELINE}, the sockworker package in DIR/sockworker (with its "
+        "built extension; examples from DIR/examples): another build, in the same rounds",
+    )
+    ap.add_argument(
         "--retries",
         type=int,
         default=2,
@@ -681,7 +723,9 @@ def main() -> int:
         args.extra_time = 60.0 if args.quick else 300.0
     wanted = (args.servers or ",".join(QUICK_SERVERS if args.quick else ALL_SERVERS)).split(",")
     wanted = [w.strip() for w in wanted if w.strip()]
-    unknown = [w for w in wanted if w not in ALL_SERVERS]
+    if args.baseline is not None and BASELINE not in wanted:
+        wanted.insert(1, BASELINE)
+    unknown = [w for w in wanted if w not in [*ALL_SERVERS, BASELINE]]
     if unknown:
         ap.error(f"unknown servers {unknown}; known: {ALL_SERVERS}")
     pinned = not args.no_pin
@@ -701,7 +745,7 @@ def main() -> int:
     if any(name.startswith("sockworker") for name in wanted) and built:
         snapshot = snapshot_sockworker(Path(tempfile.mkdtemp(prefix="sockworker-bench-")))
         atexit.register(shutil.rmtree, snapshot, ignore_errors=True)
-    table = servers(args.python, loadgen_dir, wanted, snapshot)
+    table = servers(args.python, loadgen_dir, wanted, snapshot, args.baseline)
     notes = []
     for s in table.values():
         if s.missing:

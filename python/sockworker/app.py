@@ -12,6 +12,7 @@ import signal
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
+from . import _loop
 from ._runtime import SHUTDOWN_GRACE, ExecutionContext, Runtime
 from .billing import BillingHook, Meter, Pricing
 from .durable import DurableObjectNamespace
@@ -115,7 +116,7 @@ class App:
         host: str = "127.0.0.1",
         port: int = 8787,
         *,
-        io_threads: int = 1,
+        io_threads: int | None = None,
         certfile: str | None = None,
         keyfile: str | None = None,
         shutdown_timeout: float = SHUTDOWN_GRACE,
@@ -126,34 +127,38 @@ class App:
         With ``certfile`` (a PEM certificate chain) and ``keyfile`` (its PEM key) it serves
         ``https://`` and ``wss://`` (rustls; TLS 1.2 and 1.3). A missing or unreadable file, or
         one without a usable certificate or key, raises ``ServerStartError`` before anything
-        is served, as does an address in use. ``io_threads`` is the number of tokio threads
-        doing socket I/O; the application always runs on one Python thread. Logging is set up
-        (INFO, to stderr) unless the program configured it.
+        is served, as does an address in use. ``io_threads`` is the number of threads doing
+        socket I/O besides the one Python thread that runs the application; with 0 that thread
+        does the I/O too (the single-thread mode). The default is ``$SOCKWORKER_IO_THREADS``,
+        else 0 when the process has one core to itself (its CPU affinity or cgroup quota) and 1
+        otherwise. Logging is set up (INFO, to stderr) unless the program configured it.
         """
         if not logging.getLogger().handlers:
             logging.basicConfig(level=logging.INFO, format=TEXT_FORMAT)
-        asyncio.run(
-            self.serve(
-                host,
-                port,
-                io_threads=io_threads,
-                certfile=certfile,
-                keyfile=keyfile,
-                shutdown_timeout=shutdown_timeout,
-            )
+        threads = _loop.io_threads(io_threads)
+        serving = self.serve(
+            host,
+            port,
+            io_threads=threads,
+            certfile=certfile,
+            keyfile=keyfile,
+            shutdown_timeout=shutdown_timeout,
         )
+        _loop.run(serving, single_thread=threads == 0)
 
     async def serve(
         self,
         host: str = "127.0.0.1",
         port: int = 8787,
         *,
-        io_threads: int = 1,
+        io_threads: int | None = None,
         certfile: str | None = None,
         keyfile: str | None = None,
         shutdown_timeout: float = SHUTDOWN_GRACE,
     ) -> None:
-        """``run``, on the running asyncio loop: serves until SIGINT or SIGTERM."""
+        """``run``, on the running asyncio loop: serves until SIGINT or SIGTERM. The
+        single-thread mode (``io_threads=0``) needs the loop ``run`` makes; on another loop the
+        server gets one I/O thread instead."""
         if not isinstance(shutdown_timeout, int | float) or shutdown_timeout < 0:
             raise ValueError("shutdown_timeout is a number of seconds >= 0")
         _raise_fd_limit()
@@ -164,9 +169,8 @@ class App:
         core_logs = CoreLogs(asyncio.get_running_loop())
         core_logs.start()
         try:
-            runtime = Runtime(
-                self, host, port, io_threads, certfile, keyfile, float(shutdown_timeout)
-            )
+            threads = _loop.io_threads(io_threads)
+            runtime = Runtime(self, host, port, threads, certfile, keyfile, float(shutdown_timeout))
             await runtime.run()
         finally:
             core_logs.stop()

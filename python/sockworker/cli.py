@@ -7,6 +7,7 @@ import importlib
 import os
 import sys
 
+from . import _loop
 from .app import App
 from .errors import ServerStartError
 from .logs import configure
@@ -40,7 +41,14 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("app", metavar="MODULE:APP")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8787, help="0 picks a free port (it is logged)")
-    serve.add_argument("--io-threads", type=int, default=1, help="tokio threads doing socket I/O")
+    serve.add_argument(
+        "--io-threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="threads doing socket I/O beside the application's; 0: the application thread does "
+        "it too (default: $SOCKWORKER_IO_THREADS, else 0 with one core to ourselves, else 1)",
+    )
     serve.add_argument(
         "--log-level",
         default="info",
@@ -89,10 +97,14 @@ def main(argv: list[str] | None = None) -> int:
     if bool(args.certfile) != bool(args.keyfile):
         parser.error("--certfile and --keyfile go together")
     try:
+        io_threads = _loop.io_threads(args.io_threads)
+    except ValueError as error:
+        parser.error(str(error))
+    try:
         app.run(
             args.host,
             args.port,
-            io_threads=args.io_threads,
+            io_threads=io_threads,
             certfile=args.certfile,
             keyfile=args.keyfile,
             shutdown_timeout=args.shutdown_timeout,

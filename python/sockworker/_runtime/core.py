@@ -17,7 +17,7 @@ import signal
 from collections.abc import Iterable
 from typing import Final
 
-from .. import _current, _native, cpu
+from .. import _current, _loop, _native, cpu
 from ..websocket import CloseCode, WebSocket
 from .connecting import Outgoing
 from .contract import AppLike
@@ -61,6 +61,11 @@ class Runtime:
         limits = app.limits
         self.app = app
         every = [limits] + [kind.limits for kind in app.namespaces.values()]
+        reactor = _loop.reactor_of(asyncio.get_running_loop()) if io_threads == 0 else None
+        if io_threads == 0 and reactor is None:
+            logger.debug("not on sockworker's event loop: one I/O thread instead of none")
+            io_threads = 1
+        self.io_threads = io_threads
         self.server = _native.Server(
             host,
             port,
@@ -81,6 +86,7 @@ class Runtime:
             log_blocked_after=float(limits.log_blocked_after),
             on_blocked=lambda kind, seconds: self.services.metering.on_blocked(kind, seconds),
             compression=app.compression,
+            reactor=reactor,
         )
         self.shutdown_timeout = float(shutdown_timeout)
         self.scheme = "https" if certfile else "http"
@@ -114,7 +120,9 @@ class Runtime:
         loop.set_task_factory(
             cpu.task_factory(server if metering.on else None, adopt_by_current_host)
         )
-        logger.info("listening on %s://%s:%d", self.scheme, shown, port)
+        threads = self.io_threads
+        mode = "single-thread" if threads == 0 else f"{threads} I/O thread{'s' * (threads > 1)}"
+        logger.info("listening on %s://%s:%d (%s)", self.scheme, shown, port, mode)
         try:
             await self.stopped
         finally:

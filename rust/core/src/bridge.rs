@@ -1,18 +1,27 @@
 //! The queues from the I/O threads to the one application thread, and their wake-up (the bottom
 //! layer: it knows nothing of what they carry). An eventfd is written only when a queue goes
-//! from empty to non-empty: one wake-up per batch. Batches are numbered, so a producer can tell
+//! from empty to non-empty: one wake-up per batch. In single-thread mode the application
+//! thread's reactor polls the queue itself and is woken through a waker instead (no eventfd
+//! write or read per batch; see `reactor`). Batches are numbered, so a producer can tell
 //! when the application has handled what it pushed (to hold back reading, or a Close, until
 //! then) without a look-up per message.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::task::Waker;
 
 use parking_lot::Mutex;
 
 /// An eventfd the application thread polls (`loop.add_reader`): readable once woken, until
-/// consumed. Queues write it only when they go from empty to non-empty.
-pub struct Wakeup(OwnedFd);
+/// consumed. Queues write it only when they go from empty to non-empty. Once a reactor polls
+/// it ([`Self::register`]), wake-ups go to the reactor's waker and the eventfd is left alone:
+/// its number only names the queue to the event loop.
+pub struct Wakeup {
+    fd: OwnedFd,
+    waker: OnceLock<Mutex<Option<Waker>>>,
+}
 
 impl Wakeup {
     /// # Errors
@@ -24,15 +33,30 @@ impl Wakeup {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: fd is a fresh descriptor that nothing else owns.
-        Ok(Self(unsafe { OwnedFd::from_raw_fd(fd) }))
+        Ok(Self { fd: unsafe { OwnedFd::from_raw_fd(fd) }, waker: OnceLock::new() })
     }
 
     #[must_use]
     pub fn fd(&self) -> RawFd {
-        self.0.as_raw_fd()
+        self.fd.as_raw_fd()
+    }
+
+    /// From now on, wake-ups wake `waker` (the reactor that polls this queue) instead of
+    /// writing the eventfd. Call it before checking whether anything is queued.
+    pub fn register(&self, waker: &Waker) {
+        let mut slot = self.waker.get_or_init(|| Mutex::new(None)).lock();
+        if !slot.as_ref().is_some_and(|current| current.will_wake(waker)) {
+            *slot = Some(waker.clone());
+        }
     }
 
     pub fn wake(&self) {
+        if let Some(slot) = self.waker.get() {
+            if let Some(waker) = &*slot.lock() {
+                waker.wake_by_ref();
+            }
+            return;
+        }
         let one = 1u64;
         // SAFETY: writes 8 bytes from a live u64. It can only fail when the counter would
         // overflow, and then the descriptor is readable anyway.
@@ -44,6 +68,9 @@ impl Wakeup {
     /// Makes the descriptor unreadable until the next `wake`. Consume before taking what is
     /// queued, so that anything queued after the take wakes the reader again.
     pub fn consume(&self) {
+        if self.waker.get().is_some() {
+            return; // never written
+        }
         let mut counter = 0u64;
         // SAFETY: reads 8 bytes into a live u64; EAGAIN (nothing to consume) is fine.
         unsafe {
@@ -79,6 +106,13 @@ impl<T> EventQueue<T> {
     #[must_use]
     pub fn fd(&self) -> RawFd {
         self.wakeup.fd()
+    }
+
+    /// For a reactor polling the queue: true if events wait, else `waker` is woken when the
+    /// queue goes from empty to non-empty (see [`Wakeup::register`]).
+    pub fn poll_ready(&self, waker: &Waker) -> bool {
+        self.wakeup.register(waker);
+        !self.events.lock().is_empty()
     }
 
     pub fn push(&self, event: T) {

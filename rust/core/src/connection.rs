@@ -120,6 +120,15 @@ struct Connection<S> {
     held: Option<Box<HeldClose>>,
 }
 
+impl<S> Drop for Connection<S> {
+    fn drop(&mut self) {
+        // Before the stream's descriptor is closed (fields drop after this), also when the task
+        // is dropped unfinished (the server stopped): the application thread must never write
+        // to the number once another socket may have it.
+        self.socket.set_fd(None);
+    }
+}
+
 /// What to do once the application has handled the messages received before it.
 enum HeldClose {
     /// Fail the connection with this code (a protocol violation found after valid messages).

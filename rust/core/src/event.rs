@@ -144,6 +144,12 @@ impl Events {
     }
 }
 
+impl crate::reactor::Source for Events {
+    fn poll_ready(&self, waker: &std::task::Waker) -> bool {
+        self.queue.poll_ready(waker)
+    }
+}
+
 /// An HTTP request waiting for the application's answer.
 #[derive(Debug)]
 pub struct PendingRequest {

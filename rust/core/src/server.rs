@@ -16,7 +16,7 @@ use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::runtime::Runtime;
+use tokio::runtime::{Handle, Runtime};
 use tokio::sync::{oneshot, Notify};
 
 use crate::alarms::AlarmScheduler;
@@ -28,6 +28,7 @@ use crate::event::{Answer, Event, Events, PendingRequest, Reply};
 use crate::gate::OutputGate;
 use crate::handshake::{self, Upgrade};
 use crate::object::ObjectRegistry;
+use crate::reactor::Reactor;
 use crate::runtime;
 use crate::socket::SocketShared;
 use crate::storage::Storage;
@@ -417,10 +418,27 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<ServerCtx>) {
     }
 }
 
-/// A running server. Dropping it stops the I/O threads.
+/// Where the server's tasks run.
+enum Io {
+    /// On I/O threads of its own.
+    Threads(Runtime),
+    /// On the application thread, in its event loop's reactor (single-thread mode).
+    Reactor(Arc<Reactor>, Handle),
+}
+
+impl Io {
+    fn handle(&self) -> &Handle {
+        match self {
+            Self::Threads(runtime) => runtime.handle(),
+            Self::Reactor(_, handle) => handle,
+        }
+    }
+}
+
+/// A running server. Dropping it stops the I/O threads (or drops its tasks from the reactor).
 pub struct Server {
     ctx: Arc<ServerCtx>,
-    runtime: Option<Runtime>,
+    io: Option<Io>,
     local_addr: SocketAddr,
     objects: Arc<ObjectRegistry>,
     /// With storage: the output gate (which owns the storage and the alarms).
@@ -434,37 +452,54 @@ impl Server {
     /// # Errors
     /// When the address cannot be bound, the runtime cannot start, or the data directory is not
     /// usable.
-    pub fn start(mut config: ServerConfig) -> Result<Self, CoreError> {
+    pub fn start(config: ServerConfig) -> Result<Self, CoreError> {
         let runtime = runtime::build(config.io_threads)?;
+        Self::start_on(config, Io::Threads(runtime))
+    }
+
+    /// [`Self::start`] in single-thread mode: the server's tasks run in `reactor`, driven by
+    /// the application thread (`config.io_threads` is not used). Its event queue is polled by
+    /// the reactor, which reports the queue's descriptor ([`Events::fd`]) readable.
+    ///
+    /// # Errors
+    /// As [`Self::start`], and when the reactor is selecting on another thread.
+    pub fn start_in(config: ServerConfig, reactor: Arc<Reactor>) -> Result<Self, CoreError> {
+        let handle = reactor.handle()?;
+        let server = Self::start_on(config, Io::Reactor(reactor.clone(), handle))?;
+        reactor.attach(server.ctx.events.fd(), server.ctx.events.clone());
+        Ok(server)
+    }
+
+    fn start_on(mut config: ServerConfig, io: Io) -> Result<Self, CoreError> {
         let ctx = Arc::new(ServerCtx::new(&mut config)?);
+        let _entered = io.handle().enter();
         let gate = match &config.storage {
             Some(storage) => {
                 let storage = Arc::new(Storage::open(storage)?);
                 let alarms = Arc::new(AlarmScheduler::new(ctx.events.clone()));
-                {
-                    let _guard = runtime.enter();
-                    runtime::spawn(alarms.clone().run());
-                }
+                runtime::spawn(alarms.clone().run());
                 Some(OutputGate::start(storage, alarms, ctx.events.clone())?)
             }
             None => None,
         };
         let addr = config.addr;
-        let listener = runtime.block_on(async move {
-            let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
-            socket.set_reuseaddr(true)?;
-            socket.bind(addr)?;
-            socket.listen(4096)
-        })?;
+        let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        let listener = socket.listen(4096)?;
         let local_addr = listener.local_addr()?;
         let objects = Arc::<ObjectRegistry>::default();
-        {
-            let _guard = runtime.enter();
-            runtime::spawn(accept_loop(listener, ctx.clone()));
-            let storage = gate.as_ref().map(|gate| gate.storage().clone());
-            runtime::spawn(return_memory(ctx.clone(), objects.clone(), storage));
-        }
-        Ok(Self { ctx, runtime: Some(runtime), local_addr, objects, gate })
+        runtime::spawn(accept_loop(listener, ctx.clone()));
+        let storage = gate.as_ref().map(|gate| gate.storage().clone());
+        runtime::spawn(return_memory(ctx.clone(), objects.clone(), storage));
+        drop(_entered);
+        Ok(Self { ctx, io: Some(io), local_addr, objects, gate })
+    }
+
+    /// The server runs in the application thread's reactor (single-thread mode).
+    #[must_use]
+    pub fn is_single_threaded(&self) -> bool {
+        matches!(self.io, Some(Io::Reactor(..)))
     }
 
     #[must_use]
@@ -497,7 +532,7 @@ impl Server {
     /// Tasks alive on the I/O runtime (one per open socket, plus the accept loop).
     #[must_use]
     pub fn alive_tasks(&self) -> usize {
-        self.runtime.as_ref().map_or(0, |runtime| runtime.metrics().num_alive_tasks())
+        self.io.as_ref().map_or(0, |io| io.handle().metrics().num_alive_tasks())
     }
 
     /// The open socket with this id, if any.
@@ -514,8 +549,8 @@ impl Server {
             self.ctx.events.push(Event::Connected { token: request.token, result });
             return;
         }
-        if let Some(runtime) = &self.runtime {
-            let _guard = runtime.enter();
+        if let Some(io) = &self.io {
+            let _guard = io.handle().enter();
             runtime::spawn(client::connect(self.ctx.limits.clone(), self.ctx.events.clone(), request));
         }
     }
@@ -550,8 +585,10 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         self.finish_storage();
-        if let Some(runtime) = self.runtime.take() {
-            runtime.shutdown_background();
+        match self.io.take() {
+            Some(Io::Threads(runtime)) => runtime.shutdown_background(),
+            Some(Io::Reactor(reactor, _)) => reactor.release(self.ctx.events.fd()),
+            None => {}
         }
     }
 }

@@ -72,33 +72,42 @@ impl Default for Outbox {
     }
 }
 
-/// A batch flushes directly only when it touched at most this many sockets; past it the
-/// connection tasks write (on the I/O threads, in parallel with the application thread).
-const DIRECT_FLUSH_MAX_SOCKETS: usize = 64;
+/// With I/O threads, a batch flushes directly only when it touched at most this many sockets;
+/// past it the connection tasks write (on the I/O threads, in parallel with the application
+/// thread). In single-thread mode there is no other thread to write in parallel: the batch
+/// always writes directly.
+pub const DIRECT_FLUSH_MAX_SOCKETS: usize = 64;
+
+/// The sockets a batch touched, and how many it may write itself.
+struct Batch {
+    touched: Vec<Arc<SocketShared>>,
+    direct_max: usize,
+}
 
 thread_local! {
     /// Sockets that got frames during the application's current batch of events, or `None`
     /// outside a batch (then every first frame wakes its connection task at once).
-    static BATCH: RefCell<Option<Vec<Arc<SocketShared>>>> = const { RefCell::new(None) };
+    static BATCH: RefCell<Option<Batch>> = const { RefCell::new(None) };
 }
 
 /// Starts deferring wake-ups on this thread: frames queued until [`end_batch`] are written by
-/// this thread when few sockets were touched, saving a wake-up of an I/O thread per message.
-pub fn begin_batch() {
+/// this thread when at most `direct_max` sockets were touched, saving a wake-up of a connection
+/// task per message.
+pub fn begin_batch(direct_max: usize) {
     BATCH.with(|batch| {
         let mut batch = batch.borrow_mut();
         if batch.is_none() {
-            *batch = Some(Vec::new());
+            *batch = Some(Batch { touched: Vec::new(), direct_max });
         }
     });
 }
 
 /// Ends the batch: writes the frames of the sockets it touched, or wakes their tasks.
 pub fn end_batch() {
-    let Some(touched) = BATCH.with(|batch| batch.borrow_mut().take()) else {
+    let Some(Batch { touched, direct_max }) = BATCH.with(|batch| batch.borrow_mut().take()) else {
         return;
     };
-    let direct = touched.len() <= DIRECT_FLUSH_MAX_SOCKETS;
+    let direct = touched.len() <= direct_max;
     for socket in touched {
         // The task is woken also after a complete direct write when someone waits for the
         // queue to drain: the task is what reports it.
@@ -111,8 +120,8 @@ pub fn end_batch() {
 /// Defers the wake-up of `socket` to the end of the current batch; false outside a batch.
 fn defer(socket: &Arc<SocketShared>) -> bool {
     BATCH.with(|batch| match batch.borrow_mut().as_mut() {
-        Some(touched) => {
-            touched.push(socket.clone());
+        Some(batch) => {
+            batch.touched.push(socket.clone());
             true
         }
         None => false,

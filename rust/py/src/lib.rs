@@ -6,6 +6,7 @@ mod errors;
 mod logs;
 mod meter;
 mod object;
+mod reactor;
 mod reply;
 mod server;
 mod socket;
@@ -37,6 +38,7 @@ pub static malloc_conf: &u8 = &b"background_thread:true,dirty_decay_ms:1000,muzz
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     errors::check(m.py());
+    m.add_class::<reactor::Reactor>()?;
     m.add_class::<server::Server>()?;
     m.add_class::<reply::PendingReply>()?;
     m.add_class::<server::Batch>()?;

@@ -19,6 +19,7 @@ use crate::convert::{events_to_vec, EventSlot, STEP};
 use crate::errors::{cpu_limit_exceeded, wall_limit_exceeded, Result};
 use crate::meter::Slot;
 use crate::object::ObjectState;
+use crate::reactor::Reactor;
 use crate::socket::{SocketHandle, SocketLimits};
 use crate::storage::Store;
 
@@ -41,6 +42,9 @@ pub struct Server {
     metering: bool,
     /// The application thread's ident.
     ident: u64,
+    /// At most this many sockets touched by a batch are written from the application thread
+    /// (all of them in single-thread mode: there is no I/O thread to share the work with).
+    direct_max: usize,
 }
 
 /// Starts the watchdog of the calling thread (the application thread): an event over its CPU
@@ -114,7 +118,7 @@ fn seconds(value: f64, name: &str) -> Result<Duration, CoreError> {
 #[pymethods]
 impl Server {
     #[new]
-    #[pyo3(signature = (host, port, *, limits, io_threads, metering=true, certfile=None, keyfile=None, smallest_cpu_limit=30.0, allowed_origins=None, log_blocked_after=1.0, on_blocked=None, compression=false, data_dir=None, durability="full"))]
+    #[pyo3(signature = (host, port, *, limits, io_threads, metering=true, certfile=None, keyfile=None, smallest_cpu_limit=30.0, allowed_origins=None, log_blocked_after=1.0, on_blocked=None, compression=false, data_dir=None, durability="full", reactor=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -132,7 +136,9 @@ impl Server {
         compression: bool,
         data_dir: Option<std::path::PathBuf>,
         durability: &str,
+        reactor: Option<&Reactor>,
     ) -> Result<Self> {
+        let reactor = reactor.map(|reactor| reactor.inner.clone());
         let socket_limits = limits.inner.clone();
         let build = || -> Result<sockworker_core::Server, CoreError> {
             let addr = (host, port)
@@ -159,7 +165,10 @@ impl Server {
             let storage = data_dir.map(|data_dir| StorageConfig { data_dir, durability });
             let config =
                 ServerConfig { addr, io_threads, limits, tls, storage, allowed_origins, compression };
-            sockworker_core::Server::start(config)
+            match reactor {
+                Some(reactor) => sockworker_core::Server::start_in(config, reactor),
+                None => sockworker_core::Server::start(config),
+            }
         };
         let server = py.detach(build)?;
         let watch = Arc::new(Watch::default());
@@ -173,7 +182,13 @@ impl Server {
         };
         // This thread's sends go through the server's output gate from now on.
         sockworker_core::gate::install(server.gate().cloned());
+        let direct_max = if server.is_single_threaded() {
+            usize::MAX
+        } else {
+            sockworker_core::socket::DIRECT_FLUSH_MAX_SOCKETS
+        };
         Ok(Self {
+            direct_max,
             fd: server.events().fd(),
             address: server.local_addr(),
             inner: Mutex::new(Some(server)),
@@ -191,6 +206,12 @@ impl Server {
         (self.address.ip().to_string(), self.address.port())
     }
 
+    /// The server's sockets are driven by the application thread's reactor.
+    #[getter]
+    fn single_threaded(&self) -> bool {
+        self.inner.lock().as_ref().is_some_and(sockworker_core::Server::is_single_threaded)
+    }
+
     /// The descriptor that becomes readable when events wait (for `loop.add_reader`).
     fn fileno(&self) -> i32 {
         self.fd
@@ -201,7 +222,7 @@ impl Server {
     fn drain(&self, py: Python<'_>) -> Batch {
         let guard = self.inner.lock();
         let events = guard.as_ref().map(|server| server.events().drain()).unwrap_or_default();
-        sockworker_core::socket::begin_batch();
+        sockworker_core::socket::begin_batch(self.direct_max);
         let dispatch = if self.metering {
             let mut state = self.dispatch.lock();
             state.clock.begin();
