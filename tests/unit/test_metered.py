@@ -1,85 +1,87 @@
-"""The CPU-metered coroutine (``cpu.Metered``) in-process, against a stand-in for the core's
-step clock: each resumption is one measured step, the limit is enforced across steps, and a
-coroutine that swallows ``CpuLimitExceeded`` gets it again at every later resumption."""
+"""The CPU-metered coroutine (``Server.metered``) in-process, on a real native server (no
+socket is opened to it): each resumption is one measured step charged to the slot, the limit
+holds across steps, and a coroutine that swallows ``CpuLimitExceeded`` gets it again at every
+later resumption."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
-from typing import Any
+import time
+from collections.abc import Iterator
 
 import pytest
-from sockworker import CpuLimitExceeded
+import sockworker as sw
+from sockworker import CpuLimitExceeded, _native
 from sockworker.cpu import Metered
 
 
-class Slot:
-    def __init__(self, cpu_limit_ns: int | None) -> None:
-        self.cpu_limit_ns = cpu_limit_ns
+@pytest.fixture
+def server() -> Iterator[_native.Server]:
+    server = _native.Server("127.0.0.1", 0, limits=sw.Limits()._socket_limits(), io_threads=1)
+    yield server
+    server.stop()
 
 
-class StepClock:
-    """Charges ``cost`` ns per step; ``interrupt`` marks the next step as cut by the watchdog."""
-
-    def __init__(self, cost: int) -> None:
-        self.cost = cost
-        self.budgets: list[int | None] = []
-        self.open = False
-        self.interrupt = False
-
-    def step_begin(self, slot: Slot, budget: int | None) -> bool:
-        assert not self.open, "steps do not nest"
-        self.open = True
-        self.budgets.append(budget)
-        return True
-
-    def step_end(self) -> tuple[int, bool]:
-        assert self.open
-        self.open = False
-        interrupted, self.interrupt = self.interrupt, False
-        return self.cost, interrupted
+def burn(cpu_ns: int) -> None:
+    """Uses ``cpu_ns`` of this thread's CPU."""
+    until = time.thread_time_ns() + cpu_ns
+    while time.thread_time_ns() < until:
+        pass
 
 
-def metered(coro: Coroutine[Any, Any, Any], limit: int | None, clock: StepClock) -> Metered:
-    return Metered(coro, Slot(limit), clock)  # type: ignore[arg-type]
+def charged(meter: _native.Meter) -> int:
+    return meter.totals()[_native.UNIT_CPU_NS]
 
 
-async def test_each_resumption_is_one_step_with_the_budget_left() -> None:
-    clock = StepClock(cost=10)
+async def test_each_resumption_is_charged_to_the_slot(server: _native.Server) -> None:
+    meter = _native.Meter()
+    slot = meter.slot("acct", None, None, cpu_limit_ms=1000)
+    burnt = 0
 
     async def three_steps() -> str:
-        await asyncio.sleep(0)
-        await asyncio.sleep(0)
+        nonlocal burnt
+        for _ in range(3):
+            burn(2_000_000)
+            burnt += 2_000_000
+            await asyncio.sleep(0)
         return "done"
 
-    assert await asyncio.ensure_future(metered(three_steps(), 100, clock)) == "done"
-    assert clock.budgets == [100, 90, 80]
-    assert not clock.open
+    coro = server.metered(three_steps(), slot)
+    assert isinstance(coro, Metered)
+    assert await asyncio.ensure_future(coro) == "done"
+    # Every step's CPU is charged (what the coroutine burnt, and a little more around it),
+    # and nothing between the steps (the loop's own work is not the coroutine's).
+    assert burnt <= charged(meter) < burnt + 50_000_000
 
 
-async def test_past_the_limit_the_next_step_raises_inside_the_coroutine() -> None:
-    clock = StepClock(cost=60)
+async def test_past_the_limit_the_coroutine_gets_cpu_limit_exceeded(
+    server: _native.Server,
+) -> None:
+    slot = _native.Meter().slot("acct", None, None, cpu_limit_ms=5)
     seen: list[str] = []
 
     async def handler() -> None:
-        seen.append("first")
-        await asyncio.sleep(0)  # 60 ns so far
-        seen.append("second")
-        await asyncio.sleep(0)  # 120 ns: over the limit of 100
+        for step in range(10):
+            seen.append(f"step {step}")
+            burn(2_000_000)  # 2 ms a step: the limit of 5 ms is crossed in the third
+            await asyncio.sleep(0)
         seen.append("never")
 
     with pytest.raises(CpuLimitExceeded):
-        await asyncio.ensure_future(metered(handler(), 100, clock))
-    assert seen == ["first", "second"]
-    assert clock.budgets[-1] == 0  # the step that raised had nothing left
+        await asyncio.ensure_future(server.metered(handler(), slot))
+    assert "never" not in seen
+    assert 3 <= len(seen) <= 4  # crossed in the third step, raised there or at the fourth
 
 
-async def test_a_swallowed_limit_is_raised_again_at_each_resumption() -> None:
-    clock = StepClock(cost=1)
+async def test_a_swallowed_limit_is_raised_again_at_each_resumption(
+    server: _native.Server,
+) -> None:
+    slot = _native.Meter().slot("acct", None, None, cpu_limit_ms=1)
     caught = 0
 
     async def stubborn() -> None:
         nonlocal caught
+        burn(3_000_000)
         for _ in range(3):
             try:
                 await asyncio.sleep(0)
@@ -87,33 +89,41 @@ async def test_a_swallowed_limit_is_raised_again_at_each_resumption() -> None:
                 caught += 1
         await asyncio.sleep(0)
 
-    clock.interrupt = True  # the watchdog cut the first step
     with pytest.raises(CpuLimitExceeded):
-        await asyncio.ensure_future(metered(stubborn(), 1_000, clock))
+        await asyncio.ensure_future(server.metered(stubborn(), slot))
     assert caught == 3
 
 
-async def test_no_limit_means_no_budget() -> None:
-    clock = StepClock(cost=10**12)
+async def test_no_limit_means_no_interruption(server: _native.Server) -> None:
+    slot = _native.Meter().slot("acct", None, None, cpu_limit_ms=0)
 
     async def long() -> int:
+        burn(20_000_000)
         await asyncio.sleep(0)
         return 7
 
-    assert await asyncio.ensure_future(metered(long(), None, clock)) == 7
-    assert clock.budgets == [None, None]
+    assert await asyncio.ensure_future(server.metered(long(), slot)) == 7
 
 
-async def test_an_unmeasured_step_charges_nothing() -> None:
-    class Busy(StepClock):
-        def step_begin(self, slot: Slot, budget: int | None) -> bool:
-            self.budgets.append(budget)
-            return False  # a batch is being measured already
+async def test_close_and_throw_reach_the_coroutine(server: _native.Server) -> None:
+    slot = _native.Meter().slot("acct", None, None, cpu_limit_ms=1000)
+    finished: list[str] = []
 
-    clock = Busy(cost=10**9)
+    async def waits() -> None:
+        try:
+            await asyncio.sleep(3600)
+        except ValueError:
+            finished.append("thrown")
+            raise
+        finally:
+            finished.append("finally")
 
-    async def two() -> None:
-        await asyncio.sleep(0)
-
-    await asyncio.ensure_future(metered(two(), 5, clock))
-    assert clock.budgets == [5, 5]
+    coro = server.metered(waits(), slot)
+    coro.send(None)
+    with pytest.raises(ValueError):
+        coro.throw(ValueError("in"))
+    assert finished == ["thrown", "finally"]
+    closed = server.metered(waits(), slot)
+    closed.send(None)
+    closed.close()
+    assert finished[-1] == "finally"

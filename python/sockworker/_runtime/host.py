@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
 from typing import Any, TypeVar
 
-from .. import _native, cpu
+from .. import _native
 from ..errors import StorageError
 from ..http import Response
 from ..state import DurableObjectId, DurableObjectState
@@ -454,7 +454,7 @@ class ObjectHost:
         if not services.metering.on:
             return await self._invoke(None, name, args, kwargs)
         slot = self.slot(services.metering.current_account())
-        coro = cpu.Metered(self._invoke(slot, name, args, kwargs), slot, services.server)
+        coro = services.server.metered(self._invoke(slot, name, args, kwargs), slot)
         return await asyncio.Task(coro, loop=services.loop)
 
     async def _invoke(
@@ -521,7 +521,7 @@ class ObjectHost:
         if services.metering.on:
             slot = self.slot(account)
             slot.add(_native.UNIT_REQUESTS, 1)
-            coro = cpu.Metered(coro, slot, services.server)
+            coro = services.server.metered(coro, slot)
         services.loop.create_task(coro)
 
     async def _alarm(self, at: float, retry: int, account: str) -> None:

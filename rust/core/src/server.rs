@@ -496,6 +496,42 @@ impl Server {
         Ok(Self { ctx, io: Some(io), local_addr, objects, gate })
     }
 
+    /// Begins a batch of the application thread: returns the events queued since the last one
+    /// and, until [`Self::end_batch`], defers the wake-ups of the sockets its handlers send on
+    /// (see `socket::begin_batch`). Call it on the application thread only.
+    #[must_use]
+    pub fn begin_batch(&self) -> Vec<Event> {
+        let events = self.ctx.events.drain();
+        // With I/O threads, a batch that touched many sockets leaves their writes to the
+        // connection tasks (in parallel with the application thread); in single-thread mode
+        // there is no other thread, and the batch writes them all itself.
+        let direct_max =
+            if self.is_single_threaded() { usize::MAX } else { crate::socket::DIRECT_FLUSH_MAX_SOCKETS };
+        crate::socket::begin_batch(direct_max);
+        events
+    }
+
+    /// Ends the batch [`Self::begin_batch`] began: a commit point of the output gate for what
+    /// its handlers wrote, then the writes of what they sent (held by the gate until durable),
+    /// then the connections that waited for the batch (to send a Close after its replies) are
+    /// told.
+    pub fn end_batch(&self) {
+        let events = &self.ctx.events;
+        let number = events.last_drained();
+        // While the output gate holds what the batch sent, it tells the connections waiting for
+        // the batch once it releases it; else they are told below, after the writes.
+        let held = self.gate.as_ref().is_some_and(|gate| gate.hold_batch(number));
+        if let Some(gate) = &self.gate {
+            gate.commit_point();
+        }
+        crate::socket::end_batch();
+        // After the writes: a connection that held its Close back for this batch's replies
+        // finds them queued.
+        if !held {
+            events.batch_done(number);
+        }
+    }
+
     /// The server runs in the application thread's reactor (single-thread mode).
     #[must_use]
     pub fn is_single_threaded(&self) -> bool {
@@ -584,6 +620,8 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
+        // Stopped between a batch's begin and end: this thread stops deferring wake-ups.
+        crate::socket::end_batch();
         self.finish_storage();
         match self.io.take() {
             Some(Io::Threads(runtime)) => runtime.shutdown_background(),

@@ -76,7 +76,7 @@ impl Default for Outbox {
 /// past it the connection tasks write (on the I/O threads, in parallel with the application
 /// thread). In single-thread mode there is no other thread to write in parallel: the batch
 /// always writes directly.
-pub const DIRECT_FLUSH_MAX_SOCKETS: usize = 64;
+pub(crate) const DIRECT_FLUSH_MAX_SOCKETS: usize = 64;
 
 /// The sockets a batch touched, and how many it may write itself.
 struct Batch {
@@ -93,7 +93,7 @@ thread_local! {
 /// Starts deferring wake-ups on this thread: frames queued until [`end_batch`] are written by
 /// this thread when at most `direct_max` sockets were touched, saving a wake-up of a connection
 /// task per message.
-pub fn begin_batch(direct_max: usize) {
+pub(crate) fn begin_batch(direct_max: usize) {
     BATCH.with(|batch| {
         let mut batch = batch.borrow_mut();
         if batch.is_none() {
@@ -103,7 +103,7 @@ pub fn begin_batch(direct_max: usize) {
 }
 
 /// Ends the batch: writes the frames of the sockets it touched, or wakes their tasks.
-pub fn end_batch() {
+pub(crate) fn end_batch() {
     let Some(Batch { touched, direct_max }) = BATCH.with(|batch| batch.borrow_mut().take()) else {
         return;
     };

@@ -10,6 +10,7 @@ mod reactor;
 mod reply;
 mod server;
 mod socket;
+mod step;
 mod storage;
 
 use pyo3::prelude::*;
@@ -40,6 +41,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     errors::check(m.py());
     m.add_class::<reactor::Reactor>()?;
     m.add_class::<server::Server>()?;
+    m.add_class::<step::Metered>()?;
     m.add_class::<reply::PendingReply>()?;
     m.add_class::<server::Batch>()?;
     m.add_class::<meter::Meter>()?;

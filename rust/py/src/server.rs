@@ -11,24 +11,16 @@ use sockworker_core::meter::{thread_cpu_clock, thread_cpu_ns, BatchClock};
 use sockworker_core::watchdog::{
     current_thread_ident, tick_for, BlockedHook, Overrun, Watch, Watchdog, WatchdogHooks,
 };
-use sockworker_core::{
-    ConnectRequest, CoreError, Durability, ServerConfig, Slot as CoreSlot, StorageConfig, Unit,
-};
+use sockworker_core::{ConnectRequest, CoreError, Durability, ServerConfig, StorageConfig};
 
-use crate::convert::{events_to_vec, EventSlot, STEP};
+use crate::convert::{events_to_vec, EventSlot};
 use crate::errors::{cpu_limit_exceeded, wall_limit_exceeded, Result};
 use crate::meter::Slot;
 use crate::object::ObjectState;
 use crate::reactor::Reactor;
 use crate::socket::{SocketHandle, SocketLimits};
+use crate::step::{Dispatch, Metered, Steps};
 use crate::storage::Store;
-
-/// What the application thread is running, for CPU accounting and the watchdog.
-struct Dispatch {
-    clock: BatchClock,
-    /// The async step running now: its slot, the CPU clock at its start, its event number.
-    step: Option<(Arc<CoreSlot>, u64, u64)>,
-}
 
 #[pyclass(frozen, module = "sockworker._native")]
 pub struct Server {
@@ -42,9 +34,6 @@ pub struct Server {
     metering: bool,
     /// The application thread's ident.
     ident: u64,
-    /// At most this many sockets touched by a batch are written from the application thread
-    /// (all of them in single-thread mode: there is no I/O thread to share the work with).
-    direct_max: usize,
 }
 
 /// Starts the watchdog of the calling thread (the application thread): an event over its CPU
@@ -182,13 +171,7 @@ impl Server {
         };
         // This thread's sends go through the server's output gate from now on.
         sockworker_core::gate::install(server.gate().cloned());
-        let direct_max = if server.is_single_threaded() {
-            usize::MAX
-        } else {
-            sockworker_core::socket::DIRECT_FLUSH_MAX_SOCKETS
-        };
         Ok(Self {
-            direct_max,
             fd: server.events().fd(),
             address: server.local_addr(),
             inner: Mutex::new(Some(server)),
@@ -221,8 +204,7 @@ impl Server {
     /// the batch tells the meter and the watchdog which event runs.
     fn drain(&self, py: Python<'_>) -> Batch {
         let guard = self.inner.lock();
-        let events = guard.as_ref().map(|server| server.events().drain()).unwrap_or_default();
-        sockworker_core::socket::begin_batch(self.direct_max);
+        let events = guard.as_ref().map(sockworker_core::Server::begin_batch).unwrap_or_default();
         let dispatch = if self.metering {
             let mut state = self.dispatch.lock();
             state.clock.begin();
@@ -251,23 +233,8 @@ impl Server {
         }
         drop(dispatch);
         self.watch.leave();
-        let inner = self.inner.lock();
-        let Some(server) = inner.as_ref() else {
-            sockworker_core::socket::end_batch();
-            return;
-        };
-        let number = server.events().last_drained();
-        // While the output gate holds what the batch sent, it tells the connections waiting for
-        // the batch once it releases it; else they are told below, after the writes.
-        let held = server.gate().is_some_and(|gate| gate.hold_batch(number));
-        if let Some(gate) = server.gate() {
-            gate.commit_point();
-        }
-        sockworker_core::socket::end_batch();
-        // After the writes: a connection that held its Close back for this batch's replies
-        // finds them queued.
-        if !held {
-            server.events().batch_done(number);
+        if let Some(server) = &*self.inner.lock() {
+            server.end_batch();
         }
     }
 
@@ -361,36 +328,10 @@ impl Server {
         }
     }
 
-    /// An async step of an event of `slot` begins, with `budget_ns` of CPU left (None: no
-    /// limit). Returns false, and measures nothing, inside another step or a batch.
-    #[pyo3(signature = (slot, budget_ns))]
-    fn step_begin(&self, slot: &Slot, budget_ns: Option<u64>) -> bool {
-        let mut dispatch = self.dispatch.lock();
-        if dispatch.step.is_some() || dispatch.clock.in_batch() {
-            return false;
-        }
-        let cpu = thread_cpu_ns();
-        self.watch.set_kind(STEP);
-        let progress = self.watch.enter(budget_ns.unwrap_or(u64::MAX), slot.inner.wall_limit_ns(), Some(cpu));
-        dispatch.step = Some((slot.inner.clone(), cpu, progress));
-        true
-    }
-
-    /// Ends the step `step_begin` began: charges its CPU. Returns (CPU ns used, whether the
-    /// watchdog interrupted it).
-    fn step_end(&self) -> (u64, bool) {
-        let mut dispatch = self.dispatch.lock();
-        let Some((slot, started, progress)) = dispatch.step.take() else {
-            return (0, false);
-        };
-        let now = thread_cpu_ns();
-        // What the thread used until now is accounted for: batches are charged from here.
-        dispatch.clock.rebase(now);
-        drop(dispatch);
-        let used = now.saturating_sub(started);
-        slot.add(Unit::CpuNs, used);
-        self.watch.leave();
-        (used, self.watch.was_interrupted(progress))
+    /// `coro`, each of its steps measured and charged to `slot` (see `Metered`).
+    fn metered(&self, coro: Py<PyAny>, slot: &Slot) -> Metered {
+        let steps = Steps { dispatch: self.dispatch.clone(), watch: self.watch.clone() };
+        Metered::new(coro, slot.inner.clone(), steps)
     }
 
     /// The open socket with this id (used to wake the object of a hibernated socket).
