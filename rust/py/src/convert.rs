@@ -50,6 +50,24 @@ pub fn add_event_kinds(m: &Bound<'_, PyModule>) -> PyResult<()> {
     Ok(())
 }
 
+/// Calls `f` with a message from Python (`str`: text, else bytes-like: binary) as (text, bytes),
+/// without copying `str` or `bytes`: the one copy is the frame the core encodes from them.
+pub fn with_message<R>(data: &Bound<'_, PyAny>, f: impl FnOnce(bool, &[u8]) -> R) -> PyResult<R> {
+    if let Ok(text) = data.cast::<PyString>() {
+        return Ok(f(true, text.to_str()?.as_bytes()));
+    }
+    if let Ok(bytes) = data.cast::<PyBytes>() {
+        return Ok(f(false, bytes.as_bytes()));
+    }
+    let bytes: Vec<u8> = data.extract().map_err(|_| {
+        pyo3::exceptions::PyTypeError::new_err(format!(
+            "a WebSocket message is str or bytes, not {}",
+            data.get_type().name().map_or_else(|_| "?".into(), |n| n.to_string())
+        ))
+    })?;
+    Ok(f(false, &bytes))
+}
+
 fn payload<'py>(py: Python<'py>, data: &Payload) -> Bound<'py, PyAny> {
     match data {
         // SAFETY: the core validated the text as UTF-8 before queueing it.

@@ -9,6 +9,7 @@ use pyo3::types::{PyBytes, PyString};
 use sockworker_core::gate;
 use sockworker_core::{ObjectShared, Payload};
 
+use crate::convert::with_message;
 use crate::errors::Result;
 use crate::socket::SocketHandle;
 
@@ -120,11 +121,7 @@ impl ObjectState {
         tag: Option<&str>,
         exclude: Option<u64>,
     ) -> PyResult<usize> {
-        let sent = match to_payload(message)? {
-            Payload::Text(data) => gate::broadcast(&self.object, true, &data, tag, exclude),
-            Payload::Binary(data) => gate::broadcast(&self.object, false, &data, tag, exclude),
-        };
-        Ok(sent)
+        with_message(message, |text, data| gate::broadcast(&self.object, text, data, tag, exclude))
     }
 
     fn set_auto_responses(&self, pairs: Vec<(Bound<'_, PyAny>, Bound<'_, PyAny>)>) -> PyResult<()> {

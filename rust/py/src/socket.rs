@@ -5,10 +5,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyString};
+use pyo3::types::PyBytes;
 use sockworker_core::gate;
 use sockworker_core::{CoreError, Limits, SocketShared};
 
+use crate::convert::with_message;
 use crate::errors::Result;
 use crate::object::ObjectState;
 
@@ -28,19 +29,7 @@ impl SocketHandle {
     /// `SEND_DROPPED` when the socket is closing, `SEND_OVERFLOW` when the queue overflowed (the
     /// core closes it with 1008).
     fn send(&self, data: &Bound<'_, PyAny>) -> PyResult<u8> {
-        let outcome = if let Ok(text) = data.cast::<PyString>() {
-            gate::send(&self.socket, true, text.to_str()?.as_bytes())
-        } else if let Ok(bytes) = data.cast::<PyBytes>() {
-            gate::send(&self.socket, false, bytes.as_bytes())
-        } else {
-            let bytes: Vec<u8> = data.extract().map_err(|_| {
-                pyo3::exceptions::PyTypeError::new_err(format!(
-                    "a WebSocket message is str or bytes, not {}",
-                    data.get_type().name().map_or_else(|_| "?".into(), |n| n.to_string())
-                ))
-            })?;
-            gate::send(&self.socket, false, &bytes)
-        };
+        let outcome = with_message(data, |text, bytes| gate::send(&self.socket, text, bytes))?;
         Ok(outcome as u8)
     }
 
