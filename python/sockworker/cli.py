@@ -6,6 +6,8 @@ import argparse
 import importlib
 import os
 import sys
+from collections.abc import Mapping
+from typing import Any
 
 from . import _loop
 from .app import App
@@ -34,7 +36,45 @@ def load_app(target: str) -> App:
     return app
 
 
+#: Every flag of ``serve`` takes its default from ``SOCKWORKER_<FLAG>`` (``--io-threads``:
+#: ``SOCKWORKER_IO_THREADS``; the app: ``SOCKWORKER_APP``); the command line wins.
+ENV_PREFIX = "SOCKWORKER_"
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def env_defaults(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> None:
+    """Sets the defaults of ``parser``'s options from ``SOCKWORKER_*`` variables; a value the
+    option would refuse on the command line is a usage error naming the variable."""
+    for action in parser._actions:
+        if action.dest in ("help", argparse.SUPPRESS):
+            continue
+        name = ENV_PREFIX + action.dest.upper()
+        if name not in environ:
+            continue
+        raw = environ[name].strip()
+        value: Any
+        if isinstance(action, argparse._StoreTrueAction):
+            if raw.lower() not in _TRUE | _FALSE:
+                parser.error(f"{name}={raw!r}: expected one of 1, 0, true, false, yes, no")
+            value = raw.lower() in _TRUE
+        elif isinstance(action, argparse._AppendAction):
+            value = [part for part in raw.split(os.pathsep) if part]
+        else:
+            try:
+                value = action.type(raw) if callable(action.type) else raw
+            except ValueError:
+                parser.error(f"{name}={raw!r}: not a valid value for {action.option_strings[0]}")
+            if action.choices is not None and value not in action.choices:
+                choices = ", ".join(map(str, action.choices))
+                parser.error(f"{name}={raw!r}: expected one of {choices}")
+        if not action.option_strings:  # the positional MODULE:APP
+            action.nargs = "?"
+        action.default = value
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="sockworker", description="Serve a sockworker app.")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="serve MODULE:APP")
@@ -85,8 +125,24 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="turn CPU accounting, CPU limits and the meter off (as App(metering=False))",
     )
+    serve.add_argument(
+        "--reload",
+        action="store_true",
+        help="restart when a .py file changes (sockets are closed with 1012; storage is kept)",
+    )
+    serve.add_argument(
+        "--reload-dir",
+        action="append",
+        metavar="DIR",
+        help="where --reload watches (repeatable; default: the current directory)",
+    )
+    env_defaults(serve, os.environ)
     args = parser.parse_args(argv)
     configure(args.log_level, args.log_format)
+    if args.app is None:
+        parser.error("serve: MODULE:APP is required (or SOCKWORKER_APP)")
+    if args.reload:
+        return _reload(args, argv)
     app = load_app(args.app)
     if args.no_metering:
         app.metering = False
@@ -113,3 +169,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sockworker: cannot start: {error}", file=sys.stderr)
         return 1
     return 0
+
+
+def _reload(args: argparse.Namespace, argv: list[str]) -> int:
+    """``--reload``: supervise a child ``serve`` (see ``sockworker.reload``)."""
+    from .reload import Reloader, free_port, reload_argv
+
+    port = args.port or free_port(args.host)
+    child = reload_argv(argv, port)
+    if "serve" in child and args.app not in child:  # the app came from SOCKWORKER_APP
+        child.insert(child.index("serve") + 1, args.app)
+    return Reloader(child, args.reload_dir or [os.getcwd()], args.shutdown_timeout).run()

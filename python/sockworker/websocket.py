@@ -52,6 +52,9 @@ class CloseCode(IntEnum):
     POLICY_VIOLATION = _native.CLOSE_POLICY_VIOLATION
     MESSAGE_TOO_BIG = _native.CLOSE_TOO_BIG
     INTERNAL_ERROR = _native.CLOSE_INTERNAL_ERROR
+    #: Sent on every socket when the server restarts (SIGHUP, ``--reload``): reconnect now.
+    #: (A code only the Python side sends, so it is defined here.)
+    SERVICE_RESTART = 1012
 
 
 def check_close(code: int, reason: str) -> None:

@@ -113,6 +113,7 @@ class Runtime:
         loop.add_reader(server.fileno(), self.dispatch)
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.shutdown)
+        loop.add_signal_handler(signal.SIGHUP, self.restart)
         previous_factory = loop.get_task_factory()
         _current.set_serving(self)
         metering = self.services.metering
@@ -126,7 +127,7 @@ class Runtime:
         try:
             await self.stopped
         finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
             loop.remove_reader(server.fileno())
             server.stop()
@@ -138,14 +139,22 @@ class Runtime:
             metering.stop()
             logger.info("stopped")
 
-    def shutdown(self) -> None:
-        """Stops accepting and closes every socket with 1001; the run ends when all are closed."""
+    def shutdown(
+        self, code: int = CloseCode.GOING_AWAY, reason: str = "server shutting down"
+    ) -> None:
+        """Stops accepting and closes every socket with ``code`` (1001; 1012 for a restart,
+        SIGHUP); the run ends when all are closed."""
         if self.shutting_down or self.stopped.done():
             return
         self.shutting_down = True
-        logger.info("shutting down: closing %d sockets with 1001", self.server.open_sockets)
-        self.server.shutdown(CloseCode.GOING_AWAY, "server shutting down")
+        logger.info("shutting down: closing %d sockets with %d", self.server.open_sockets, code)
+        self.server.shutdown(code, reason)
         self.loop.call_later(self.shutdown_timeout, self._stop)
+
+    def restart(self) -> None:
+        """SIGHUP (``--reload`` sends it): a shutdown whose sockets are closed with 1012
+        (service restart), so that clients reconnect at once."""
+        self.shutdown(CloseCode.SERVICE_RESTART, "service restart")
 
     def _stop(self) -> None:
         if not self.stopped.done():

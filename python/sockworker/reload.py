@@ -1,0 +1,117 @@
+"""``sockworker serve --reload``: a supervisor that runs the server as a child process and
+starts it again when a Python file changes (watchfiles, as uvicorn and granian use).
+
+On a change the child gets SIGHUP: it closes every socket with 1012 (service restart), so that
+clients reconnect at once, and exits; a new child then serves the new code on the same port.
+Objects' storage is kept (it is on disk, in the same data directory). A child that fails to
+start (a syntax error in the edit) is logged and started again at the next change.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+logger = logging.getLogger("sockworker.reload")
+
+#: How long a child may take past its shutdown timeout before it is killed.
+EXIT_GRACE = 5.0
+
+
+def free_port(host: str) -> int:
+    """A port free now on ``host`` (for ``--port 0``: every child must bind the same one)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
+
+
+class Reloader:
+    """Runs ``argv`` (a ``sockworker serve`` without ``--reload``) and restarts it on changes."""
+
+    def __init__(self, argv: Sequence[str], dirs: Sequence[str], shutdown_timeout: float) -> None:
+        try:
+            import watchfiles
+        except ImportError:
+            raise SystemExit(
+                "sockworker: --reload needs watchfiles: pip install 'sockworker[reload]'"
+            ) from None
+        self.watchfiles = watchfiles
+        self.argv = list(argv)
+        self.dirs = [str(Path(d).resolve()) for d in dirs]
+        for directory in self.dirs:
+            if not Path(directory).is_dir():
+                raise SystemExit(f"sockworker: --reload-dir {directory} is not a directory")
+        self.wait = shutdown_timeout + EXIT_GRACE
+        self.stop = threading.Event()
+        self.child: subprocess.Popen[bytes] | None = None
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.stop.set()
+
+    def start(self) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SOCKWORKER_RELOAD")}
+        self.child = subprocess.Popen(self.argv, env=env)
+
+    def end(self, signum: int) -> int | None:
+        """Signals the child and waits for it; kills it after the grace."""
+        child = self.child
+        if child is None or child.poll() is not None:
+            return None if child is None else child.returncode
+        child.send_signal(signum)
+        try:
+            return child.wait(self.wait)
+        except subprocess.TimeoutExpired:
+            logger.warning("the server did not exit within %.0f s: killed", self.wait)
+            child.kill()
+            return child.wait()
+
+    def run(self) -> int:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self._on_signal)
+        logger.info("watching %s for changes", ", ".join(self.dirs))
+        self.start()
+        try:
+            for changes in self.watchfiles.watch(
+                *self.dirs,
+                watch_filter=self.watchfiles.PythonFilter(),
+                stop_event=self.stop,
+                raise_interrupt=False,
+            ):
+                names = sorted({os.path.relpath(path) for _, path in changes})
+                logger.info("changed: %s; restarting", ", ".join(names))
+                self.end(signal.SIGHUP)
+                self.start()
+        finally:
+            rc = self.end(signal.SIGTERM)
+        return 0 if rc in (None, 0) else 1
+
+
+def reload_argv(argv: Sequence[str], port: int) -> list[str]:
+    """The child's command line: ``argv`` without ``--reload`` and ``--reload-dir``, with a
+    fixed ``--port``."""
+    out: list[str] = [sys.executable, "-m", "sockworker"]
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg == "--reload" or arg.startswith("--reload-dir="):
+            continue
+        if arg == "--reload-dir":
+            skip = True
+            continue
+        if arg == "--port" or arg.startswith("--port="):
+            skip = arg == "--port"
+            continue
+        out.append(arg)
+    return [*out, "--port", str(port)]
