@@ -139,6 +139,8 @@ class Meter:
         self._storage_stats: Callable[[], tuple[int, ...]] = lambda: (0,) * 7
         #: Events that held the event loop for ``Limits.log_blocked_after`` (the watchdog's).
         self._blocked_events = 0
+        #: Also gets every record drained (``sockworker.testing``), if set.
+        self._tap: list[UsageRecord] | None = None
 
     def totals(self) -> UsageRecord:
         """Everything counted since the app was made, delivered to the hook or not, and the
@@ -152,12 +154,15 @@ class Meter:
         """What was counted since the last drain, plus records the hook failed to take."""
         start, end = self._last_drain, time.time()
         self._last_drain = end
-        records = self._unsent + [
+        drained = [
             UsageRecord._from_units(
                 (account, namespace, object_id), start, end, units, self._pricing
             )
             for account, namespace, object_id, units in self._native.drain()
         ]
+        if self._tap is not None:
+            self._tap.extend(drained)
+        records = self._unsent + drained
         self._unsent = []
         return records
 

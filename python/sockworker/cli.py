@@ -37,10 +37,11 @@ def load_app(target: str) -> App:
 
 
 #: Every flag of ``serve`` takes its default from ``SOCKWORKER_<FLAG>`` (``--io-threads``:
-#: ``SOCKWORKER_IO_THREADS``; the app: ``SOCKWORKER_APP``); the command line wins.
+#: ``SOCKWORKER_IO_THREADS``; the app: ``SOCKWORKER_APP``); the command line wins, and an empty
+#: variable counts as unset.
 ENV_PREFIX = "SOCKWORKER_"
 _TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off", ""}
+_FALSE = {"0", "false", "no", "off"}
 
 
 def env_defaults(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> None:
@@ -53,6 +54,8 @@ def env_defaults(parser: argparse.ArgumentParser, environ: Mapping[str, str]) ->
         if name not in environ:
             continue
         raw = environ[name].strip()
+        if not raw:  # set but empty: as if unset
+            continue
         value: Any
         if isinstance(action, argparse._StoreTrueAction):
             if raw.lower() not in _TRUE | _FALSE:

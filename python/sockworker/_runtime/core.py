@@ -96,6 +96,8 @@ class Runtime:
         self.requests = Requests(self.services)
         self.outgoing = Outgoing(self.services, self.objects)
         self.stopped = self.loop.create_future()
+        #: Done once ``run`` serves (its dispatcher and meter are set up).
+        self.started: asyncio.Future[None] = self.loop.create_future()
         self.shutting_down = False
 
     # -- what `_current.Serving` asks of the runtime --------------------------------------------
@@ -124,12 +126,16 @@ class Runtime:
         threads = self.io_threads
         mode = "single-thread" if threads == 0 else f"{threads} I/O thread{'s' * (threads > 1)}"
         logger.info("listening on %s://%s:%d (%s)", self.scheme, shown, port, mode)
+        self.started.set_result(None)
         try:
             await self.stopped
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
             loop.remove_reader(server.fileno())
+            # Before the server: the hosts' open databases hold its storage (and the lock of
+            # its data directory).
+            self.objects.retire_all()
             server.stop()
             self.services.cancel_tasks()
             _current.set_serving(None)

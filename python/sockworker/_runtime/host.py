@@ -10,6 +10,7 @@ event timeout) lives in the core; storage and the alarm live in the object's dat
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
 import time
@@ -445,7 +446,7 @@ class ObjectHost:
                 entry()
         self.touch()
 
-    async def call(self, name: str, *args: Any, **kwargs: Any) -> Any:
+    async def call(self, name: str | Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Runs a handler whose result the caller awaits (fetch, RPC); exceptions propagate to
         the caller after resetting the instance. It runs as a task of its own, so its CPU is
         charged to this object (for the caller's account), not to the caller. The result reaches
@@ -458,16 +459,28 @@ class ObjectHost:
         return await asyncio.Task(coro, loop=services.loop)
 
     async def _invoke(
-        self, slot: _native.Slot | None, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        slot: _native.Slot | None,
+        name: str | Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
     ) -> Any:
         current_host.set(self)
         self.in_flight += 1
         try:
             await self._unblocked()
             self.bill()
-            method = (
-                self.handler(name) if name in HANDLER_NAMES else getattr(self.awake(), name, None)
-            )
+            method: Any
+            if callable(name):  # sockworker.testing's run_in_object: name(instance, state)
+                instance = self.awake()
+                method, what = functools.partial(name, instance, self.state), "a test callback"
+            else:
+                method = (
+                    self.handler(name)
+                    if name in HANDLER_NAMES
+                    else getattr(self.awake(), name, None)
+                )
+                what = "fetch" if name == "fetch" else f"RPC {name}"
             await self._unblocked()  # (the constructor may have blocked)
             if method is None or not callable(method):
                 # The caller's mistake, not the object's: no reset.
@@ -479,7 +492,7 @@ class ObjectHost:
                 if inspect.isawaitable(result):
                     result = await result
             except Exception as error:
-                self.reset("fetch" if name == "fetch" else f"RPC {name}")
+                self.reset(what)
                 failure = error
             if slot is not None and not accepted_here(result, slot):
                 slot.add(_native.UNIT_REQUESTS, 1)
@@ -493,28 +506,30 @@ class ObjectHost:
             self.in_flight -= 1
             self.touch()
 
-    def fire_alarm(self, retry: int) -> None:
+    def fire_alarm(self, retry: int, *, early: bool = False) -> asyncio.Task[None] | None:
         """The alarm is due (``retry``: failures so far): runs ``alarm()`` if the object's
-        database still says so, as an event of the account that set it."""
+        database still says so, as an event of the account that set it; returns its task.
+        ``early``: run it even if it is not due yet (``sockworker.testing.run_alarm``)."""
         try:
             alarm = self.store().get_alarm()
         except StorageError:
             logger.exception(
                 "the alarm of object %s (%s) could not be read", self.id, self.kind.binding
             )
-            return
+            return None
         if alarm is None:
-            # A stale index entry (the alarm was deleted): writing "none" drops it.
-            self.store().set_alarm(None)
-            self.services.gate.schedule_commit()
+            if not early:
+                # A stale index entry (the alarm was deleted): writing "none" drops it.
+                self.store().set_alarm(None)
+                self.services.gate.schedule_commit()
             self.touch()
-            return
+            return None
         at, account = alarm
-        if at > time.time() + 0.001:
+        if at > time.time() + 0.001 and not early:
             # Set again for later since it was armed.
             self.services.server.arm_alarm(self.kind.binding, str(self.id), at, 0, self.id.name)
             self.touch()
-            return
+            return None
         self.in_flight += 1
         services = self.services
         coro = self._alarm(at, retry, account)
@@ -522,7 +537,7 @@ class ObjectHost:
             slot = self.slot(account)
             slot.add(_native.UNIT_REQUESTS, 1)
             coro = services.server.metered(coro, slot)
-        services.loop.create_task(coro)
+        return services.loop.create_task(coro)
 
     async def _alarm(self, at: float, retry: int, account: str) -> None:
         current_host.set(self)
@@ -647,6 +662,11 @@ class Objects:
             del self.by_id[(host.kind.binding, host.id)]
         if self.by_key.get(host.native.key) is host:
             del self.by_key[host.native.key]
+
+    def retire_all(self) -> None:
+        """The server stops: every resident host lets its database go."""
+        for host in list(self.by_id.values()):
+            host.retire()
 
     def named(self, binding: str, hex_id: str, id_name: str | None) -> ObjectHost | None:
         """The host of an object the core names, made if needed (None: no such namespace)."""

@@ -105,11 +105,14 @@ class Metering:
         self.timer = self.loop.call_later(interval, self._flush)
 
     def _flush(self) -> None:
+        self.flush()
+        self._schedule_flush()
+
+    def flush(self) -> None:
         """Brings every resident object's duration up to now, then gives the hook its records."""
         for resident in list(self.billed):
             resident.settle()
         self.meter._deliver(self.hook)
-        self._schedule_flush()
 
     # -- a blocked loop -------------------------------------------------------------------------
 
