@@ -7,6 +7,7 @@ use std::io::IoSlice;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, Bytes};
 use parking_lot::Mutex;
@@ -14,9 +15,11 @@ use tokio::sync::Notify;
 
 use crate::config::{Limits, QUEUED_FRAME_COST};
 use crate::deflate::Deflate;
+use crate::error::CoreError;
+use crate::frame::Payload;
 use crate::frame::{self, close_code};
 use crate::meter::{Slot, Unit};
-use crate::object::SocketMeta;
+use crate::object::{SocketMeta, MAX_ATTACHMENT_BYTES};
 
 /// What became of a frame given to [`SocketShared::send`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,6 +80,10 @@ impl Default for Outbox {
 /// thread). In single-thread mode there is no other thread to write in parallel: the batch
 /// always writes directly.
 pub const DIRECT_FLUSH_MAX_SOCKETS: usize = 64;
+
+fn now_seconds() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+}
 
 /// The sockets a batch touched, and how many it may write itself.
 struct Batch {
@@ -490,6 +497,35 @@ impl SocketShared {
     pub(crate) fn take_drained(&self) -> bool {
         self.buffered_amount() <= self.limits.send_low_water()
             && self.want_drain.swap(false, Ordering::AcqRel)
+    }
+}
+
+/// The hibernation side of a socket: its tags, attachment and its object's auto-responses.
+impl SocketShared {
+    /// Answers `message` from its object's auto-response pairs, stamping the socket.
+    pub(crate) fn auto_response(&self, message: &Payload) -> Option<Bytes> {
+        let mut meta = self.meta_if_any()?;
+        let frame = meta.object.as_ref()?.auto_response(message)?;
+        meta.auto_response_at = Some(now_seconds());
+        Some(frame)
+    }
+
+    pub(crate) fn has_tag(&self, tag: Option<&str>) -> bool {
+        tag.is_none_or(|tag| self.meta_if_any().is_some_and(|m| m.tags.iter().any(|t| t == tag)))
+    }
+
+    /// Stores the serialized attachment (at most 16 KiB).
+    ///
+    /// # Errors
+    /// `InvalidArgument` past 16 KiB.
+    pub fn set_attachment(&self, attachment: Option<Bytes>) -> Result<(), CoreError> {
+        if attachment.as_ref().is_some_and(|a| a.len() > MAX_ATTACHMENT_BYTES) {
+            return Err(CoreError::InvalidArgument(format!(
+                "a serialized attachment is at most {MAX_ATTACHMENT_BYTES} bytes"
+            )));
+        }
+        self.meta().attachment = attachment;
+        Ok(())
     }
 }
 
