@@ -302,16 +302,16 @@ impl ObjectShared {
 mod tests {
     use super::*;
     use crate::config::Limits;
-    use std::collections::VecDeque;
+    use crate::socket::WriteQueue;
 
     fn socket(id: u64) -> Arc<SocketShared> {
         Arc::new(SocketShared::new(id, Arc::new(Limits::default())))
     }
 
     fn queued(socket: &SocketShared) -> usize {
-        let mut out = VecDeque::new();
-        let _ = socket.take_queued(&mut out, &mut false);
-        out.len()
+        let mut out = WriteQueue::default();
+        let _ = socket.take_queued(&mut out);
+        out.frames.len()
     }
 
     #[test]
