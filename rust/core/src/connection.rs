@@ -1,58 +1,38 @@
-//! The task that drives one upgraded WebSocket: reads into a per-thread scratch buffer (an idle
-//! socket holds no buffer), decodes, answers pings, writes queued frames with vectored writes,
-//! and runs the closing handshake and the timeouts.
+//! The task that drives one upgraded WebSocket, the I/O around its [`Protocol`]: reads into a
+//! per-thread scratch buffer (an idle socket holds no buffer) and feeds the protocol, writes what
+//! it queues and what the application queued with vectored writes, waits for its deadline, and
+//! pushes the events to the application.
 
 use std::cell::RefCell;
-use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
 use std::io::{self, IoSlice};
 use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::Poll;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use tokio::io::AsyncWrite;
 use tokio::net::{TcpStream, UnixStream};
-use tokio::time::{sleep_until, Instant, Sleep};
+use tokio::time::{sleep_until, Sleep};
 
-use crate::config::QUEUED_FRAME_COST;
+use crate::config::{Limits, QUEUED_FRAME_COST};
 use crate::event::{Event, Events};
 use crate::frame::Payload;
-use crate::frame::{self, close_code, Incoming, MessageDecoder};
-use crate::meter::Unit;
-use crate::socket::{CloseRequest, SocketShared};
+use crate::meter::{Slot, Unit};
+use crate::protocol::{Link, Phase, Protocol};
+use crate::socket::{SocketShared, WriteQueue};
 
-/// How long a started closing handshake (or a final flush) may take before the TCP connection
-/// is dropped.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long to keep reading (and discarding) after our FIN, so the peer gets our Close frame
 /// instead of a reset.
 const LINGER: Duration = Duration::from_secs(2);
 const SCRATCH_SIZE: usize = 64 * 1024;
 /// Reads per readiness before the task yields to the others.
 const READS_PER_WAKE: usize = 4;
-const MAX_IOV: usize = 64;
 
 thread_local! {
     static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; SCRATCH_SIZE].into_boxed_slice());
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
-    Open,
-    /// We sent Close and wait for the peer's.
-    CloseSent,
-    /// The outcome is known; write what is queued, then end.
-    Finishing,
-}
-
-/// The close event to report, once known.
-struct Outcome {
-    code: u16,
-    reason: String,
-    was_clean: bool,
 }
 
 /// What a connection task reads and writes: a TCP socket, or (for TLS) our end of a socket pair
@@ -89,25 +69,20 @@ stream_impl!(UnixStream);
 
 struct Connection<S> {
     stream: S,
+    protocol: Protocol,
+    link: SocketLink,
+    /// The timer of the protocol's deadline, boxed and made only when there is one: an idle
+    /// socket without timeouts keeps no timer.
+    timer: Option<Pin<Box<Sleep>>>,
+}
+
+/// What the protocol drives: the socket (its write queue, counters and object) and the
+/// application's event queue.
+struct SocketLink {
     socket: Arc<SocketShared>,
     /// The queue to the application (and the registry of open sockets).
     queue: Arc<Events>,
-    decoder: MessageDecoder,
-    out: VecDeque<Bytes>,
-    /// The front of `out` is the rest of a frame partly written already.
-    front_partial: bool,
-    phase: Phase,
-    /// When the current phase must end (close handshake), or a held-back close must be carried
-    /// out anyway — `None` while open.
-    phase_deadline: Option<Instant>,
-    /// The timer of the current deadline, boxed and made only when there is one: an idle
-    /// socket without timeouts keeps no timer.
-    timer: Option<Pin<Box<Sleep>>>,
-    last_frame: Instant,
-    /// A keepalive Ping went out (at `last_frame` + the interval) and waits for an answer: any
-    /// byte. A flag, not a time, keeps the task small.
-    ping_sent: bool,
-    outcome: Option<Outcome>,
+    out: WriteQueue,
     /// Events gathered from one read, pushed to the application under one lock.
     events: Vec<Event>,
     /// The batch number of the last messages pushed, and what those messages (since the last
@@ -115,9 +90,6 @@ struct Connection<S> {
     /// until the application has handled them.
     pushed_batch: u64,
     unhandled: usize,
-    /// A close that waits until the application has handled the messages before it, so that
-    /// its replies go out first.
-    held: Option<Box<HeldClose>>,
 }
 
 impl<S> Drop for Connection<S> {
@@ -125,16 +97,8 @@ impl<S> Drop for Connection<S> {
         // Before the stream's descriptor is closed (fields drop after this), also when the task
         // is dropped unfinished (the server stopped): the application thread must never write
         // to the number once another socket may have it.
-        self.socket.set_fd(None);
+        self.link.socket.set_fd(None);
     }
-}
-
-/// What to do once the application has handled the messages received before it.
-enum HeldClose {
-    /// Fail the connection with this code (a protocol violation found after valid messages).
-    Fail(u16, &'static str),
-    /// Answer the peer's Close (with this status).
-    Echo(Option<(u16, String)>),
 }
 
 /// Runs the socket until it is closed, then reports its Close event exactly once.
@@ -144,45 +108,30 @@ pub(crate) async fn run<S: Stream>(
     socket: Arc<SocketShared>,
     queue: Arc<Events>,
 ) {
-    let max_message_size = socket.limits().max_message_size;
-    let mut conn = Connection {
-        stream,
-        decoder: match (socket.is_client(), socket.deflate().is_some()) {
-            (true, _) => MessageDecoder::for_client(max_message_size),
-            (false, false) => MessageDecoder::new(max_message_size),
-            (false, true) => MessageDecoder::new(max_message_size).with_inflate(),
-        },
+    let now = Instant::now();
+    let protocol =
+        Protocol::new(socket.is_client(), socket.limits().max_message_size, socket.deflate().is_some(), now);
+    let link = SocketLink {
         socket,
         queue,
-        out: VecDeque::new(),
-        front_partial: false,
-        phase: Phase::Open,
-        phase_deadline: None,
-        timer: None,
-        last_frame: Instant::now(),
-        ping_sent: false,
-        outcome: None,
+        out: WriteQueue::default(),
         events: Vec::new(),
         pushed_batch: 0,
         unhandled: 0,
-        held: None,
     };
+    let mut conn = Connection { stream, protocol, link, timer: None };
     if !leftover.is_empty() {
-        conn.on_bytes(&leftover);
-        conn.publish();
+        conn.protocol.receive_data(&leftover, now, &mut conn.link);
+        conn.link.publish();
     }
     // Even empty, `leftover` may share hyper's whole read buffer: let it go before idling.
     drop(leftover);
-    conn.socket.set_fd(Some(conn.stream.as_raw_fd()));
+    conn.link.socket.set_fd(Some(conn.stream.as_raw_fd()));
     conn.drive().await;
-    conn.socket.mark_closing();
-    conn.socket.set_fd(None);
-    let outcome = conn.outcome.take().unwrap_or(Outcome {
-        code: close_code::ABNORMAL,
-        reason: "connection lost".into(),
-        was_clean: false,
-    });
-    conn.queue.finish_socket(conn.socket.id(), outcome.code, outcome.reason, outcome.was_clean);
+    conn.link.socket.mark_closing();
+    conn.link.socket.set_fd(None);
+    let outcome = conn.protocol.take_outcome();
+    conn.link.queue.finish_socket(conn.link.socket.id(), outcome.code, outcome.reason, outcome.was_clean);
     conn.linger().await;
 }
 
@@ -193,38 +142,46 @@ impl<S: Stream> Connection<S> {
         // handshake and would otherwise keep hyper's finished task (~900 bytes) alive for the
         // life of the socket. It is also smaller than a readiness future.
         loop {
-            if let Some(request) = self.socket.take_queued(&mut self.out, &mut self.front_partial) {
-                self.begin_close(request);
+            let link = &mut self.link;
+            if let Some(request) = link.socket.take_queued(&mut link.out) {
+                self.protocol.close(request, Instant::now(), link);
             }
             // After the replies the application queued, so they go out before the Close.
-            if self.held.is_some() && self.app_caught_up() {
-                self.release_held();
+            if self.protocol.is_holding() && link.app_caught_up() {
+                self.protocol.release_held(Instant::now(), link);
             }
-            let had_output = !self.out.is_empty();
-            if self.write_queued().is_err() {
+            let had_output = !link.out.is_empty();
+            let stream = &self.stream;
+            let written = link
+                .socket
+                .write_queue(&mut link.out, Slot::add_io, |slices| stream.try_write_vectored(slices));
+            if written.is_err() {
                 return;
             }
-            if had_output && self.out.is_empty() && self.phase == Phase::Open {
-                self.socket.set_task_idle();
+            let phase = self.protocol.phase();
+            if had_output && link.out.is_empty() && phase == Phase::Open {
+                link.socket.set_task_idle();
             }
-            if self.socket.take_drained() {
-                self.queue.push(Event::Drained { socket: self.socket.id() });
+            if link.socket.take_drained() {
+                link.queue.push(Event::Drained { socket: link.socket.id() });
             }
-            if self.phase == Phase::Finishing && self.out.is_empty() {
+            if phase == Phase::Finishing && link.out.is_empty() {
                 return;
             }
             // Backpressure pauses reading while open (the pull API, or too many messages
             // waiting for the application); a closing socket reads on to find the peer's Close.
-            let reading = match self.phase {
-                Phase::Open => !self.socket.is_paused() && self.held.is_none() && !self.incoming_full(),
+            let reading = match phase {
+                Phase::Open => {
+                    !link.socket.is_paused() && !self.protocol.is_holding() && !link.incoming_full()
+                }
                 Phase::CloseSent => true,
                 Phase::Finishing => false,
             };
-            let writing = !self.out.is_empty();
+            let writing = !link.out.is_empty();
             self.arm_timer();
             tokio::select! {
                 biased;
-                () = self.socket.wake.notified() => {}
+                () = self.link.socket.wake.notified() => {}
                 ready = poll_fn(|cx| self.stream.poll_write_ready(cx)), if writing => {
                     if ready.is_err() { return; }
                 }
@@ -232,10 +189,10 @@ impl<S: Stream> Connection<S> {
                     if ready.is_err() || self.read_ready().is_err() {
                         return;
                     }
-                    self.publish();
+                    self.link.publish();
                 }
                 () = poll_fn(|cx| self.timer.as_mut().map_or(Poll::Pending, |t| t.as_mut().poll(cx))), if self.timer.is_some() => {
-                    if self.on_deadline() {
+                    if self.protocol.on_deadline(Instant::now(), &mut self.link) {
                         return;
                     }
                 }
@@ -243,6 +200,74 @@ impl<S: Stream> Connection<S> {
         }
     }
 
+    /// Points the timer at the protocol's deadline, making or dropping it as needed. A later
+    /// deadline leaves the timer as it is (it fires early and is re-armed then), so a socket
+    /// that keeps receiving does not reset a timer per read.
+    fn arm_timer(&mut self) {
+        let deadline = self.protocol.deadline(self.link.socket.limits()).map(tokio::time::Instant::from_std);
+        match (deadline, self.timer.as_mut()) {
+            (Some(at), Some(timer)) => {
+                if at < timer.deadline() || timer.is_elapsed() {
+                    timer.as_mut().reset(at);
+                }
+            }
+            (Some(at), None) => self.timer = Some(Box::pin(sleep_until(at))),
+            (None, _) => self.timer = None,
+        }
+    }
+
+    /// Reads what the kernel has, without holding a buffer of the socket's own between reads.
+    fn read_ready(&mut self) -> io::Result<()> {
+        SCRATCH.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            for _ in 0..READS_PER_WAKE {
+                match self.stream.try_read(&mut scratch) {
+                    Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                    Ok(n) => {
+                        if let Some(slot) = self.link.socket.slot() {
+                            slot.add_io(Unit::BytesIn, n as u64);
+                        }
+                        self.protocol.receive_data(&scratch[..n], Instant::now(), &mut self.link);
+                        if n < scratch.len()
+                            || self.protocol.phase() == Phase::Finishing
+                            || self.protocol.is_holding()
+                        {
+                            break;
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Half-closes and reads until the peer closes too (bounded), so our last frames are
+    /// not lost to a reset caused by unread input.
+    async fn linger(&mut self) {
+        use tokio::io::AsyncWriteExt;
+        let _ = self.stream.shutdown().await;
+        let until = tokio::time::Instant::now() + LINGER;
+        loop {
+            tokio::select! {
+                ready = poll_fn(|cx| self.stream.poll_read_ready(cx)) => {
+                    if ready.is_err() { return; }
+                    let mut sink = [0u8; 512];
+                    match self.stream.try_read(&mut sink) {
+                        Ok(0) => return,
+                        Ok(_) => {}
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(_) => return,
+                    }
+                }
+                () = sleep_until(until) => return,
+            }
+        }
+    }
+}
+
+impl SocketLink {
     /// The application has handled every message pushed so far; when not, the task is woken
     /// once it has.
     fn app_caught_up(&self) -> bool {
@@ -260,338 +285,6 @@ impl<S: Stream> Connection<S> {
             return false;
         }
         true
-    }
-
-    /// Points the timer at the current deadline, making or dropping it as needed. A later
-    /// deadline leaves the timer as it is (it fires early and is re-armed then), so a socket
-    /// that keeps receiving does not reset a timer per read.
-    fn arm_timer(&mut self) {
-        match (self.deadline(), self.timer.as_mut()) {
-            (Some(at), Some(timer)) => {
-                if at < timer.deadline() || timer.is_elapsed() {
-                    timer.as_mut().reset(at);
-                }
-            }
-            (Some(at), None) => self.timer = Some(Box::pin(sleep_until(at))),
-            (None, _) => self.timer = None,
-        }
-    }
-
-    fn deadline(&self) -> Option<Instant> {
-        if let Some(at) = self.phase_deadline {
-            return Some(at);
-        }
-        let limits = self.socket.limits();
-        let idle = limits.idle_timeout.map(|idle| self.last_frame + idle);
-        let keepalive = limits.ping_interval.and_then(|interval| {
-            let ping_at = self.last_frame + interval;
-            if self.ping_sent {
-                limits.ping_timeout.map(|timeout| ping_at + timeout)
-            } else {
-                Some(ping_at)
-            }
-        });
-        match (idle, keepalive) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
-    }
-
-    /// Returns true when the connection must end now.
-    fn on_deadline(&mut self) -> bool {
-        let now = Instant::now();
-        if let Some(at) = self.phase_deadline {
-            if now < at {
-                return false;
-            }
-            if self.held.is_some() {
-                // The application did not catch up in time: close without waiting longer.
-                self.release_held();
-                return false;
-            }
-            if self.phase == Phase::CloseSent {
-                self.outcome = Some(Outcome {
-                    code: close_code::ABNORMAL,
-                    reason: "closing handshake timed out".into(),
-                    was_clean: false,
-                });
-            }
-            return true;
-        }
-        let limits = self.socket.limits();
-        let (idle, ping_interval, ping_timeout) =
-            (limits.idle_timeout, limits.ping_interval, limits.ping_timeout);
-        if idle.is_some_and(|idle| now >= self.last_frame + idle) {
-            self.socket.mark_closing();
-            self.begin_close(CloseRequest {
-                code: close_code::GOING_AWAY,
-                reason: "idle timeout".into(),
-                discard_unsent: false,
-            });
-            return false;
-        }
-        let Some(interval) = ping_interval else { return false };
-        let ping_at = self.last_frame + interval;
-        if self.ping_sent {
-            if ping_timeout.is_some_and(|timeout| now >= ping_at + timeout) {
-                // No byte since the Ping: the peer is gone or stuck. Close 1011; the application
-                // hears 1006, as no Close came from the peer.
-                self.socket.mark_closing();
-                self.queue(frame::encode_close(Some((close_code::INTERNAL_ERROR, "keepalive ping timeout"))));
-                self.outcome = Some(Outcome {
-                    code: close_code::ABNORMAL,
-                    reason: "keepalive ping timeout".into(),
-                    was_clean: false,
-                });
-                self.enter(Phase::Finishing);
-            }
-        } else if self.phase == Phase::Open && now >= ping_at {
-            self.ping_sent = true;
-            if let Some(slot) = self.socket.slot() {
-                slot.add_io(Unit::ProtocolPings, 1);
-            }
-            self.queue_own(frame::encode_ping(b"sockworker"));
-        }
-        false
-    }
-
-    /// Reads what the kernel has, without holding a buffer of the socket's own between reads.
-    fn read_ready(&mut self) -> io::Result<()> {
-        SCRATCH.with(|scratch| {
-            let mut scratch = scratch.borrow_mut();
-            for _ in 0..READS_PER_WAKE {
-                match self.stream.try_read(&mut scratch) {
-                    Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-                    Ok(n) => {
-                        if let Some(slot) = self.socket.slot() {
-                            slot.add_io(Unit::BytesIn, n as u64);
-                        }
-                        // Any byte is a sign of life: it resets the idle and keepalive timers.
-                        self.last_frame = Instant::now();
-                        self.ping_sent = false;
-                        self.on_bytes(&scratch[..n]);
-                        if n < scratch.len() || self.phase == Phase::Finishing || self.held.is_some() {
-                            break;
-                        }
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) => return Err(e),
-                }
-            }
-            Ok(())
-        })
-    }
-
-    fn on_bytes(&mut self, data: &[u8]) {
-        if self.held.is_some() {
-            return;
-        }
-        // The decoder is lent out for the call so each unit goes straight to `on_incoming`,
-        // without collecting them in a vector per read (an empty decoder allocates nothing).
-        let mut decoder = std::mem::replace(&mut self.decoder, MessageDecoder::new(0));
-        let result = decoder.feed(data, &mut |unit| self.on_incoming(unit));
-        self.decoder = decoder;
-        if let Err(violation) = result {
-            if self.phase == Phase::Open && self.held.is_none() {
-                self.events.push(Event::Error {
-                    socket: self.socket.id(),
-                    message: violation.reason.into(),
-                    slot: self.socket.slot().cloned(),
-                });
-                if self.has_unhandled_messages() {
-                    self.hold(HeldClose::Fail(violation.code, violation.reason));
-                } else {
-                    self.fail(violation.code, violation.reason);
-                }
-            } else if self.phase != Phase::Open {
-                self.phase = Phase::Finishing;
-            }
-        }
-    }
-
-    /// Messages of this socket that the application has not handled yet (gathered in this
-    /// read, or pushed in a batch it has not finished).
-    fn has_unhandled_messages(&self) -> bool {
-        self.events.iter().any(|e| matches!(e, Event::Message { .. }))
-            || (self.unhandled > 0 && !self.queue.is_processed(self.pushed_batch))
-    }
-
-    /// Holds a close back (and stops reading) until the application has handled what came
-    /// before it, bounded by the close timeout.
-    fn hold(&mut self, close: HeldClose) {
-        self.held = Some(Box::new(close));
-        self.phase_deadline = Some(Instant::now() + CLOSE_TIMEOUT);
-    }
-
-    fn release_held(&mut self) {
-        let Some(held) = self.held.take() else { return };
-        self.phase_deadline = None;
-        match *held {
-            HeldClose::Fail(code, reason) => self.fail(code, reason),
-            HeldClose::Echo(status) => self.echo_close(status),
-        }
-    }
-
-    fn on_incoming(&mut self, unit: Incoming) {
-        if self.phase == Phase::Finishing || self.held.is_some() {
-            return;
-        }
-        match unit {
-            Incoming::Message(data) => {
-                if self.phase == Phase::Open {
-                    let answer = self.socket.auto_response(&data);
-                    let slot = self.socket.slot();
-                    if let Some(slot) = slot {
-                        slot.add_io(if answer.is_some() { Unit::AutoResponses } else { Unit::MessagesIn }, 1);
-                    }
-                    let key = slot.map_or(0, |slot| Arc::as_ptr(slot) as usize);
-                    if let Some(answer) = answer {
-                        // Answered here: a hibernated object stays asleep.
-                        self.queue_own(answer);
-                    } else {
-                        self.events.push(Event::Message { socket: self.socket.id(), data, slot: key });
-                    }
-                }
-            }
-            Incoming::Ping(data) => {
-                if let Some(slot) = self.socket.slot() {
-                    slot.add_io(Unit::ProtocolPings, 1);
-                }
-                self.queue_own(frame::encode_pong(&data));
-            }
-            Incoming::Pong => {}
-            Incoming::Close(status) => {
-                if self.phase == Phase::Open && self.has_unhandled_messages() {
-                    // Replies to the messages before the Close may still come: answer it after.
-                    self.hold(HeldClose::Echo(status));
-                } else {
-                    self.echo_close(status);
-                }
-            }
-        }
-    }
-
-    /// Answers the peer's Close (when we had not sent ours) and finishes.
-    fn echo_close(&mut self, status: Option<(u16, String)>) {
-        if self.phase == Phase::Open {
-            self.socket.mark_closing();
-            let echo = status.as_ref().map(|(code, reason)| (*code, reason.as_str()));
-            self.queue(frame::encode_close(echo));
-        }
-        let (code, reason) = status.unwrap_or((close_code::NO_STATUS, String::new()));
-        self.outcome = Some(Outcome { code, reason, was_clean: true });
-        self.enter(Phase::Finishing);
-    }
-
-    /// Fails the connection: sends our Close and ends without waiting for the peer's.
-    fn fail(&mut self, code: u16, reason: &str) {
-        self.socket.mark_closing();
-        self.queue(frame::encode_close(Some((code, reason))));
-        self.outcome = Some(Outcome { code, reason: reason.into(), was_clean: false });
-        self.enter(Phase::Finishing);
-    }
-
-    fn begin_close(&mut self, request: CloseRequest) {
-        if self.phase != Phase::Open {
-            return;
-        }
-        if request.discard_unsent {
-            // The send queue overflowed: the peer does not read, so waiting for its Close is
-            // pointless. The frame in flight is finished, then our Close; the application hears
-            // the 1008 whether or not the peer ever reads it.
-            self.discard_unsent();
-            self.held = None;
-            self.fail(request.code, &request.reason);
-            return;
-        }
-        self.queue(frame::encode_close(Some((request.code, &request.reason))));
-        self.outcome = Some(Outcome { code: request.code, reason: request.reason, was_clean: false });
-        self.enter(Phase::CloseSent);
-    }
-
-    fn enter(&mut self, phase: Phase) {
-        self.phase = phase;
-        self.phase_deadline = Some(Instant::now() + CLOSE_TIMEOUT);
-    }
-
-    /// Drops queued frames that have not started going out (a partly written one must finish,
-    /// or the stream would be corrupt).
-    fn discard_unsent(&mut self) {
-        let keep = usize::from(self.front_partial);
-        let mut frames = 0;
-        let dropped: usize = self
-            .out
-            .drain(keep.min(self.out.len())..)
-            .map(|f| {
-                frames += 1;
-                f.len()
-            })
-            .sum();
-        self.socket.sub_buffered(dropped);
-        self.socket.sub_frames(frames);
-    }
-
-    /// Queues a frame the core answers on its own (a pong, an auto-response, a keepalive ping)
-    /// under the send-queue limit like the application's: a peer that sends pings and never
-    /// reads is closed with 1008 instead of growing the queue.
-    fn queue_own(&mut self, frame: Bytes) {
-        if self.socket.queued_cost() > self.socket.limits().max_buffered_bytes {
-            if self.phase == Phase::Open {
-                self.socket.mark_closing();
-                self.discard_unsent();
-                self.fail(close_code::POLICY_VIOLATION, "send buffer limit exceeded");
-            }
-            return;
-        }
-        self.queue(frame);
-    }
-
-    fn queue(&mut self, frame: Bytes) {
-        let frame = if self.socket.is_client() { frame::mask(&frame) } else { frame };
-        if self.out.is_empty() {
-            self.socket.set_task_busy();
-        }
-        self.socket.add_frame(frame.len());
-        self.out.push_back(frame);
-    }
-
-    /// Writes as much of the queue as the kernel takes now.
-    fn write_queued(&mut self) -> io::Result<()> {
-        while !self.out.is_empty() {
-            let mut slices = [IoSlice::new(&[]); MAX_IOV];
-            let mut count = 0;
-            for (slot, frame) in slices.iter_mut().zip(self.out.iter()) {
-                *slot = IoSlice::new(frame);
-                count += 1;
-            }
-            match self.stream.try_write_vectored(&slices[..count]) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(mut written) => {
-                    self.socket.sub_buffered(written);
-                    if let Some(slot) = self.socket.slot() {
-                        slot.add_io(Unit::BytesOut, written as u64);
-                    }
-                    let mut whole = 0;
-                    while written > 0 {
-                        let front = self.out.front_mut().expect("written bytes come from the queue");
-                        if written >= front.len() {
-                            written -= front.len();
-                            self.out.pop_front();
-                            whole += 1;
-                            self.front_partial = false;
-                        } else {
-                            front.advance(written);
-                            self.front_partial = true;
-                            written = 0;
-                        }
-                    }
-                    self.socket.sub_frames(whole);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
     }
 
     fn publish(&mut self) {
@@ -617,27 +310,52 @@ impl<S: Stream> Connection<S> {
             self.pushed_batch = batch;
         }
     }
+}
 
-    /// Half-closes and reads until the peer closes too (bounded), so our last frames are
-    /// not lost to a reset caused by unread input.
-    async fn linger(&mut self) {
-        use tokio::io::AsyncWriteExt;
-        let _ = self.stream.shutdown().await;
-        let until = Instant::now() + LINGER;
-        loop {
-            tokio::select! {
-                ready = poll_fn(|cx| self.stream.poll_read_ready(cx)) => {
-                    if ready.is_err() { return; }
-                    let mut sink = [0u8; 512];
-                    match self.stream.try_read(&mut sink) {
-                        Ok(0) => return,
-                        Ok(_) => {}
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                        Err(_) => return,
-                    }
-                }
-                () = sleep_until(until) => return,
-            }
+impl Link for SocketLink {
+    fn limits(&self) -> &Limits {
+        self.socket.limits()
+    }
+
+    fn send(&mut self, frame: Bytes) {
+        self.socket.push_own(&mut self.out, frame);
+    }
+
+    fn discard_unsent(&mut self) {
+        self.socket.discard_unsent(&mut self.out);
+    }
+
+    fn queued_cost(&self) -> usize {
+        self.socket.queued_cost()
+    }
+
+    fn closing(&mut self) {
+        self.socket.mark_closing();
+    }
+
+    fn message(&mut self, data: Payload) {
+        let slot = self.socket.slot().map_or(0, |slot| Arc::as_ptr(slot) as usize);
+        self.events.push(Event::Message { socket: self.socket.id(), data, slot });
+    }
+
+    fn error(&mut self, reason: &'static str) {
+        let slot = self.socket.slot().cloned();
+        self.events.push(Event::Error { socket: self.socket.id(), message: reason.into(), slot });
+    }
+
+    /// Messages gathered in this read, or pushed in a batch the application has not finished.
+    fn app_behind(&self) -> bool {
+        self.events.iter().any(|e| matches!(e, Event::Message { .. }))
+            || (self.unhandled > 0 && !self.queue.is_processed(self.pushed_batch))
+    }
+
+    fn auto_response(&mut self, message: &Payload) -> Option<Bytes> {
+        self.socket.auto_response(message)
+    }
+
+    fn count(&mut self, unit: Unit) {
+        if let Some(slot) = self.socket.slot() {
+            slot.add_io(unit, 1);
         }
     }
 }
@@ -752,7 +470,8 @@ mod tests {
 
     /// The task of an idle socket is most of what it costs in the core: keep it small
     /// (920 bytes at first, 608 since readiness is polled and the timer is boxed on demand,
-    /// 656 with keepalive, incremental UTF-8 checks and the bound on unhandled input).
+    /// 656 with keepalive, incremental UTF-8 checks and the bound on unhandled input, 640 with
+    /// the protocol apart and its outcome boxed).
     #[test]
     fn idle_task_stays_small() {
         let rt = crate::runtime::build(1).unwrap();
@@ -765,7 +484,7 @@ mod tests {
             let socket = std::sync::Arc::new(crate::socket::SocketShared::new(1, ctx.limits.clone()));
             let fut = super::run(s, bytes::Bytes::new(), socket, ctx.events.clone());
             let size = std::mem::size_of_val(&fut);
-            assert!(size <= 656, "the connection task grew to {size} bytes");
+            assert!(size <= 640, "the connection task grew to {size} bytes");
         });
     }
 }

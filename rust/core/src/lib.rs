@@ -15,6 +15,7 @@ pub mod handshake;
 pub mod logs;
 pub mod meter;
 pub mod object;
+pub mod protocol;
 pub mod reactor;
 pub mod registry;
 pub mod runtime;

@@ -6,7 +6,6 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
@@ -119,10 +118,6 @@ impl std::fmt::Debug for ObjectShared {
 }
 
 static NEXT_OBJECT_KEY: AtomicU64 = AtomicU64::new(1);
-
-fn now_seconds() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
-}
 
 fn check_tags(tags: &[String]) -> Result<(), CoreError> {
     if tags.len() > MAX_TAGS {
@@ -303,48 +298,20 @@ impl ObjectShared {
     }
 }
 
-impl SocketShared {
-    /// Answers `message` from its object's auto-response pairs, stamping the socket.
-    pub(crate) fn auto_response(&self, message: &Payload) -> Option<Bytes> {
-        let mut meta = self.meta_if_any()?;
-        let frame = meta.object.as_ref()?.auto_response(message)?;
-        meta.auto_response_at = Some(now_seconds());
-        Some(frame)
-    }
-
-    pub(crate) fn has_tag(&self, tag: Option<&str>) -> bool {
-        tag.is_none_or(|tag| self.meta_if_any().is_some_and(|m| m.tags.iter().any(|t| t == tag)))
-    }
-
-    /// Stores the serialized attachment (at most 16 KiB).
-    ///
-    /// # Errors
-    /// `InvalidArgument` past 16 KiB.
-    pub fn set_attachment(&self, attachment: Option<Bytes>) -> Result<(), CoreError> {
-        if attachment.as_ref().is_some_and(|a| a.len() > MAX_ATTACHMENT_BYTES) {
-            return Err(CoreError::InvalidArgument(format!(
-                "a serialized attachment is at most {MAX_ATTACHMENT_BYTES} bytes"
-            )));
-        }
-        self.meta().attachment = attachment;
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::Limits;
-    use std::collections::VecDeque;
+    use crate::socket::WriteQueue;
 
     fn socket(id: u64) -> Arc<SocketShared> {
         Arc::new(SocketShared::new(id, Arc::new(Limits::default())))
     }
 
     fn queued(socket: &SocketShared) -> usize {
-        let mut out = VecDeque::new();
-        let _ = socket.take_queued(&mut out, &mut false);
-        out.len()
+        let mut out = WriteQueue::default();
+        let _ = socket.take_queued(&mut out);
+        out.frames.len()
     }
 
     #[test]

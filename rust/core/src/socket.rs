@@ -3,10 +3,11 @@
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
-use std::io::IoSlice;
+use std::io::{self, IoSlice};
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, Bytes};
 use parking_lot::Mutex;
@@ -14,9 +15,12 @@ use tokio::sync::Notify;
 
 use crate::config::{Limits, QUEUED_FRAME_COST};
 use crate::deflate::Deflate;
+use crate::error::CoreError;
+use crate::frame::Payload;
 use crate::frame::{self, close_code};
 use crate::meter::{Slot, Unit};
-use crate::object::SocketMeta;
+use crate::object::{SocketMeta, MAX_ATTACHMENT_BYTES};
+use crate::protocol::CloseRequest;
 
 /// What became of a frame given to [`SocketShared::send`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,19 +40,27 @@ impl SendOutcome {
     }
 }
 
-/// A close the application (or the server) asked for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CloseRequest {
-    pub code: u16,
-    pub reason: String,
-    /// The queue overflowed: frames not yet written are discarded, not flushed.
-    pub discard_unsent: bool,
+/// Frames on their way to the kernel, in order.
+#[derive(Debug, Default)]
+pub(crate) struct WriteQueue {
+    pub(crate) frames: VecDeque<Bytes>,
+    /// The first frame was partly written: it must be finished, never dropped, or the stream
+    /// would be corrupt.
+    pub(crate) front_partial: bool,
 }
 
+impl WriteQueue {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.frames.is_empty()
+    }
+}
+
+/// Most frames given to one vectored write.
+const MAX_IOV: usize = 64;
+
 struct Outbox {
-    frames: Vec<Bytes>,
-    /// The first frame was partly written by a direct write: it must be finished, never dropped.
-    front_partial: bool,
+    /// The application's frames, not yet taken by the connection task (nor written directly).
+    queue: WriteQueue,
     close: Option<CloseRequest>,
     /// Set once a close is queued or the connection ended: later sends are dropped.
     closing: bool,
@@ -61,14 +73,7 @@ struct Outbox {
 
 impl Default for Outbox {
     fn default() -> Self {
-        Self {
-            frames: Vec::new(),
-            front_partial: false,
-            close: None,
-            closing: false,
-            fd: -1,
-            task_idle: false,
-        }
+        Self { queue: WriteQueue::default(), close: None, closing: false, fd: -1, task_idle: false }
     }
 }
 
@@ -77,6 +82,10 @@ impl Default for Outbox {
 /// thread). In single-thread mode there is no other thread to write in parallel: the batch
 /// always writes directly.
 pub(crate) const DIRECT_FLUSH_MAX_SOCKETS: usize = 64;
+
+fn now_seconds() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+}
 
 /// The sockets a batch touched, and how many it may write itself.
 struct Batch {
@@ -267,11 +276,7 @@ impl SocketShared {
         // The slow-consumer rule: what was already queued when this frame came is held to the
         // limit, so one large message on a short queue goes out, and a pile-up does not.
         if self.queued_cost() > self.limits.max_buffered_bytes {
-            let keep = usize::from(outbox.front_partial);
-            let dropped = outbox.frames.len().saturating_sub(keep);
-            let unsent: usize = outbox.frames.drain(keep..).map(|f| f.len()).sum();
-            self.buffered.fetch_sub(unsent, Ordering::AcqRel);
-            self.frames.fetch_sub(dropped, Ordering::AcqRel);
+            self.discard_unsent(&mut outbox.queue);
             outbox.closing = true;
             outbox.close = Some(CloseRequest {
                 code: close_code::POLICY_VIOLATION,
@@ -284,8 +289,8 @@ impl SocketShared {
         }
         self.buffered.fetch_add(len, Ordering::AcqRel);
         self.frames.fetch_add(1, Ordering::AcqRel);
-        let was_empty = outbox.frames.is_empty();
-        outbox.frames.push(frame);
+        let was_empty = outbox.queue.is_empty();
+        outbox.queue.frames.push_back(frame);
         drop(outbox);
         if let Some(slot) = self.slot.get() {
             slot.add(Unit::MessagesOut, 1);
@@ -311,18 +316,13 @@ impl SocketShared {
     }
 
     /// Moves the queued frames to the connection's write queue; returns a close request if any.
-    /// `front_partial` is set when the first frame moved was partly written already.
-    pub(crate) fn take_queued(
-        &self,
-        out: &mut VecDeque<Bytes>,
-        front_partial: &mut bool,
-    ) -> Option<CloseRequest> {
+    pub(crate) fn take_queued(&self, out: &mut WriteQueue) -> Option<CloseRequest> {
         let mut outbox = self.outbox.lock();
-        if out.is_empty() && outbox.front_partial {
-            *front_partial = true;
+        if out.is_empty() && outbox.queue.front_partial {
+            out.front_partial = true;
         }
-        outbox.front_partial = false;
-        out.extend(outbox.frames.drain(..));
+        outbox.queue.front_partial = false;
+        out.frames.extend(outbox.queue.frames.drain(..));
         outbox.task_idle = out.is_empty();
         outbox.close.take()
     }
@@ -330,7 +330,87 @@ impl SocketShared {
     /// [`Self::take_queued`] for the benchmarks, which run outside the crate.
     #[doc(hidden)]
     pub fn take_queued_for_bench(&self, out: &mut VecDeque<Bytes>) -> Option<CloseRequest> {
-        self.take_queued(out, &mut false)
+        let mut queue = WriteQueue { frames: std::mem::take(out), front_partial: false };
+        let close = self.take_queued(&mut queue);
+        *out = queue.frames;
+        close
+    }
+
+    /// Queues a frame of the connection task's own (a pong, a close) on its write queue: no
+    /// direct writes until the task has written it.
+    pub(crate) fn push_own(&self, queue: &mut WriteQueue, frame: Bytes) {
+        if queue.is_empty() {
+            self.set_task_busy();
+        }
+        self.add_frame(frame.len());
+        queue.frames.push_back(frame);
+    }
+
+    /// Drops the frames of `queue` that have not started going out (a partly written one
+    /// stays).
+    pub(crate) fn discard_unsent(&self, queue: &mut WriteQueue) {
+        let keep = usize::from(queue.front_partial).min(queue.frames.len());
+        let mut frames = 0;
+        let bytes: usize = queue
+            .frames
+            .drain(keep..)
+            .map(|f| {
+                frames += 1;
+                f.len()
+            })
+            .sum();
+        self.sub_buffered(bytes);
+        self.sub_frames(frames);
+    }
+
+    /// Writes `queue` with vectored writes (`write`: non-blocking) until it is empty or the
+    /// kernel takes no more, advancing over a frame partly written; the one write loop of both
+    /// writers, the connection task and the application thread's direct flush. The bytes
+    /// written are counted with `meter` (`Slot::add_io` on an I/O thread, `Slot::add` on the
+    /// application thread).
+    ///
+    /// # Errors
+    /// What `write` returns but `WouldBlock`; `WriteZero` when it takes nothing.
+    pub(crate) fn write_queue(
+        &self,
+        queue: &mut WriteQueue,
+        meter: fn(&Slot, Unit, u64),
+        mut write: impl FnMut(&[IoSlice<'_>]) -> io::Result<usize>,
+    ) -> io::Result<()> {
+        while !queue.is_empty() {
+            let mut slices = [IoSlice::new(&[]); MAX_IOV];
+            let mut count = 0;
+            for (slot, frame) in slices.iter_mut().zip(queue.frames.iter()) {
+                *slot = IoSlice::new(frame);
+                count += 1;
+            }
+            let mut written = match write(&slices[..count]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(written) => written,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            };
+            self.sub_buffered(written);
+            if let Some(slot) = self.slot.get() {
+                meter(slot, Unit::BytesOut, written as u64);
+            }
+            let mut whole = 0;
+            while written > 0 {
+                let front = queue.frames.front_mut().expect("written bytes come from the queue");
+                if written >= front.len() {
+                    written -= front.len();
+                    queue.frames.pop_front();
+                    whole += 1;
+                    queue.front_partial = false;
+                } else {
+                    front.advance(written);
+                    queue.front_partial = true;
+                    written = 0;
+                }
+            }
+            self.sub_frames(whole);
+        }
+        Ok(())
     }
 
     /// The connection task has frames of its own to write (a pong, a close): no direct writes
@@ -342,7 +422,7 @@ impl SocketShared {
     /// The connection task has written everything it had.
     pub(crate) fn set_task_idle(&self) {
         let mut outbox = self.outbox.lock();
-        outbox.task_idle = outbox.frames.is_empty();
+        outbox.task_idle = outbox.queue.is_empty();
     }
 
     /// Lets the application thread write to `fd` while the task is idle (`None`: never again,
@@ -350,62 +430,39 @@ impl SocketShared {
     pub(crate) fn set_fd(&self, fd: Option<RawFd>) {
         let mut outbox = self.outbox.lock();
         outbox.fd = fd.unwrap_or(-1);
-        outbox.task_idle = fd.is_some() && outbox.frames.is_empty();
+        outbox.task_idle = fd.is_some() && outbox.queue.is_empty();
     }
 
     /// Writes the queued frames from this thread when the task is idle. Returns false when the
     /// task must be woken (it is busy, a close is pending, or the kernel did not take it all).
     fn write_directly(&self) -> bool {
         let mut outbox = self.outbox.lock();
-        if !outbox.task_idle || outbox.fd < 0 || outbox.closing || outbox.frames.is_empty() {
-            return outbox.frames.is_empty() && outbox.close.is_none();
+        if !outbox.task_idle || outbox.fd < 0 || outbox.closing || outbox.queue.is_empty() {
+            return outbox.queue.is_empty() && outbox.close.is_none();
         }
-        let slices: Vec<IoSlice<'_>> = outbox.frames.iter().take(64).map(|f| IoSlice::new(f)).collect();
-        let iov_count = i32::try_from(slices.len()).expect("at most 64 slices");
-        // SAFETY: `fd` is the open descriptor of the connection: it is reset to -1 under this
-        // lock before the task closes it. IoSlice has the layout of iovec. MSG_DONTWAIT makes
-        // this never block; MSG_NOSIGNAL turns a dead peer into EPIPE instead of SIGPIPE.
-        let written = unsafe {
-            let header = libc::msghdr {
-                msg_name: std::ptr::null_mut(),
-                msg_namelen: 0,
-                msg_iov: slices.as_ptr().cast_mut().cast(),
-                msg_iovlen: iov_count as _,
-                msg_control: std::ptr::null_mut(),
-                msg_controllen: 0,
-                msg_flags: 0,
+        let fd = outbox.fd;
+        let written = self.write_queue(&mut outbox.queue, Slot::add, |slices| {
+            let iov_count = i32::try_from(slices.len()).expect("at most MAX_IOV slices");
+            // SAFETY: `fd` is the open descriptor of the connection: it is reset to -1 under
+            // the outbox lock (held here) before the task closes it. IoSlice has the layout of
+            // iovec. MSG_DONTWAIT makes this never block; MSG_NOSIGNAL turns a dead peer into
+            // EPIPE instead of SIGPIPE.
+            let written = unsafe {
+                let header = libc::msghdr {
+                    msg_name: std::ptr::null_mut(),
+                    msg_namelen: 0,
+                    msg_iov: slices.as_ptr().cast_mut().cast(),
+                    msg_iovlen: iov_count as _,
+                    msg_control: std::ptr::null_mut(),
+                    msg_controllen: 0,
+                    msg_flags: 0,
+                };
+                libc::sendmsg(fd, &raw const header, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
             };
-            libc::sendmsg(outbox.fd, &raw const header, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
-        };
-        drop(slices);
-        let Ok(mut written) = usize::try_from(written) else {
-            return false; // EAGAIN or an error: the task finds out and handles it
-        };
-        self.sub_buffered(written);
-        if let Some(slot) = self.slot.get() {
-            slot.add(Unit::BytesOut, written as u64);
-        }
-        let mut done = 0;
-        let mut advanced = false;
-        for frame in &mut outbox.frames {
-            if written >= frame.len() {
-                written -= frame.len();
-                done += 1;
-            } else {
-                if written > 0 {
-                    frame.advance(written);
-                    advanced = true;
-                }
-                break;
-            }
-        }
-        // A frame partly written must be finished before anything else, a Close included.
-        if done > 0 || advanced {
-            outbox.front_partial = advanced;
-        }
-        outbox.frames.drain(..done);
-        self.frames.fetch_sub(done, Ordering::AcqRel);
-        outbox.frames.is_empty()
+            usize::try_from(written).map_err(|_| io::Error::last_os_error())
+        });
+        // An error: the task finds out and handles it.
+        written.is_ok() && outbox.queue.is_empty()
     }
 
     /// The state that survives hibernation, made on first use.
@@ -493,6 +550,35 @@ impl SocketShared {
     }
 }
 
+/// The hibernation side of a socket: its tags, attachment and its object's auto-responses.
+impl SocketShared {
+    /// Answers `message` from its object's auto-response pairs, stamping the socket.
+    pub(crate) fn auto_response(&self, message: &Payload) -> Option<Bytes> {
+        let mut meta = self.meta_if_any()?;
+        let frame = meta.object.as_ref()?.auto_response(message)?;
+        meta.auto_response_at = Some(now_seconds());
+        Some(frame)
+    }
+
+    pub(crate) fn has_tag(&self, tag: Option<&str>) -> bool {
+        tag.is_none_or(|tag| self.meta_if_any().is_some_and(|m| m.tags.iter().any(|t| t == tag)))
+    }
+
+    /// Stores the serialized attachment (at most 16 KiB).
+    ///
+    /// # Errors
+    /// `InvalidArgument` past 16 KiB.
+    pub fn set_attachment(&self, attachment: Option<Bytes>) -> Result<(), CoreError> {
+        if attachment.as_ref().is_some_and(|a| a.len() > MAX_ATTACHMENT_BYTES) {
+            return Err(CoreError::InvalidArgument(format!(
+                "a serialized attachment is at most {MAX_ATTACHMENT_BYTES} bytes"
+            )));
+        }
+        self.meta().attachment = attachment;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -511,8 +597,8 @@ mod tests {
         assert_eq!(socket.send(false, &[0; 40]), SendOutcome::Overflow);
         assert_eq!((socket.buffered_amount(), socket.queued_cost()), (0, 0));
         assert_eq!(socket.send(false, b"late"), SendOutcome::Dropped);
-        let mut out = VecDeque::new();
-        let close = socket.take_queued(&mut out, &mut false).unwrap();
+        let mut out = WriteQueue::default();
+        let close = socket.take_queued(&mut out).unwrap();
         assert!(out.is_empty());
         assert_eq!((close.code, close.discard_unsent), (1008, true));
     }
@@ -542,10 +628,10 @@ mod tests {
         assert!(socket.close(1000, "bye"));
         assert!(!socket.close(1001, "again"));
         assert_eq!(socket.send(true, b"b"), SendOutcome::Dropped);
-        let mut out = VecDeque::new();
-        let close = socket.take_queued(&mut out, &mut false).unwrap();
-        assert_eq!((out.len(), close.code, close.reason.as_str()), (1, 1000, "bye"));
-        assert!(socket.take_queued(&mut out, &mut false).is_none());
+        let mut out = WriteQueue::default();
+        let close = socket.take_queued(&mut out).unwrap();
+        assert_eq!((out.frames.len(), close.code, close.reason.as_str()), (1, 1000, "bye"));
+        assert!(socket.take_queued(&mut out).is_none());
     }
 
     #[test]
