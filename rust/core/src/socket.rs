@@ -322,7 +322,13 @@ impl SocketShared {
             *front_partial = true;
         }
         outbox.front_partial = false;
-        out.extend(outbox.frames.drain(..));
+        if out.is_empty() {
+            // The outbox's allocation moves over (a Vec becomes a VecDeque without copying), so
+            // an idle socket keeps no empty queue with capacity on either side.
+            *out = VecDeque::from(std::mem::take(&mut outbox.frames));
+        } else {
+            out.extend(outbox.frames.drain(..));
+        }
         outbox.task_idle = out.is_empty();
         outbox.close.take()
     }
@@ -405,7 +411,12 @@ impl SocketShared {
         }
         outbox.frames.drain(..done);
         self.frames.fetch_sub(done, Ordering::AcqRel);
-        outbox.frames.is_empty()
+        if outbox.frames.is_empty() {
+            // Written out: an idle socket keeps no empty queue with capacity.
+            outbox.frames = Vec::new();
+            return true;
+        }
+        false
     }
 
     /// The state that survives hibernation, made on first use.
