@@ -371,11 +371,14 @@ async def test_memory_of_a_burst_of_connections_is_given_back(
     baseline = server.rss_kib()
     sockets = [await RawWebSocket.connect(server.port, "/", limit=4096) for _ in range(BURST)]
     peak = server.rss_kib()
-    assert peak - baseline > 8 << 10, "the burst cost too little to tell"
+    assert peak - baseline > 4 << 10, "the burst cost too little to tell"
     for ws in sockets:
         ws.abort()
 
+    # Three quarters at most stay: since a socket's task shrank (docs/topics/design.md), the
+    # core's share of what a socket costs, which jemalloc gives back, is about half of it; the
+    # rest is Python's, whose freed objects leave its arenas partly used.
     async def given_back() -> bool:
-        return server.rss_kib() - baseline < (peak - baseline) * 0.6
+        return server.rss_kib() - baseline < (peak - baseline) * 0.75
 
     await wait_until(given_back, within=30, interval=0.5, what="RSS to fall after the burst")

@@ -260,6 +260,10 @@ async def test_the_totals_are_exposed_as_prometheus_text(billing: ServerProcess)
     assert values["sockworker_requests_total"] >= 1
     assert values["sockworker_cpu_ms_total"] > 0
     assert "# TYPE sockworker_ws_messages_in_total counter" in text
+    # The core's allocator, as gauges: what it holds is at most what it keeps resident.
+    allocated = values["sockworker_memory_allocated_bytes"]
+    assert 0 < allocated <= values["sockworker_memory_resident_bytes"]
+    assert "# TYPE sockworker_memory_resident_bytes gauge" in text
 
 
 async def test_no_metrics_path_unless_the_app_asks(echo_server: ServerProcess) -> None:

@@ -212,6 +212,9 @@ class Meter:
         stats = (*self._storage_stats(), totals.storage_bytes)
         for (name, kind, help_text), value in zip(_STORAGE_METRICS, stats, strict=True):
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value}"]
+        memory = _native.allocator_stats()
+        for (name, help_text), value in zip(_MEMORY_METRICS, memory, strict=True):
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f"{name} {value}"]
         name = "sockworker_blocked_events_total"
         lines += [
             f"# HELP {name} Events that held the event loop for Limits.log_blocked_after or more.",
@@ -235,6 +238,15 @@ _METRICS = (
     ("storage_rows_written", "counter", "Durable Object storage rows (KV keys) written."),
     ("protocol_pings", "counter", "Protocol pings answered or sent by the core (free)."),
     ("billable_requests", "counter", "Requests as billed, messages at the configured ratio."),
+)
+
+# In the order of _native.allocator_stats(): the Rust side's and SQLite's allocator (jemalloc).
+_MEMORY_METRICS = (
+    ("sockworker_memory_allocated_bytes", "Bytes held by the core's allocations (jemalloc)."),
+    ("sockworker_memory_active_bytes", "Bytes in the allocator's pages that hold allocations."),
+    ("sockworker_memory_resident_bytes", "Bytes the core's allocator keeps resident."),
+    ("sockworker_memory_metadata_bytes", "Bytes of the allocator's own bookkeeping."),
+    ("sockworker_memory_mapped_bytes", "Bytes of address space the allocator has mapped."),
 )
 
 # In the order of _native.Server.storage_stats(), then the storage gauge.

@@ -13,6 +13,7 @@ pub mod frame;
 pub mod gate;
 pub mod handshake;
 pub mod logs;
+pub mod memory;
 pub mod meter;
 pub mod object;
 pub mod protocol;

@@ -322,7 +322,13 @@ impl SocketShared {
             out.front_partial = true;
         }
         outbox.queue.front_partial = false;
-        out.frames.extend(outbox.queue.frames.drain(..));
+        if out.is_empty() {
+            // The outbox's allocation moves over, so an idle socket keeps no empty queue with
+            // capacity on either side.
+            std::mem::swap(&mut out.frames, &mut outbox.queue.frames);
+        } else {
+            out.frames.extend(outbox.queue.frames.drain(..));
+        }
         outbox.task_idle = out.is_empty();
         outbox.close.take()
     }
@@ -409,6 +415,11 @@ impl SocketShared {
                 }
             }
             self.sub_frames(whole);
+        }
+        if queue.is_empty() {
+            // Written out: an idle socket keeps no empty queue with capacity (a jemalloc thread
+            // cache makes the next one cheap).
+            queue.frames = VecDeque::new();
         }
         Ok(())
     }

@@ -36,6 +36,20 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 #[export_name = "_rjem_malloc_conf"]
 pub static malloc_conf: &u8 = &b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0\0"[0];
 
+/// jemalloc's totals in bytes: allocated, active, resident, metadata, mapped (the metrics page's
+/// memory gauges).
+#[pyfunction]
+fn allocator_stats() -> (u64, u64, u64, u64, u64) {
+    let s = sockworker_core::memory::stats();
+    (s.allocated, s.active, s.resident, s.metadata, s.mapped)
+}
+
+/// jemalloc's live allocations by size class, `(size, count)` (bench/memory.py's breakdown).
+#[pyfunction]
+fn allocator_size_classes() -> Vec<(u64, u64)> {
+    sockworker_core::memory::size_classes().into_iter().map(|c| (c.size, c.count)).collect()
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     errors::check(m.py());
@@ -84,6 +98,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
         m.add(name, code)?;
     }
     m.add_function(wrap_pyfunction!(check_close, m)?)?;
+    m.add_function(wrap_pyfunction!(allocator_stats, m)?)?;
+    m.add_function(wrap_pyfunction!(allocator_size_classes, m)?)?;
     m.add("LIMIT_DEFAULTS", socket::limit_defaults(m.py())?)?;
     convert::add_event_kinds(m)?;
     m.add_function(wrap_pyfunction!(logs::install_log_queue, m)?)?;
