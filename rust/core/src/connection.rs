@@ -337,7 +337,7 @@ impl Link for SocketLink {
     }
 
     fn message(&mut self, data: Payload) {
-        let slot = self.socket.slot().map_or(0, |slot| Arc::as_ptr(slot) as usize);
+        let slot = self.socket.slot().cloned();
         self.events.push(Event::Message { socket: self.socket.id(), data, slot });
     }
 

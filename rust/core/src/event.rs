@@ -26,9 +26,9 @@ pub enum Event {
     Message {
         socket: u64,
         data: Payload,
-        /// The address of the socket's meter slot (0: none): tells runs of events of one slot
-        /// apart without touching the slot's reference count on the I/O thread.
-        slot: usize,
+        /// The socket's meter slot: what the application thread bills the message's handler
+        /// to, carried here so that no map of sockets is looked up per message.
+        slot: Option<Arc<Slot>>,
     },
     /// The socket is closed; always the last event of a socket, sent exactly once.
     Close {

@@ -85,32 +85,22 @@ pub enum EventSlot {
     Slot(Arc<Slot>),
 }
 
-/// The events as tuples, each with the meter slot it is billed to (`slot_of` finds a socket's
-/// slot, asked once per run of messages of one slot).
-pub fn events_to_vec(
-    py: Python<'_>,
-    events: Vec<Event>,
-    slot_of: impl Fn(u64) -> Option<Arc<Slot>>,
-) -> Vec<(Py<PyAny>, EventSlot, u8)> {
+/// The events as tuples, each with the meter slot it is billed to (as the event carries it).
+pub fn events_to_vec(py: Python<'_>, events: Vec<Event>) -> Vec<(Py<PyAny>, EventSlot, u8)> {
     let mut out = Vec::with_capacity(events.len());
     // The previous event's slot, by address (0: none; 1: not known yet).
     let mut previous = 1usize;
-    for event in events {
-        let (key, slot) = match &event {
-            Event::Message { socket, slot: key, .. } if *key != 0 => {
-                if *key == previous {
-                    (*key, None)
-                } else {
-                    let slot = slot_of(*socket);
-                    (slot.as_ref().map_or(0, |s| Arc::as_ptr(s) as usize), slot)
-                }
+    for mut event in events {
+        // (The event's tuple does not need its slot: it is moved out, not cloned.)
+        let slot = match &mut event {
+            Event::Message { slot, .. } | Event::Close { slot, .. } | Event::Error { slot, .. } => {
+                slot.take()
             }
-            Event::Close { slot: Some(slot), .. } | Event::Error { slot: Some(slot), .. } => {
-                (Arc::as_ptr(slot) as usize, Some(slot.clone()))
-            }
-            _ => (0, None),
+            _ => None,
         };
+        let key = slot.as_ref().map_or(0, |slot| Arc::as_ptr(slot) as usize);
         let billed = match slot {
+            // A run of events of one slot (the common case) hands out no slot after its first.
             // (Never for unbilled events: a request relabels its run once it knows its account.)
             _ if key == previous && key != 0 => EventSlot::Same,
             Some(slot) => EventSlot::Slot(slot),

@@ -212,7 +212,8 @@ impl Server {
         } else {
             None
         };
-        let events = events_to_vec(py, events, |id| guard.as_ref()?.socket(id)?.slot().cloned());
+        drop(guard);
+        let events = events_to_vec(py, events);
         Batch { events: events.into_iter(), dispatch, watch: self.watch.clone() }
     }
 
