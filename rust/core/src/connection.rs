@@ -55,7 +55,25 @@ macro_rules! stream_impl {
                 <$type>::poll_write_ready(self, cx)
             }
             fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
-                <$type>::try_read(self, buf)
+                let len = buf.len();
+                let mut short = 0;
+                let read = self.try_io(tokio::io::Interest::READABLE, || {
+                    // SAFETY: reads at most `len` bytes into the live buffer `buf`.
+                    let n = unsafe { libc::read(self.as_raw_fd(), buf.as_mut_ptr().cast(), len) };
+                    let n = usize::try_from(n).map_err(|_| io::Error::last_os_error())?;
+                    if n > 0 && n < len {
+                        // A short read drained the socket (epoll): its readiness is forgotten
+                        // now, as tokio's own `poll_read` does, not after one more read that
+                        // would only say EAGAIN (one system call per message saved).
+                        short = n;
+                        return Err(io::ErrorKind::WouldBlock.into());
+                    }
+                    Ok(n)
+                });
+                match read {
+                    Err(e) if short > 0 && e.kind() == io::ErrorKind::WouldBlock => Ok(short),
+                    read => read,
+                }
             }
             fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
                 <$type>::try_write_vectored(self, bufs)
