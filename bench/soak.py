@@ -20,6 +20,7 @@ import struct
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -40,7 +41,7 @@ def fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-async def open_socket(port: int) -> socket.socket:
+async def open_socket(port: int, path: str) -> socket.socket:
     """One upgraded connection, read just far enough to know the server answered 101."""
     loop = asyncio.get_running_loop()
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -48,7 +49,7 @@ async def open_socket(port: int) -> socket.socket:
     await loop.sock_connect(sock, ("127.0.0.1", port))
     key = base64.b64encode(os.urandom(16)).decode()
     request = (
-        f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
         f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
     ).encode()
     await loop.sock_sendall(sock, request)
@@ -63,13 +64,13 @@ async def open_socket(port: int) -> socket.socket:
     return sock
 
 
-async def open_many(port: int, n: int) -> list[socket.socket]:
+async def open_many(port: int, n: int, path: str) -> list[socket.socket]:
     sockets: list[socket.socket] = []
     limit = asyncio.Semaphore(256)
 
     async def one() -> None:
         async with limit:
-            sockets.append(await open_socket(port))
+            sockets.append(await open_socket(port, path))
 
     await asyncio.gather(*(one() for _ in range(n)))
     return sockets
@@ -80,6 +81,25 @@ def drop(sockets: list[socket.socket]) -> None:
     for sock in sockets:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         sock.close()
+
+
+async def breakdown(base: str) -> str:
+    """What each allocator holds (bench/apps/memory_bench.py's /memory), in MiB."""
+    import json
+    import urllib.request
+
+    def get() -> dict[str, Any]:
+        with urllib.request.urlopen(f"{base}/memory", timeout=10) as response:
+            return dict(json.loads(response.read()))
+
+    m = await asyncio.to_thread(get)
+    je, libc = m["jemalloc"], m["glibc"]
+    mib = 1 << 20
+    return (
+        f"jemalloc allocated {je['allocated'] / mib:.1f} resident {je['resident'] / mib:.1f}; "
+        f"glibc in use {libc.get('in_use', 0) / mib:.1f} free {libc.get('free', 0) / mib:.1f}; "
+        f"python blocks {m['python_blocks']:,} objects {m['python_objects']:,}"
+    )
 
 
 async def healthy(url: str, stop: asyncio.Event, stats: dict[str, float]) -> None:
@@ -101,23 +121,32 @@ async def main() -> int:
     parser.add_argument("--sockets", type=int, default=10_000)
     parser.add_argument("--cycles", type=int, default=10)
     parser.add_argument("--idle", type=float, default=2.0, help="seconds each batch is held idle")
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="serve bench/apps/memory_bench.py (its /echo is examples/echo.py's) and print what "
+        "each allocator holds after every cycle",
+    )
     args = parser.parse_args()
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
     # An echo app that keeps nothing per connection (the test apps record every close).
-    server = ServerProcess("examples.echo:app")
+    app, path = (
+        ("bench.apps.memory_bench:app", "/echo") if args.breakdown else ("examples.echo:app", "/ws")
+    )
+    server = ServerProcess(app)
     stop = asyncio.Event()
     stats = {"echoes": 0.0, "wrong": 0.0, "worst": 0.0}
     try:
-        checker = asyncio.create_task(healthy(f"{server.ws}/ws?id=soak", stop, stats))
+        checker = asyncio.create_task(healthy(f"{server.ws}{path}?id=soak", stop, stats))
         await asyncio.sleep(1)
         start_rss, start_fds = rss_kib(server.pid), fds(server.pid)
         print(f"start: RSS {start_rss / 1024:.1f} MiB, {start_fds} descriptors")
         after: list[tuple[int, int]] = []
         for cycle in range(1, args.cycles + 1):
             began = time.monotonic()
-            sockets = await open_many(server.port, args.sockets)
+            sockets = await open_many(server.port, args.sockets, path)
             peak = rss_kib(server.pid)
             await asyncio.sleep(args.idle)  # pacing: the sockets sit idle
             drop(sockets)
@@ -135,6 +164,8 @@ async def main() -> int:
                 f"peak RSS {peak / 1024:6.1f} MiB, after drop {rss / 1024:6.1f} MiB, "
                 f"{open_fds} descriptors"
             )
+            if args.breakdown:
+                print("          " + await breakdown(server.http))
         stop.set()
         await checker
     finally:

@@ -1,0 +1,45 @@
+"""Hibernatable sockets spread over 100 rooms, for the memory test of hibernated sockets.
+
+WS   /room          joins room r(N mod 100): accepted with ctx.accept_websocket; echoes
+GET  /resident      how many rooms have an instance in memory now (JSON)
+"""
+
+from __future__ import annotations
+
+import json
+import weakref
+
+import sockworker as sw
+
+ROOMS = 100
+_joined = 0
+_resident: weakref.WeakSet[Room] = weakref.WeakSet()
+
+
+class Room(sw.DurableObject):
+    limits = sw.Limits(hibernate_after=0.3)
+
+    def __init__(self, ctx: sw.DurableObjectState, env: sw.Env) -> None:
+        super().__init__(ctx, env)
+        _resident.add(self)
+
+    def fetch(self, request: sw.Request) -> sw.Response:
+        client, server = sw.WebSocketPair()
+        self.ctx.accept_websocket(server)
+        return sw.Response(status=101, websocket=client)
+
+    def websocket_message(self, ws: sw.WebSocket, message: str | bytes) -> None:
+        ws.send(message)
+
+
+async def fetch(request: sw.Request, env: sw.Env, ctx: sw.ExecutionContext) -> sw.Response:
+    global _joined
+    if request.path == "/resident":
+        return sw.Response(json.dumps({"resident": len(_resident)}))
+    if request.path == "/room":
+        _joined += 1
+        return await env.ROOM.get_by_name(f"r{_joined % ROOMS}").fetch(request)
+    return sw.Response("not found", status=404)
+
+
+app = sw.App(fetch=fetch, durable_objects={"ROOM": Room})
