@@ -492,6 +492,11 @@ class WebSocket:
         event = CloseEvent(code, reason, was_clean)
         for listener, is_async in self._listeners["close"]:
             self._call(listener, is_async, event, "close")
+        # The close is a socket's last event: its listeners go, and with them the cycle a
+        # listener that names its socket makes (socket -> listener -> socket), so the socket is
+        # freed now by its reference count, not at some later collection of the cyclic GC.
+        for listeners in self._listeners.values():
+            listeners.clear()
 
     def _on_error(self, message: str) -> None:
         if self._object is not None:
