@@ -14,9 +14,10 @@
 use std::sync::Arc;
 
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyList, PyString};
-use sockworker_core::{Event, Payload, Slot};
+use pyo3::types::{PyBytes, PyList};
+use sockworker_core::{Event, Slot};
 
+use crate::message::to_python;
 use crate::reply::PendingReply;
 use crate::socket::SocketHandle;
 
@@ -48,32 +49,6 @@ pub fn add_event_kinds(m: &Bound<'_, PyModule>) -> PyResult<()> {
         m.add(name, value)?;
     }
     Ok(())
-}
-
-/// Calls `f` with a message from Python (`str`: text, else bytes-like: binary) as (text, bytes),
-/// without copying `str` or `bytes`: the one copy is the frame the core encodes from them.
-pub fn with_message<R>(data: &Bound<'_, PyAny>, f: impl FnOnce(bool, &[u8]) -> R) -> PyResult<R> {
-    if let Ok(text) = data.cast::<PyString>() {
-        return Ok(f(true, text.to_str()?.as_bytes()));
-    }
-    if let Ok(bytes) = data.cast::<PyBytes>() {
-        return Ok(f(false, bytes.as_bytes()));
-    }
-    let bytes: Vec<u8> = data.extract().map_err(|_| {
-        pyo3::exceptions::PyTypeError::new_err(format!(
-            "a WebSocket message is str or bytes, not {}",
-            data.get_type().name().map_or_else(|_| "?".into(), |n| n.to_string())
-        ))
-    })?;
-    Ok(f(false, &bytes))
-}
-
-fn payload<'py>(py: Python<'py>, data: &Payload) -> Bound<'py, PyAny> {
-    match data {
-        // SAFETY: the core validated the text as UTF-8 before queueing it.
-        Payload::Text(bytes) => PyString::new(py, unsafe { std::str::from_utf8_unchecked(bytes) }).into_any(),
-        Payload::Binary(bytes) => PyBytes::new(py, bytes).into_any(),
-    }
 }
 
 /// Who an event of a batch is billed to, relative to the event before it.
@@ -140,7 +115,7 @@ fn event_tuple(py: Python<'_>, event: Event) -> PyResult<Bound<'_, PyAny>> {
     Ok({
         match event {
             Event::Message { socket, data, .. } => {
-                (MESSAGE, socket, payload(py, &data)).into_pyobject(py)?.into_any()
+                (MESSAGE, socket, to_python(py, &data)).into_pyobject(py)?.into_any()
             }
             Event::Request(request) => {
                 let headers = PyList::empty(py);

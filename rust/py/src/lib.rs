@@ -4,6 +4,7 @@
 mod convert;
 mod errors;
 mod logs;
+mod message;
 mod meter;
 mod object;
 mod reactor;

@@ -2,38 +2,14 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
 use pyo3::prelude::*;
 use pyo3::types::PyAny;
-use pyo3::types::{PyBytes, PyString};
 use sockworker_core::gate;
-use sockworker_core::{ObjectShared, Payload};
+use sockworker_core::ObjectShared;
 
-use crate::convert::with_message;
 use crate::errors::Result;
+use crate::message::{to_payload, to_python, with_message};
 use crate::socket::SocketHandle;
-
-/// A message as the core holds it: str is text, bytes-like is binary.
-pub fn to_payload(data: &Bound<'_, PyAny>) -> PyResult<Payload> {
-    if let Ok(text) = data.cast::<PyString>() {
-        return Ok(Payload::Text(Bytes::copy_from_slice(text.to_str()?.as_bytes())));
-    }
-    if let Ok(bytes) = data.cast::<PyBytes>() {
-        return Ok(Payload::Binary(Bytes::copy_from_slice(bytes.as_bytes())));
-    }
-    let bytes: Vec<u8> = data
-        .extract()
-        .map_err(|_| pyo3::exceptions::PyTypeError::new_err("a WebSocket message is str or bytes"))?;
-    Ok(Payload::Binary(Bytes::from(bytes)))
-}
-
-/// A message as Python sees it: str for text, bytes for binary.
-pub fn from_payload(py: Python<'_>, payload: &Payload) -> Py<PyAny> {
-    match payload {
-        Payload::Text(bytes) => PyString::new(py, &String::from_utf8_lossy(bytes)).into_any().unbind(),
-        Payload::Binary(bytes) => PyBytes::new(py, bytes).into_any().unbind(),
-    }
-}
 
 /// What the core keeps of one Durable Object: its hibernatable sockets, its auto-responses and
 /// event timeout. Made by `Server.object_state`; the same for an id while any of it is alive.
@@ -91,7 +67,7 @@ impl ObjectState {
         let pairs = self.object.auto_responses();
         pairs
             .iter()
-            .map(|(request, response)| (from_payload(py, request), from_payload(py, response)))
+            .map(|(request, response)| (to_python(py, request).unbind(), to_python(py, response).unbind()))
             .collect()
     }
 

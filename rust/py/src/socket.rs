@@ -9,8 +9,8 @@ use pyo3::types::PyBytes;
 use sockworker_core::gate;
 use sockworker_core::{CoreError, Limits, SocketShared};
 
-use crate::convert::with_message;
 use crate::errors::Result;
+use crate::message::with_message;
 use crate::object::ObjectState;
 
 #[pyclass(frozen, module = "sockworker._native")]
