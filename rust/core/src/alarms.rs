@@ -177,6 +177,14 @@ impl AlarmIndex {
                      namespace TEXT NOT NULL, object_id TEXT NOT NULL, at REAL NOT NULL, id_name TEXT,
                      PRIMARY KEY (namespace, object_id)) WITHOUT ROWID",
             )?;
+            // An index made by an older build has no id_name column: added (NULL for the rows
+            // there, which fire with the id alone, as they would have then).
+            let has_id_name = conn
+                .prepare("SELECT 1 FROM pragma_table_info('alarms') WHERE name = 'id_name'")?
+                .exists([])?;
+            if !has_id_name {
+                conn.execute_batch("ALTER TABLE alarms ADD COLUMN id_name TEXT")?;
+            }
             Ok(conn)
         };
         let conn = setup().map_err(|e| {
@@ -288,6 +296,24 @@ mod tests {
         let again = AlarmIndex::open(&dir).unwrap();
         let all = again.all().unwrap();
         assert_eq!(all, vec![(ObjectName::new("NS", "a"), 3.0, Some("ay".to_owned()))]);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn an_index_of_an_older_build_is_upgraded() {
+        let dir = std::env::temp_dir().join(format!("sw-alarm-index-old-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        {
+            let old = Connection::open(dir.join("alarms.sqlite")).unwrap();
+            old.execute_batch(
+                "CREATE TABLE alarms (namespace TEXT NOT NULL, object_id TEXT NOT NULL, at REAL NOT NULL,
+                     PRIMARY KEY (namespace, object_id)) WITHOUT ROWID;
+                 INSERT INTO alarms VALUES ('NS', 'a', 5.0);",
+            )
+            .unwrap();
+        }
+        let index = AlarmIndex::open(&dir).unwrap();
+        assert_eq!(index.all().unwrap(), vec![(ObjectName::new("NS", "a"), 5.0, None)]);
         let _ = std::fs::remove_dir_all(dir);
     }
 }
