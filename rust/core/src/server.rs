@@ -3,7 +3,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -144,6 +144,7 @@ fn with_headers(
 
 async fn handle(
     ctx: Arc<ServerCtx>,
+    counted: Arc<HttpConnection>,
     peer: SocketAddr,
     mut req: Request<IncomingBody>,
 ) -> Result<Response<Body>, Infallible> {
@@ -224,6 +225,9 @@ async fn handle(
             let (Some(on_upgrade), Some(accept)) = (on_upgrade, accept) else {
                 unreachable!("Reply::accept_websocket refuses plain requests")
             };
+            // Counted as a socket from now on (it is registered), before the 101 lets the client
+            // open its next connection: never as both.
+            counted.release();
             runtime::spawn(upgraded(on_upgrade, socket, ctx.events.clone()));
             let mut response = Response::new(Full::new(Bytes::new()));
             *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
@@ -294,42 +298,52 @@ type ServerTls = tokio_rustls::server::TlsStream<TcpStream>;
 async fn serve_tls(
     stream: TcpStream,
     peer: SocketAddr,
-    counted: HttpConnection,
+    counted: Arc<HttpConnection>,
     acceptor: tokio_rustls::TlsAcceptor,
 ) {
-    let ctx = counted.0.clone();
-    match tokio::time::timeout(ctx.limits.handshake_timeout, acceptor.accept(stream)).await {
-        Ok(Ok(session)) => serve_http(session, peer, ctx).await,
+    let timeout = counted.ctx.limits.handshake_timeout;
+    match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+        Ok(Ok(session)) => serve_http(session, peer, counted).await,
         Ok(Err(e)) => log::debug!("TLS handshake with {peer}: {e}"),
         Err(_) => log::debug!("TLS handshake with {peer} timed out"),
     }
 }
 
-/// Counts a connection served as HTTP for as long as it is (an upgraded one is then counted
-/// as a socket).
-struct HttpConnection(Arc<ServerCtx>);
+/// Counts a connection served as HTTP for as long as it is, or until it is upgraded (an upgraded
+/// one is then counted as a socket).
+struct HttpConnection {
+    ctx: Arc<ServerCtx>,
+    released: AtomicBool,
+}
 
 impl HttpConnection {
-    fn new(ctx: &Arc<ServerCtx>) -> Self {
+    fn new(ctx: &Arc<ServerCtx>) -> Arc<Self> {
         ctx.http_connections.fetch_add(1, Ordering::AcqRel);
         ctx.http_served.fetch_add(1, Ordering::Relaxed);
-        Self(ctx.clone())
+        Arc::new(Self { ctx: ctx.clone(), released: AtomicBool::new(false) })
+    }
+
+    /// No longer counted (once; also when dropped).
+    fn release(&self) {
+        if !self.released.swap(true, Ordering::AcqRel) {
+            self.ctx.http_connections.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 }
 
 impl Drop for HttpConnection {
     fn drop(&mut self) {
-        self.0.http_connections.fetch_sub(1, Ordering::AcqRel);
+        self.release();
     }
 }
 
-async fn serve_http<T>(stream: T, peer: SocketAddr, ctx: Arc<ServerCtx>)
+async fn serve_http<T>(stream: T, peer: SocketAddr, counted: Arc<HttpConnection>)
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let io = TokioIo::new(stream);
-    let timeout = ctx.limits.handshake_timeout;
-    let service = service_fn(move |req| handle(ctx.clone(), peer, req));
+    let timeout = counted.ctx.limits.handshake_timeout;
+    let service = service_fn(move |req| handle(counted.ctx.clone(), counted.clone(), peer, req));
     let connection = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(timeout)
@@ -412,11 +426,7 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<ServerCtx>) {
                     let counted = HttpConnection::new(&ctx);
                     match &ctx.tls {
                         Some(acceptor) => runtime::spawn(serve_tls(stream, peer, counted, acceptor.clone())),
-                        None => runtime::spawn(async move {
-                            let ctx = counted.0.clone();
-                            serve_http(stream, peer, ctx).await;
-                            drop(counted);
-                        }),
+                        None => runtime::spawn(serve_http(stream, peer, counted)),
                     };
                 }
                 Err(e) => {
