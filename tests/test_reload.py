@@ -66,13 +66,18 @@ async def increment(server: ServerProcess) -> str:
         return await response.text()
 
 
-async def test_an_edit_restarts_with_1012_and_keeps_storage(tmp_path: Path) -> None:
-    write_app(tmp_path, "v1")
-    server = ServerProcess(
+def reloading(directory: Path) -> ServerProcess:
+    """``sockworker serve --reload`` of the app written (v1) in ``directory``."""
+    write_app(directory, "v1")
+    return ServerProcess(
         "reloaded:app",
-        extra=("--reload", "--reload-dir", str(tmp_path)),
-        env={"PYTHONPATH": str(tmp_path)},
+        extra=("--reload", "--reload-dir", str(directory)),
+        env={"PYTHONPATH": str(directory)},
     )
+
+
+async def test_an_edit_restarts_with_1012_and_keeps_storage(tmp_path: Path) -> None:
+    server = reloading(tmp_path)
     try:
         server.wait_for_log(r"watching .* for changes")
         assert await increment(server) == "1"
@@ -86,9 +91,7 @@ async def test_an_edit_restarts_with_1012_and_keeps_storage(tmp_path: Path) -> N
         assert closed.value.rcvd is not None
         assert closed.value.rcvd.code == 1012
         # The new code serves on the same port once it logs that it listens.
-        again = await server.wait_for_log_async(
-            r"listening on https?://127\.0\.0\.1:(\d+)", 30, mark
-        )
+        again = await server.wait_for_log_async(LISTENING.pattern, 30, mark)
         assert int(again.group(1)) == server.port
         assert await echo(f"{server.ws}/ws", "b") == "v2:b"
         assert await increment(server) == "2"  # storage kept across the restart
@@ -97,12 +100,7 @@ async def test_an_edit_restarts_with_1012_and_keeps_storage(tmp_path: Path) -> N
 
 
 async def test_a_broken_edit_is_logged_and_the_next_one_serves(tmp_path: Path) -> None:
-    write_app(tmp_path, "v1")
-    server = ServerProcess(
-        "reloaded:app",
-        extra=("--reload", "--reload-dir", str(tmp_path)),
-        env={"PYTHONPATH": str(tmp_path)},
-    )
+    server = reloading(tmp_path)
     try:
         mark = server.log_mark()
         (tmp_path / "reloaded.py").write_text("this is not python(\n")
