@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from tests.postgres import Postgres, PostgresNotFound
 from tests.support import ServerProcess
 
 # Many connections at once (test_concurrency) need file descriptors on the client side too.
@@ -63,3 +64,23 @@ def make_server() -> Iterator[Callable[..., ServerProcess]]:
 
 
 ported_server = _module_server("ported_server", "tests.apps.ported:app")
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    """One throwaway PostgreSQL cluster for the session (tests/postgres.py), stopped at its end.
+    Missing binaries fail the tests that need it: the cluster tests are never skipped."""
+    try:
+        server = Postgres()
+    except PostgresNotFound as error:
+        raise pytest.fail.Exception(str(error), pytrace=False) from None
+    with server:
+        yield server
+
+
+@pytest.fixture
+def pg_dsn(postgres: Postgres) -> Iterator[str]:
+    """The DSN of a new, empty database on the session's cluster, dropped after the test."""
+    dsn = postgres.create_database()
+    yield dsn
+    postgres.drop_database(dsn)
