@@ -13,7 +13,7 @@ RUST_SOURCES := $(shell find rust -name '*.rs' -o -name Cargo.toml) Cargo.toml p
 # A venv with nothing but the wheel in it, for the smoke test.
 WHEEL_VENV := target/wheel-venv
 
-.PHONY: help build demo demo-echo test test-rust test-python test-wheel wheel docs lint stubtest fmt clean browser-deps
+.PHONY: help build demo demo-echo test test-rust test-python test-wheel wheel docs lint stubtest fmt clean browser-deps postgres-deps
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -50,7 +50,7 @@ test-rust:
 
 # The suite runs twice: in the single-thread mode (the application thread does the socket I/O)
 # and with two I/O threads beside it.
-test-python: build
+test-python: build postgres-deps
 	SOCKWORKER_IO_THREADS=0 $(PY) -m pytest tests
 	SOCKWORKER_IO_THREADS=2 $(PY) -m pytest tests
 
@@ -68,6 +68,17 @@ test-wheel: wheel ## install the wheel into a clean venv and serve an echo app f
 browser-deps: ## install Debian's chromium and chromium-driver for the browser test (needs root)
 	@command -v chromedriver >/dev/null && command -v chromium >/dev/null || \
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; }
+
+# tests/postgres.py runs a throwaway cluster from these binaries; a no-op where they are installed.
+postgres-deps: ## install Debian's postgresql (initdb, pg_ctl) for the cluster tests when missing (needs root)
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || \
+		if [ "$$(id -u)" != 0 ]; then \
+			echo "make postgres-deps: no initdb in /usr/lib/postgresql/*/bin or on PATH; run it as root" \
+				"to apt-get install Debian's postgresql, or install PostgreSQL's server binaries yourself" >&2; \
+			exit 1; \
+		else \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; \
+		fi
 
 docs: $(VENV)/.deps ## build the documentation site into target/site (mkdocs --strict: a warning fails)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
