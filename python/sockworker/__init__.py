@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from .app import App, Env, ExecutionContext
 from .billing import BillingHook, Meter, Pricing, UsageRecord
+from .cluster import Cluster
 from .durable import (
     AutoResponse,
     DurableObject,
@@ -17,6 +18,7 @@ from .durable import (
     now,
 )
 from .errors import (
+    ClusterError,
     ConnectError,
     ConnectionClosed,
     CpuLimitExceeded,
@@ -45,6 +47,8 @@ __all__ = [
     "BillingHook",
     "CloseCode",
     "CloseEvent",
+    "Cluster",
+    "ClusterError",
     "ConnectError",
     "ConnectionClosed",
     "CpuLimitExceeded",

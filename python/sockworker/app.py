@@ -15,6 +15,7 @@ from typing import Any
 from . import _loop
 from ._runtime import SHUTDOWN_GRACE, ExecutionContext, Runtime
 from .billing import BillingHook, Meter, Pricing
+from .cluster import Cluster
 from .durable import DurableObjectNamespace
 from .env import Env
 from .http import Request, Response
@@ -58,6 +59,7 @@ class App:
         durability: str = "full",
         allowed_origins: Iterable[str] | None = None,
         compression: bool = False,
+        cluster: Cluster | str | None = None,
     ) -> None:
         """
         Args:
@@ -85,6 +87,9 @@ class App:
                 handler runs (requests without ``Origin``, which browsers always send, are let
                 through).
             compression: True accepts permessage-deflate (RFC 7692) when a client offers it.
+            cluster: cluster mode (SPEC §7): a ``sw.Cluster`` or a ``postgresql://`` DSN. The
+                objects' leases, KV pairs and alarms live in that PostgreSQL database, shared
+                by every node of the app; see docs/topics/cluster.md.
         """
         if durability not in ("full", "normal"):
             raise ValueError(f'durability is "full" or "normal", not {durability!r}')
@@ -100,6 +105,9 @@ class App:
         self.durability = durability
         self.allowed_origins = None if allowed_origins is None else list(allowed_origins)
         self.compression = compression
+        self.cluster = Cluster(cluster) if isinstance(cluster, str) else cluster
+        if self.cluster is not None and not isinstance(self.cluster, Cluster):
+            raise TypeError("cluster is a sockworker.Cluster or a postgresql:// DSN")
         if isinstance(allowed_origins, str):
             raise TypeError("allowed_origins is a list of origins, not one string")
         self.namespaces = {

@@ -117,6 +117,32 @@ def main(argv: list[str] | None = None) -> int:
         "normal: in the OS cache (survives a crash of the server, not of the machine)",
     )
     serve.add_argument(
+        "--cluster",
+        metavar="DSN",
+        help="cluster mode: the postgresql:// database the nodes share (leases, KV, alarms)",
+    )
+    serve.add_argument(
+        "--node-id",
+        help="cluster mode: this node's name, the same across restarts (default: --advertise)",
+    )
+    serve.add_argument(
+        "--advertise",
+        metavar="HOST:PORT",
+        help="cluster mode: where other nodes reach this one (default: the listening address)",
+    )
+    serve.add_argument(
+        "--lease",
+        type=float,
+        metavar="SECONDS",
+        help="cluster mode: how long a lease lasts unrenewed, the failover time (default 10)",
+    )
+    serve.add_argument(
+        "--lease-renew",
+        type=float,
+        metavar="SECONDS",
+        help="cluster mode: seconds between lease renewals (default 3)",
+    )
+    serve.add_argument(
         "--shutdown-timeout",
         type=float,
         default=10.0,
@@ -156,6 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     if bool(args.certfile) != bool(args.keyfile):
         parser.error("--certfile and --keyfile go together")
     try:
+        _cluster_flags(app, args)
+    except ValueError as error:
+        parser.error(str(error))
+    try:
         io_threads = _loop.io_threads(args.io_threads)
     except ValueError as error:
         parser.error(str(error))
@@ -172,6 +202,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sockworker: cannot start: {error}", file=sys.stderr)
         return 1
     return 0
+
+
+def _cluster_flags(app: App, args: argparse.Namespace) -> None:
+    """``--cluster`` and its companions over ``App(cluster=...)``."""
+    from dataclasses import replace
+
+    from .cluster import Cluster
+
+    flags = {
+        "node_id": args.node_id,
+        "advertise": args.advertise,
+        "lease": args.lease,
+        "renew": args.lease_renew,
+    }
+    given = {name: value for name, value in flags.items() if value is not None}
+    if args.cluster:
+        base = app.cluster if app.cluster is not None else Cluster(args.cluster)
+        app.cluster = replace(base, dsn=args.cluster, **given)
+    elif given:
+        if app.cluster is None:
+            raise ValueError("--node-id, --advertise, --lease and --lease-renew need --cluster")
+        app.cluster = replace(app.cluster, **given)
 
 
 def _reload(args: argparse.Namespace, argv: list[str]) -> int:

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar
 
 from ._runtime import HANDLER_NAMES, ObjectHost, running
+from ._runtime.cluster import NotOwner
 from .env import Env
 from .errors import InvalidArgument, ResponseError
 from .http import Headers, Request, Response
@@ -68,6 +69,16 @@ class DurableObjectStub:
     ) -> Response:
         if isinstance(request, str):
             request = Request(method, request, Headers(headers), body)
+        nodes = running("reaching a Durable Object").services.nodes
+        if nodes is not None:
+            forwarded = await self._namespace._forward(
+                self.id,
+                "fetch",
+                (request.method, request.url, list(request.headers.items()), request.body),
+            )
+            if forwarded is not None:
+                status, response_headers, response_body = forwarded
+                return Response(response_body, status, Headers(response_headers))
         host = self._namespace._host(self.id)
         response = await host.call("fetch", request)
         if not isinstance(response, Response):
@@ -80,6 +91,10 @@ class DurableObjectStub:
             raise AttributeError(f"{name!r} cannot be called through a stub")
 
         async def rpc(*args: Any, **kwargs: Any) -> Any:
+            if running("reaching a Durable Object").services.nodes is not None:
+                forwarded = await self._namespace._forward(self.id, "rpc", (name, args, kwargs))
+                if forwarded is not None:
+                    return forwarded[0]
             args, kwargs = pickle.loads(pickle.dumps((args, kwargs)))
             result = await self._namespace._host(self.id).call(name, *args, **kwargs)
             return pickle.loads(pickle.dumps(result))
@@ -138,6 +153,18 @@ class DurableObjectNamespace:
     newUniqueId = new_unique_id
     idFromString = id_from_string
     getByName = get_by_name
+
+    async def _forward(self, object_id: DurableObjectId, op: str, body: Any) -> Any:
+        """Cluster mode: runs ``op`` on the node that owns the object and returns its result
+        (an RPC's in a 1-tuple); None when this node owns it (the caller runs it here)."""
+        nodes = running("reaching a Durable Object").services.nodes
+        if nodes is None or nodes.route(self.binding, str(object_id)) is None:
+            return None
+        try:
+            result = await nodes.forward(self, object_id, op, body)
+        except NotOwner:
+            return None
+        return (result,) if op == "rpc" else result
 
     def _host(self, object_id: DurableObjectId) -> ObjectHost:
         """The resident host of ``object_id``, made if the object hibernated (or never ran)."""

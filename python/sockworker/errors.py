@@ -13,12 +13,15 @@ and ``except ConnectionError`` keep working::
      │                                   a failed commit, or storage used after a reset
      ├── ConnectionClosed(SockworkerError, ConnectionError)   the WebSocket is closing or closed
      ├── ProtocolError(SockworkerError, ConnectionError)   the peer broke RFC 6455 (event.error)
-     └── ServerStartError(SockworkerError, OSError)   the server could not bind or start
+     ├── ServerStartError(SockworkerError, OSError)   the server could not bind or start
+     └── ClusterError(SockworkerError, ConnectionError)   cluster mode: an event could not reach
+                                      the node that owns its object
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "ClusterError",
     "ConnectError",
     "ConnectionClosed",
     "CpuLimitExceeded",
@@ -89,3 +92,10 @@ class ServerStartError(SockworkerError, OSError):
 class ConnectError(SockworkerError, ConnectionError):
     """An outgoing WebSocket could not be opened: refused, unknown host, timeout, or a server
     that answered something other than 101 (the message says which, with the status)."""
+
+
+class ClusterError(SockworkerError, ConnectionError):
+    """Cluster mode (SPEC §7): an event could not reach the node that owns its object (the owner
+    died and its lease has not expired yet, a link closed, or the cluster's PostgreSQL is
+    unreachable). Nothing was done on the owner unless it says otherwise; retrying is safe for an
+    event the object handles idempotently."""

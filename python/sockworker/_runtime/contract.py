@@ -9,6 +9,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from ..billing import BillingHook, Meter
+from ..cluster import Cluster
 from ..env import Env
 from ..limits import Limits
 
@@ -62,3 +63,5 @@ class AppLike(Protocol):
     def allowed_origins(self) -> list[str] | None: ...
     @property
     def compression(self) -> bool: ...
+    @property
+    def cluster(self) -> Cluster | None: ...

@@ -19,6 +19,7 @@ from typing import Final
 
 from .. import _current, _loop, _native, cpu
 from ..websocket import CloseCode, WebSocket
+from .cluster import Nodes
 from .connecting import Outgoing
 from .contract import AppLike
 from .host import Objects, adopt_by_current_host
@@ -43,6 +44,22 @@ _EV_CONNECTED: Final = _native.EV_CONNECTED
 _EV_ALARM: Final = _native.EV_ALARM
 _EV_RELEASED: Final = _native.EV_RELEASED
 _EV_COMMIT_FAILED: Final = _native.EV_COMMIT_FAILED
+
+
+def _cluster_args(app: AppLike) -> tuple[str, str, str, float, float] | None:
+    """What the core needs of ``app.cluster`` (empty node id and address: the bound address)."""
+    settings = app.cluster
+    if settings is None:
+        return None
+    if not app.namespaces:
+        raise ValueError("cluster mode is for apps with Durable Objects (durable_objects=...)")
+    return (
+        settings.dsn,
+        settings.node_id or "",
+        settings.advertise or "",
+        float(settings.lease),
+        float(settings.renew),
+    )
 
 
 class Runtime:
@@ -87,12 +104,15 @@ class Runtime:
             on_blocked=lambda kind, seconds: self.services.metering.on_blocked(kind, seconds),
             compression=app.compression,
             reactor=reactor,
+            cluster=_cluster_args(app),
         )
         self.shutdown_timeout = float(shutdown_timeout)
         self.scheme = "https" if certfile else "http"
         self.loop = asyncio.get_running_loop()
         self.services = Services(app, self.server, self.loop)
         self.objects = Objects(self.services, app.namespaces)
+        if app.cluster is not None:
+            self.services.nodes = Nodes(self.services, self.objects, app.cluster)
         self.requests = Requests(self.services)
         self.outgoing = Outgoing(self.services, self.objects)
         self.stopped = self.loop.create_future()
@@ -126,6 +146,15 @@ class Runtime:
         threads = self.io_threads
         mode = "single-thread" if threads == 0 else f"{threads} I/O thread{'s' * (threads > 1)}"
         logger.info("listening on %s://%s:%d (%s)", self.scheme, shown, port, mode)
+        nodes = self.services.nodes
+        if nodes is not None:
+            nodes.start()
+            logger.info(
+                "cluster node %s (lease %g s, renewed every %g s)",
+                nodes.node_id,
+                nodes.settings.lease,
+                nodes.settings.renew,
+            )
         self.started.set_result(None)
         try:
             await self.stopped
@@ -135,6 +164,8 @@ class Runtime:
             loop.remove_reader(server.fileno())
             # Before the server: the hosts' open databases hold its storage (and the lock of
             # its data directory).
+            if self.services.nodes is not None:
+                self.services.nodes.stop()
             self.objects.retire_all()
             server.stop()
             self.services.cancel_tasks()

@@ -84,6 +84,8 @@ class ObjectHost:
             self.native.id_name = object_id.name
         # Bumped when the instance goes (reset, hibernation): storage of an older one refuses.
         self.generation = 0
+        # Cluster mode: the epoch of the lease this host was made under (0 outside).
+        self.epoch = 0
         self.state = DurableObjectState(self, 0)
         self.instance: Any = None
         self.constructed = 0
@@ -292,6 +294,9 @@ class ObjectHost:
             self._store.close()
             self._store = None
         self.cache.clear()
+        if self.services.nodes is not None and not self.native.sockets(None):
+            # Nothing of the object is left here: another node may take it at once.
+            self.services.server.cluster_release(self.kind.binding, str(self.id))
 
     def reset(self, what: str, error: str | None = None) -> None:
         """After an uncaught exception (or a failed commit): a new instance for the next event.
@@ -643,15 +648,38 @@ class Objects:
         self.by_key: dict[int, ObjectHost] = {}
 
     def host(self, kind: ObjectKind, object_id: DurableObjectId) -> ObjectHost:
-        """The resident host of ``object_id``, made if the object hibernated (or never ran)."""
+        """The resident host of ``object_id``, made if the object hibernated (or never ran).
+        In cluster mode this node must own the object (``ClusterError`` if another does); a
+        host from an older lease of it is reset first (another node may have written since)."""
         if self.kinds.get(kind.binding) is not kind:
             raise RuntimeError(f"namespace {kind.binding!r} is not one of the app being served")
         host = self.by_id.get((kind.binding, object_id))
+        nodes = self.services.nodes
+        epoch = nodes.epoch(kind.binding, str(object_id)) if nodes is not None else 0
+        if host is not None and host.epoch != epoch:
+            host.reset("taking the object back", "its lease was lost and taken again")
+            host.retire()
+            host = None
         if host is None:
             host = ObjectHost(self.services, self, kind, object_id)
+            host.epoch = epoch
             self.by_id[(kind.binding, object_id)] = host
             self.by_key[host.native.key] = host
         return host
+
+    def lost(self, binding: str, hex_id: str) -> None:
+        """Cluster mode: this node lost the object's lease. Its instance goes and its sockets
+        here are closed with 1012 (service restart), so that their clients reconnect to the
+        object where it is now."""
+        host = self.by_id.get((binding, DurableObjectId(hex_id)))
+        state = host.native if host is not None else None
+        if host is not None:
+            host.reset("serving the object", "this node lost its lease")
+            host.retire()
+        if state is None:
+            state = self.services.server.object_state(binding, hex_id, 1)
+        for handle in state.sockets(None):
+            handle.close(CloseCode.SERVICE_RESTART, "the object moved to another node")
 
     def resident(self, binding: str, object_id: DurableObjectId) -> ObjectHost | None:
         return self.by_id.get((binding, object_id))
@@ -690,6 +718,17 @@ class Objects:
         return self.by_id.get((slot.namespace, DurableObjectId(slot.object_id)))
 
     def on_alarm(self, binding: str, object_id: str, id_name: str | None, retry: int) -> None:
+        nodes = self.services.nodes
+        if nodes is not None:
+            try:
+                if nodes.route(binding, object_id) is not None:
+                    return  # another node owns it, and fires it
+            except StorageError as error:
+                logger.warning("an alarm of object %s waits: %s", object_id, error)
+                self.services.server.arm_alarm(
+                    binding, object_id, time.time() + 1.0, retry, id_name
+                )
+                return
         host = self.named(binding, object_id, id_name)
         if host is None:
             logger.warning(
@@ -704,6 +743,9 @@ class Objects:
         host = self.by_key.get(key)
         if host is not None:
             host.reset("a storage commit", error)
+            if self.services.nodes is not None:
+                # (The in-memory copy of its storage may be stale: it is loaded again.)
+                host.retire()
 
 
 def adopt_by_current_host(task: asyncio.Task[Any]) -> None:

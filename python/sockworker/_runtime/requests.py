@@ -12,6 +12,7 @@ from typing import Any
 from .. import _native
 from ..errors import CpuLimitExceeded, ResponseError, WallLimitExceeded
 from ..http import Request, Response
+from .cluster import CLUSTER_PATH
 from .host import ObjectHost, accepted_here
 from .services import Services
 
@@ -58,6 +59,11 @@ class Requests:
         request = Request._from_core(method, target, headers, body, peer)
         services = self.services
         app = services.app
+        nodes = services.nodes
+        if nodes is not None and request.path == CLUSTER_PATH:
+            # Another node's link: not billed, not admitted, not the Worker's.
+            self._answer(reply, request, nodes.accept(request), None)
+            return
         if app.metrics_path is not None and request.path == app.metrics_path:
             # The operator's endpoint: not billed, not admitted.
             text = app.meter._prometheus().encode()

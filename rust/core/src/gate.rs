@@ -257,8 +257,13 @@ impl OutputGate {
         events: Arc<Events>,
     ) -> Result<Arc<Self>, CoreError> {
         let index = AlarmIndex::open(storage.root())?;
-        for (name, at, id_name) in index.all()? {
-            alarms.set(&Arc::new(name), at, 0, id_name.as_deref());
+        if let Some(cluster) = storage.cluster() {
+            // The alarms are in PostgreSQL: the cluster's rounds arm those this node should fire.
+            cluster.set_alarms(alarms.clone());
+        } else {
+            for (name, at, id_name) in index.all()? {
+                alarms.set(&Arc::new(name), at, 0, id_name.as_deref());
+            }
         }
         let test_gate = std::env::var_os("SOCKWORKER_TEST_COMMIT_GATE").map(PathBuf::from);
         let root = File::open(storage.root())?;
@@ -371,6 +376,10 @@ impl OutputGate {
                 upserts.push((store.name().clone(), alarm));
             }
         }
+        if self.storage.cluster().is_some() {
+            // (The alarm is written with the object's commit, in the same PostgreSQL transaction.)
+            upserts.clear();
+        }
         if !upserts.is_empty() {
             match self.index.write(&upserts, &[]) {
                 Ok(log) => epoch.logs.extend(log.map(|log| (None, log))),
@@ -423,7 +432,7 @@ impl OutputGate {
                 }
             }
         }
-        if !deletes.is_empty() {
+        if !deletes.is_empty() && self.storage.cluster().is_none() {
             if let Err(error) = self.index.write(&[], &deletes) {
                 // Harmless: a stale entry is found out when it fires.
                 log::warn!("the alarm index could not drop deleted alarms: {error}");

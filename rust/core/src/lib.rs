@@ -4,6 +4,7 @@
 pub mod alarms;
 pub mod bridge;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod connection;
 pub mod deflate;

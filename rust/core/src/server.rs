@@ -495,8 +495,20 @@ impl Server {
     fn start_on(mut config: ServerConfig, io: Io) -> Result<Self, CoreError> {
         let ctx = Arc::new(ServerCtx::new(&mut config)?);
         let _entered = io.handle().enter();
-        let gate = match &config.storage {
+        let addr = config.addr;
+        let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        let listener = socket.listen(4096)?;
+        let local_addr = listener.local_addr()?;
+        let gate = match &mut config.storage {
             Some(storage) => {
+                if let Some(cluster) = &mut storage.cluster {
+                    if cluster.advertise.is_empty() {
+                        // (Bound first: with port 0, the port is known only now.)
+                        cluster.advertise = local_addr.to_string();
+                    }
+                }
                 let storage = Arc::new(Storage::open(storage)?);
                 let alarms = Arc::new(AlarmScheduler::new(ctx.events.clone()));
                 runtime::spawn(alarms.clone().run());
@@ -504,12 +516,6 @@ impl Server {
             }
             None => None,
         };
-        let addr = config.addr;
-        let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
-        socket.set_reuseaddr(true)?;
-        socket.bind(addr)?;
-        let listener = socket.listen(4096)?;
-        let local_addr = listener.local_addr()?;
         let objects = Arc::<ObjectRegistry>::default();
         runtime::spawn(accept_loop(listener, ctx.clone()));
         let storage = gate.as_ref().map(|gate| gate.storage().clone());
@@ -636,6 +642,9 @@ impl Server {
     pub fn finish_storage(&self) {
         if let Some(gate) = &self.gate {
             gate.finish();
+            if let Some(cluster) = gate.storage().cluster() {
+                cluster.shutdown();
+            }
         }
     }
 }

@@ -20,6 +20,7 @@ use rusqlite::hooks::{AuthAction, AuthContext, Authorization};
 use rusqlite::types::{Value, ValueRef};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, StatementStatus};
 
+use crate::cluster::{Changes, Cluster};
 use crate::error::CoreError;
 
 /// Longest key, in bytes of UTF-8.
@@ -46,6 +47,8 @@ pub enum Durability {
 pub struct StorageConfig {
     pub data_dir: PathBuf,
     pub durability: Durability,
+    /// Cluster mode (SPEC §7): objects' KV pairs and alarms live in PostgreSQL.
+    pub cluster: Option<crate::cluster::ClusterConfig>,
 }
 
 /// Which object: its namespace (the binding) and its id (64 hex digits).
@@ -250,6 +253,7 @@ pub struct Storage {
     size: Arc<Mutex<DirSize>>,
     /// Stores closed so far (each one freed its connection's memory).
     closed: std::sync::atomic::AtomicU64,
+    cluster: Option<Arc<Cluster>>,
 }
 
 #[derive(Default)]
@@ -301,6 +305,7 @@ impl Storage {
             open: Mutex::new(HashMap::new()),
             size: Arc::default(),
             closed: std::sync::atomic::AtomicU64::new(0),
+            cluster: config.cluster.clone().map(Cluster::start).transpose()?,
         };
         storage.count_bytes();
         Ok(storage)
@@ -349,6 +354,12 @@ impl Storage {
         self.durability
     }
 
+    /// The cluster, in cluster mode.
+    #[must_use]
+    pub fn cluster(&self) -> Option<&Arc<Cluster>> {
+        self.cluster.as_ref()
+    }
+
     /// The store of one object, opened if it is not open (or taken back if it was closing).
     /// `owner` is the key of the object's core state, which held output is attributed to.
     ///
@@ -356,14 +367,32 @@ impl Storage {
     /// `InvalidArgument` for a bad name, `Storage` when SQLite cannot open or set up the file.
     pub fn store(&self, namespace: &str, object_id: &str, owner: u64) -> Result<Arc<Store>, CoreError> {
         let path = object_path(&self.root, namespace, object_id)?;
+        let name = Arc::new(ObjectName::new(namespace, object_id));
+        let epoch = match &self.cluster {
+            Some(cluster) => Some(cluster.epoch(&name).ok_or_else(|| {
+                CoreError::Storage(format!(
+                    "this node does not hold the lease of {namespace}/{object_id} (cluster mode)"
+                ))
+            })?),
+            None => None,
+        };
         let mut open = self.open.lock();
         if let Some(store) = open.get(&path) {
-            store.close_requested.store(false, Ordering::Release);
-            store.set_owner(owner);
-            return Ok(store.clone());
+            if store.epoch() == epoch {
+                store.close_requested.store(false, Ordering::Release);
+                store.set_owner(owner);
+                return Ok(store.clone());
+            }
+            // Taken again with a new epoch: what the old store holds may be stale.
+            let stale = open.remove(&path).expect("found above");
+            stale.close();
         }
-        let name = Arc::new(ObjectName::new(namespace, object_id));
-        let store = Arc::new(Store::open(path.clone(), name, owner)?);
+        let store = match (&self.cluster, epoch) {
+            (Some(cluster), Some(epoch)) => {
+                Arc::new(Store::open_remote(path.clone(), name, owner, cluster, epoch)?)
+            }
+            _ => Arc::new(Store::open(path.clone(), name, owner)?),
+        };
         open.insert(path, store.clone());
         Ok(store)
     }
@@ -426,7 +455,25 @@ struct Inner {
     /// Pages in the log after the last commit that wrote to it (SQLite's WAL hook); -1 when no
     /// commit wrote since it was reset (an empty transaction needs no fsync).
     log_pages: Arc<std::sync::atomic::AtomicI32>,
+    /// Cluster mode: the database is in memory, a copy of the object's rows in PostgreSQL, and
+    /// each commit is written there.
+    remote: Option<Remote>,
 }
+
+/// A store whose truth is the cluster's PostgreSQL (SPEC §7).
+struct Remote {
+    cluster: Arc<Cluster>,
+    /// The epoch of this node's lease when the object was loaded: commits are fenced with it.
+    epoch: i64,
+    /// Keys written or deleted since the last commit (their values are read at the commit).
+    touched: std::collections::BTreeSet<Vec<u8>>,
+    /// `delete_all` ran since the last commit.
+    wiped: bool,
+}
+
+/// The SQL API is not offered in cluster mode yet: the in-memory copy is KV and alarms only.
+const NO_SQL_IN_CLUSTER: &str = "the SQL API (ctx.storage.sql) is not available in cluster mode yet: \
+     use the KV API (get, put, delete, list), which is stored in the cluster's PostgreSQL";
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -599,10 +646,77 @@ impl Store {
                 user_sql,
                 denied,
                 log_pages,
+                remote: None,
             }),
             in_epoch: AtomicBool::new(false),
             close_requested: AtomicBool::new(false),
         })
+    }
+
+    /// A store in cluster mode: an in-memory database filled with what PostgreSQL holds for the
+    /// object, its commits written to PostgreSQL fenced by `epoch`.
+    fn open_remote(
+        path: PathBuf,
+        name: Arc<ObjectName>,
+        owner: u64,
+        cluster: &Arc<Cluster>,
+        epoch: i64,
+    ) -> Result<Self, CoreError> {
+        let loaded = cluster.load(&name)?;
+        let conn = Connection::open_in_memory()?;
+        conn.execute_batch(
+            "PRAGMA journal_mode = MEMORY;
+             CREATE TABLE _sw_kv (key BLOB PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;
+             CREATE TABLE _sw_meta (name TEXT PRIMARY KEY, value) WITHOUT ROWID;",
+        )?;
+        {
+            let tx = conn.unchecked_transaction()?;
+            {
+                let mut insert = tx.prepare("INSERT INTO _sw_kv (key, value) VALUES (?1, ?2)")?;
+                for (key, value) in &loaded.pairs {
+                    insert.execute(params![key, value])?;
+                }
+                if let Some(alarm) = &loaded.alarm {
+                    let mut meta = tx.prepare("INSERT INTO _sw_meta (name, value) VALUES (?1, ?2)")?;
+                    meta.execute(params!["alarm", alarm.at])?;
+                    meta.execute(params!["alarm_account", alarm.account])?;
+                    if let Some(id_name) = &alarm.id_name {
+                        meta.execute(params!["alarm_name", id_name])?;
+                    }
+                }
+            }
+            tx.commit()?;
+        }
+        Ok(Self {
+            path,
+            name,
+            owner: std::sync::atomic::AtomicU64::new(owner),
+            inner: Mutex::new(Inner {
+                conn: Some(conn),
+                write_txn: false,
+                savepoints: 0,
+                alarm_touched: false,
+                log: None,
+                new_entries: Vec::new(),
+                user_sql: Arc::new(AtomicBool::new(false)),
+                denied: Arc::new(Mutex::new(None)),
+                log_pages: Arc::new(std::sync::atomic::AtomicI32::new(-1)),
+                remote: Some(Remote {
+                    cluster: cluster.clone(),
+                    epoch,
+                    touched: std::collections::BTreeSet::new(),
+                    wiped: false,
+                }),
+            }),
+            in_epoch: AtomicBool::new(false),
+            close_requested: AtomicBool::new(false),
+        })
+    }
+
+    /// The lease epoch the store was loaded under (cluster mode), else `None`.
+    #[must_use]
+    pub fn epoch(&self) -> Option<i64> {
+        self.inner.lock().remote.as_ref().map(|remote| remote.epoch)
     }
 
     #[must_use]
@@ -682,6 +796,10 @@ impl Store {
             for (key, value) in pairs {
                 statement.execute(params![key.as_bytes(), value])?;
             }
+            drop(statement);
+            if let Some(remote) = &mut inner.remote {
+                remote.touched.extend(pairs.iter().map(|(key, _)| key.as_bytes().to_vec()));
+            }
             Ok(began)
         })
     }
@@ -699,6 +817,10 @@ impl Store {
             for key in keys {
                 deleted += statement.execute([key.as_bytes()])? as u64;
             }
+            drop(statement);
+            if let Some(remote) = &mut inner.remote {
+                remote.touched.extend(keys.iter().map(|key| key.as_bytes().to_vec()));
+            }
             Ok((deleted, began))
         })
     }
@@ -712,6 +834,10 @@ impl Store {
     pub fn delete_all(&self) -> Result<(u64, bool), CoreError> {
         self.with(|inner| {
             let began = Self::begin_write(inner)?;
+            if let Some(remote) = &mut inner.remote {
+                remote.wiped = true;
+                remote.touched.clear();
+            }
             let conn = conn(inner);
             let deleted = conn.execute("DELETE FROM _sw_kv", [])? as u64;
             let schema: Vec<(String, String)> = conn
@@ -780,6 +906,9 @@ impl Store {
     /// bindings do not match the placeholders.
     pub fn exec(&self, sql: &str, bindings: Vec<SqlValue>) -> Result<(SqlResult, bool), CoreError> {
         self.with(|inner| {
+            if inner.remote.is_some() {
+                return Err(CoreError::Storage(NO_SQL_IN_CLUSTER.into()));
+            }
             inner.user_sql.store(true, Ordering::Relaxed);
             *inner.denied.lock() = None;
             let connection = inner.conn.as_ref().expect("checked open by Store::with");
@@ -861,6 +990,15 @@ impl Store {
     /// `Storage` for SQLite's errors.
     pub fn database_size(&self) -> Result<u64, CoreError> {
         self.with(|inner| {
+            if inner.remote.is_some() {
+                // (The pairs' bytes: PostgreSQL's pages are shared by every object.)
+                let bytes: i64 = conn(inner).query_row(
+                    "SELECT coalesce(sum(length(key) + length(value)), 0) FROM _sw_kv",
+                    [],
+                    |row| row.get(0),
+                )?;
+                return Ok(u64::try_from(bytes).unwrap_or(0));
+            }
             let conn = conn(inner);
             let pages: i64 = conn.query_row("PRAGMA page_count", [], |row| row.get(0))?;
             let size: i64 = conn.query_row("PRAGMA page_size", [], |row| row.get(0))?;
@@ -972,6 +1110,9 @@ impl Store {
         let alarm_touched = std::mem::take(&mut inner.alarm_touched);
         let alarm = if alarm_touched { Self::read_alarm(conn(&inner)).ok() } else { None };
         inner.log_pages.store(-1, Ordering::Relaxed);
+        if inner.remote.is_some() {
+            return Self::commit_remote(&self.name, &mut inner, alarm);
+        }
         if let Err(error) = conn(&inner).execute_batch("COMMIT") {
             let _ = conn(&inner).execute_batch("ROLLBACK");
             return Err(storage_error(&error));
@@ -993,9 +1134,63 @@ impl Store {
         })
     }
 
+    /// Cluster mode: writes the transaction's changes to PostgreSQL (fenced), then commits the
+    /// in-memory copy; on failure both are left as they were before the transaction.
+    fn commit_remote(
+        name: &ObjectName,
+        inner: &mut Inner,
+        alarm: Option<Option<Alarm>>,
+    ) -> Result<Committed, CoreError> {
+        let remote = inner.remote.as_mut().expect("called in cluster mode");
+        let touched = std::mem::take(&mut remote.touched);
+        let wipe = std::mem::take(&mut remote.wiped);
+        let (cluster, epoch) = (remote.cluster.clone(), remote.epoch);
+        let conn = inner.conn.as_ref().expect("checked open by commit");
+        let changes = (|| -> Result<Changes, CoreError> {
+            let mut changes = Changes { wipe, alarm: alarm.clone(), ..Changes::default() };
+            if wipe {
+                let mut all = conn.prepare("SELECT key, value FROM _sw_kv")?;
+                let rows = all.query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?;
+                changes.upserts = rows.collect::<Result<_, _>>()?;
+            } else {
+                let mut read = conn.prepare_cached("SELECT value FROM _sw_kv WHERE key = ?1")?;
+                for key in touched {
+                    match read.query_row([&key], |row| row.get::<_, Vec<u8>>(0)).optional()? {
+                        Some(value) => changes.upserts.push((key, value)),
+                        None => changes.deletes.push(key),
+                    }
+                }
+            }
+            Ok(changes)
+        })();
+        let written = changes.and_then(|changes| {
+            if changes.upserts.is_empty()
+                && changes.deletes.is_empty()
+                && !changes.wipe
+                && changes.alarm.is_none()
+            {
+                return Ok(());
+            }
+            cluster.commit(name, epoch, changes)
+        });
+        if let Err(error) = written {
+            let _ = conn.execute_batch("ROLLBACK");
+            return Err(error);
+        }
+        if let Err(error) = conn.execute_batch("COMMIT") {
+            let _ = conn.execute_batch("ROLLBACK");
+            return Err(storage_error(&error));
+        }
+        Ok(Committed { alarm, ..Committed::default() })
+    }
+
     /// Undoes the open write transaction (its commit cannot be allowed to happen).
     pub(crate) fn rollback(&self) {
         let mut inner = self.inner.lock();
+        if let Some(remote) = &mut inner.remote {
+            remote.touched.clear();
+            remote.wiped = false;
+        }
         if inner.write_txn {
             inner.write_txn = false;
             inner.alarm_touched = false;
@@ -1070,7 +1265,8 @@ mod tests {
 
     fn temp_storage(durability: Durability) -> (Storage, PathBuf) {
         let dir = std::env::temp_dir().join(format!("sw-storage-{}-{}", std::process::id(), rand_suffix()));
-        let storage = Storage::open(&StorageConfig { data_dir: dir.clone(), durability }).unwrap();
+        let storage =
+            Storage::open(&StorageConfig { data_dir: dir.clone(), durability, cluster: None }).unwrap();
         (storage, dir)
     }
 

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use pyo3::prelude::*;
+use sockworker_core::cluster::{Cluster, ClusterConfig, Owner};
 use sockworker_core::gate::OutputGate;
 use sockworker_core::meter::{thread_cpu_clock, thread_cpu_ns, BatchClock};
 use sockworker_core::watchdog::{
@@ -97,7 +98,15 @@ impl Server {
     fn gate(&self) -> Option<Arc<OutputGate>> {
         self.inner.lock().as_ref()?.gate().cloned()
     }
+
+    /// The cluster, in cluster mode.
+    fn cluster(&self) -> Option<Arc<Cluster>> {
+        self.gate()?.storage().cluster().cloned()
+    }
 }
+
+/// What `cluster_route` answers: (this node's epoch, or the owner node and its address).
+type Route = (Option<i64>, Option<String>, Option<String>);
 
 fn seconds(value: f64, name: &str) -> Result<Duration, CoreError> {
     Duration::try_from_secs_f64(value)
@@ -107,7 +116,7 @@ fn seconds(value: f64, name: &str) -> Result<Duration, CoreError> {
 #[pymethods]
 impl Server {
     #[new]
-    #[pyo3(signature = (host, port, *, limits, io_threads, metering=true, certfile=None, keyfile=None, smallest_cpu_limit=30.0, allowed_origins=None, log_blocked_after=1.0, on_blocked=None, compression=false, data_dir=None, durability="full", reactor=None))]
+    #[pyo3(signature = (host, port, *, limits, io_threads, metering=true, certfile=None, keyfile=None, smallest_cpu_limit=30.0, allowed_origins=None, log_blocked_after=1.0, on_blocked=None, compression=false, data_dir=None, durability="full", reactor=None, cluster=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -126,6 +135,7 @@ impl Server {
         data_dir: Option<std::path::PathBuf>,
         durability: &str,
         reactor: Option<&Reactor>,
+        cluster: Option<(String, String, String, f64, f64)>,
     ) -> Result<Self> {
         let reactor = reactor.map(|reactor| reactor.inner.clone());
         let socket_limits = limits.inner.clone();
@@ -151,7 +161,22 @@ impl Server {
                     )));
                 }
             };
-            let storage = data_dir.map(|data_dir| StorageConfig { data_dir, durability });
+            let cluster = match cluster {
+                Some((dsn, node_id, advertise, lease, renew)) => Some(ClusterConfig {
+                    dsn,
+                    node_id,
+                    advertise,
+                    lease: seconds(lease, "lease")?,
+                    renew: seconds(renew, "lease renewal interval")?,
+                }),
+                None => None,
+            };
+            if cluster.is_some() && data_dir.is_none() {
+                return Err(CoreError::InvalidArgument(
+                    "cluster mode needs storage (a data directory)".into(),
+                ));
+            }
+            let storage = data_dir.map(|data_dir| StorageConfig { data_dir, durability, cluster });
             let config =
                 ServerConfig { addr, io_threads, limits, tls, storage, allowed_origins, compression };
             match reactor {
@@ -254,6 +279,60 @@ impl Server {
             .ok_or_else(|| CoreError::Storage("this server has no storage (no data directory)".into()))?;
         let store = gate.storage().store(namespace, object_id, owner)?;
         Ok(Store::new(store, gate))
+    }
+
+    /// Cluster mode: who serves an object now. `(epoch, None, None)` when this node holds its
+    /// lease (taken now if it was free), `(None, node, address)` when another node does; `None`
+    /// outside cluster mode. Asks PostgreSQL only when this node's lease is not known valid.
+    fn cluster_route(&self, py: Python<'_>, namespace: &str, object_id: &str) -> Result<Option<Route>> {
+        let Some(cluster) = self.cluster() else { return Ok(None) };
+        let name = sockworker_core::storage::ObjectName::new(namespace, object_id);
+        let owner = py.detach(|| cluster.route(&name))?;
+        Ok(Some(match owner {
+            Owner::Here { epoch } => (Some(epoch), None, None),
+            Owner::There { node, advertise } => (None, Some(node), advertise),
+        }))
+    }
+
+    /// Cluster mode: a forward to the owner failed; the next route asks PostgreSQL again.
+    fn cluster_forget(&self, namespace: &str, object_id: &str) {
+        if let Some(cluster) = self.cluster() {
+            cluster.forget_owner(&sockworker_core::storage::ObjectName::new(namespace, object_id));
+        }
+    }
+
+    /// Cluster mode: the object left this node; its lease is given up with the next round.
+    fn cluster_release(&self, namespace: &str, object_id: &str) {
+        if let Some(cluster) = self.cluster() {
+            cluster.release(&sockworker_core::storage::ObjectName::new(namespace, object_id));
+        }
+    }
+
+    /// Cluster mode: the objects whose lease this node lost since the last call.
+    fn cluster_lost(&self) -> Vec<(String, String)> {
+        self.cluster().map_or_else(Vec::new, |cluster| {
+            cluster.take_lost().into_iter().map(|n| (n.namespace.into(), n.object_id.into())).collect()
+        })
+    }
+
+    /// Cluster mode: (node id, address, leases held, statements, renewal rounds, leases taken,
+    /// leases lost, fenced commits, commits); `None` outside cluster mode.
+    #[allow(clippy::type_complexity)]
+    fn cluster_stats(&self) -> Option<(String, String, usize, u64, u64, u64, u64, u64, u64)> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let cluster = self.cluster()?;
+        let stats = &cluster.stats;
+        Some((
+            cluster.config().node_id.clone(),
+            cluster.config().advertise.clone(),
+            cluster.held_count(),
+            stats.statements.load(Relaxed),
+            stats.renew_rounds.load(Relaxed),
+            stats.acquired.load(Relaxed),
+            stats.lost.load(Relaxed),
+            stats.fenced.load(Relaxed),
+            stats.commits.load(Relaxed),
+        ))
     }
 
     /// The core state of an object: the same one for an id while any of it is alive.

@@ -1,0 +1,71 @@
+"""A counter per name, for the cluster tests: each increment is stored with the node that made
+it (``log:N`` -> node), so that a test can read the history from PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import pathlib
+
+import sockworker as sw
+
+NODE = os.environ.get("SW_TEST_NODE", "?")
+
+
+class Counter(sw.DurableObject):
+    async def fetch(self, request: sw.Request) -> sw.Response:
+        storage = self.ctx.storage
+        if request.path == "/get":
+            count = storage.get("count") or 0
+            return _json({"count": count, "node": NODE})
+        if request.path == "/slow-inc":
+            # Reads, says so (a file the test waits for), holds, then writes: a test can pause
+            # the node in between.
+            count = storage.get("count") or 0
+            _mark(request.query["marker"], count)
+            await asyncio.sleep(float(request.query["hold"]))
+            return await self._write(count + 1)
+        if request.path == "/alarm":
+            storage.set_alarm(sw.now() + float(request.query["in"]))
+            return _json({"node": NODE})
+        if request.path == "/fired":
+            return _json({"fired": storage.get("fired"), "node": NODE})
+        count = storage.get("count") or 0
+        return await self._write(count + 1)
+
+    async def _write(self, count: int) -> sw.Response:
+        self.ctx.storage.put({"count": count, f"log:{count:08d}": NODE})
+        return _json({"count": count, "node": NODE})
+
+    async def increment(self, by: int) -> dict[str, object]:
+        count = (self.ctx.storage.get("count") or 0) + by
+        self.ctx.storage.put({"count": count, f"log:{count:08d}": NODE})
+        return {"count": count, "node": NODE}
+
+    async def alarm(self) -> None:
+        self.ctx.storage.put("fired", NODE)
+
+
+def _mark(path: str, count: int) -> None:
+    pathlib.Path(path).write_text(str(count))
+
+
+def _json(value: object) -> sw.Response:
+    return sw.Response(json.dumps(value), headers={"content-type": "application/json"})
+
+
+async def fetch(request: sw.Request, env: sw.Env, ctx: sw.ExecutionContext) -> sw.Response:
+    name = request.query.get("name", "lobby")
+    stub = env.COUNTER.get_by_name(name)
+    if request.path == "/rpc-inc":
+        return _json(await stub.increment(int(request.query.get("by", "1"))))
+    if request.path == "/node":
+        return _json({"node": NODE})
+    try:
+        return await stub.fetch(request)
+    except sw.ClusterError as error:
+        return sw.Response(f"{error}\n", status=503)
+
+
+app = sw.App(fetch=fetch, durable_objects={"COUNTER": Counter})

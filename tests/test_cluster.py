@@ -1,0 +1,243 @@
+"""Cluster mode (SPEC §7): nodes that share one PostgreSQL. Real `sockworker serve` processes,
+a real PostgreSQL (tests/postgres.py), clients over HTTP; the history of every write is read
+back from PostgreSQL (the test app stores `log:N -> node` with each increment N)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import pickle
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from tests.postgres import Postgres, TcpProxy, sql
+from tests.support import ServerProcess, wait_until
+
+APP = "tests.apps.cluster_counter:app"
+LEASE = 2.0
+RENEW = 0.4
+#: How long a dead owner's objects may take to move: its lease, the rounds that notice, and
+#: room for a slow machine (a liveness bound, not a speed measurement).
+FAILOVER_BOUND = LEASE + 2 * RENEW + 10.0
+
+
+def node(make_server: Callable[..., ServerProcess], dsn: str, name: str) -> ServerProcess:
+    return make_server(
+        APP,
+        "--cluster",
+        dsn,
+        "--node-id",
+        name,
+        "--lease",
+        str(LEASE),
+        "--lease-renew",
+        str(RENEW),
+        env={"SW_TEST_NODE": name},
+    )
+
+
+async def call(session: aiohttp.ClientSession, server: ServerProcess, path: str) -> tuple[int, Any]:
+    async with session.get(server.http + path) as response:
+        text = await response.text()
+        return response.status, (json.loads(text) if response.status == 200 else text)
+
+
+def history(dsn: str) -> dict[int, str]:
+    """Every increment stored, with the node that stored it."""
+    rows = sql(
+        dsn,
+        "SELECT convert_from(key, 'UTF8'), value FROM sw_kv WHERE key >= 'log:' AND key < 'log;'",
+    )
+    return {int(key[4:]): pickle.loads(value) for key, value in rows}
+
+
+def stored_count(dsn: str) -> int:
+    rows = sql(dsn, "SELECT value FROM sw_kv WHERE key = 'count'")
+    return pickle.loads(rows[0][0]) if rows else 0
+
+
+async def test_three_nodes_serve_one_object_through_its_owner(
+    make_server: Callable[..., ServerProcess], pg_dsn: str
+) -> None:
+    nodes = [node(make_server, pg_dsn, f"n{i}") for i in range(3)]
+    async with aiohttp.ClientSession() as session:
+        answers = [await call(session, nodes[i % 3], "/inc?name=room") for i in range(9)]
+        assert [status for status, _ in answers] == [200] * 9
+        assert [body["count"] for _, body in answers] == list(range(1, 10))
+        owners = {body["node"] for _, body in answers}
+        assert owners == {"n0"}, "the first node to reach the object owns it; the others forward"
+        status, body = await call(session, nodes[2], "/rpc-inc?name=room&by=5")
+        assert (status, body) == (200, {"count": 14, "node": "n0"}), "RPC is forwarded too"
+        # Another object may land elsewhere: the one that first reaches it owns it.
+        status, body = await call(session, nodes[1], "/inc?name=other")
+        assert (status, body) == (200, {"count": 1, "node": "n1"})
+    leases = sql(pg_dsn, "SELECT node, epoch FROM sw_leases ORDER BY node")
+    assert leases == [("n0", 1), ("n1", 1)]
+    assert stored_count(pg_dsn) in (14, 1)  # (two objects: look at one of them)
+    assert history(pg_dsn)[14] == "n0"
+
+
+async def test_a_killed_owner_fails_over_and_no_acknowledged_write_is_lost(
+    make_server: Callable[..., ServerProcess], pg_dsn: str
+) -> None:
+    nodes = [node(make_server, pg_dsn, f"n{i}") for i in range(3)]
+    acked: list[tuple[int, str, float]] = []
+    refused: list[str] = []
+    stop = asyncio.Event()
+
+    async def client(server: ServerProcess) -> None:
+        async with aiohttp.ClientSession() as session:
+            while not stop.is_set():
+                status, body = await call(session, server, "/inc?name=room")
+                if status == 200:
+                    acked.append((body["count"], body["node"], time.monotonic()))
+                else:
+                    refused.append(body)
+
+    async with aiohttp.ClientSession() as session:
+        assert (await call(session, nodes[0], "/inc?name=room"))[1]["node"] == "n0"
+    acked.append((1, "n0", time.monotonic()))
+    clients = [asyncio.create_task(client(nodes[i])) for i in (1, 2)]
+    await wait_until(lambda: _true(len(acked) >= 20), within=20, what="20 increments")
+    nodes[0].send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    await wait_until(
+        lambda: _true(any(n != "n0" for _, n, _t in acked)),
+        within=FAILOVER_BOUND,
+        what="an increment served by the new owner",
+    )
+    first = min(t for _, n, t in acked if n != "n0")
+    await wait_until(
+        lambda: _true(sum(n != "n0" for _, n, _t in acked) >= 20),
+        within=20,
+        what="20 increments on the new owner",
+    )
+    stop.set()
+    await asyncio.gather(*clients)
+    print(
+        f"failover: {first - killed:.2f} s (lease {LEASE} s); "
+        f"acked {len(acked)}, refused {len(refused)}"
+    )
+    counts = [count for count, _, _ in acked]
+    assert len(counts) == len(set(counts)), "no increment acknowledged twice"
+    stored = history(pg_dsn)
+    for count, owner, _ in acked:
+        assert stored.get(count) == owner, f"acknowledged increment {count} by {owner} was lost"
+    assert stored_count(pg_dsn) == max(stored), "the count is the last increment stored"
+    # A request in flight to the dead owner is the only kind that may fail, with a clear error.
+    assert all("may or may not have run" in text for text in refused), refused
+    assert len(refused) <= 2
+
+
+async def test_a_paused_owner_is_fenced_and_its_output_dropped(
+    make_server: Callable[..., ServerProcess], pg_dsn: str, tmp_path: Path
+) -> None:
+    first, second = node(make_server, pg_dsn, "n0"), node(make_server, pg_dsn, "n1")
+    marker = tmp_path / "read"
+    async with aiohttp.ClientSession() as session:
+        assert (await call(session, first, "/inc?name=room"))[1] == {"count": 1, "node": "n0"}
+        slow = asyncio.create_task(
+            call(session, first, f"/slow-inc?name=room&hold=1&marker={marker}")
+        )
+        await wait_until(
+            lambda: _true(marker.exists()), within=10, what="the slow increment's read"
+        )
+        first.send_signal(signal.SIGSTOP)
+        try:
+            # Until its lease has expired in PostgreSQL's own clock, nobody may take the object.
+            await wait_until(
+                lambda: _true(
+                    sql(pg_dsn, "SELECT expires_at < clock_timestamp() FROM sw_leases")[0][0]
+                ),
+                within=FAILOVER_BOUND,
+                what="the paused owner's lease to expire",
+            )
+            status, body = await call(session, second, "/inc?name=room")
+            assert (status, body) == (200, {"count": 2, "node": "n1"})
+        finally:
+            first.send_signal(signal.SIGCONT)
+        status, _text = await slow
+        assert status != 200, "the stale owner's answer was dropped"
+        assert "fenced" in first.log_text(), first.log_tail()
+        # Its next event is forwarded to the new owner.
+        assert (await call(session, first, "/inc?name=room"))[1] == {"count": 3, "node": "n1"}
+    assert history(pg_dsn) == {1: "n0", 2: "n1", 3: "n1"}, "never two owners that both commit"
+    assert stored_count(pg_dsn) == 3
+    assert sql(pg_dsn, "SELECT node, epoch FROM sw_leases") == [("n1", 2)]
+
+
+async def test_postgres_unreachable_fails_clearly_and_loses_nothing(
+    make_server: Callable[..., ServerProcess], postgres: Postgres, pg_dsn: str
+) -> None:
+    dbname = pg_dsn.rsplit("/", 1)[1]
+    with TcpProxy("127.0.0.1", postgres.port) as proxy:
+        server = node(make_server, proxy.dsn_for(dbname), "n0")
+        async with aiohttp.ClientSession() as session:
+            assert (await call(session, server, "/inc?name=room"))[1]["count"] == 1
+            proxy.cut()
+            status, _text = await call(session, server, "/inc?name=room")
+            assert status >= 500 and status != 200
+            assert "cluster database" in server.log_text(), server.log_tail()
+            proxy.restore()
+            answers = [await call(session, server, "/inc?name=room") for _ in range(3)]
+    assert [status for status, _ in answers] == [200] * 3
+    counts = [body["count"] for _, body in answers]
+    assert counts == [2, 3, 4], "the failed increment was not stored, the acknowledged ones were"
+    assert history(pg_dsn) == {1: "n0", 2: "n0", 3: "n0", 4: "n0"}
+
+
+async def test_an_alarm_of_a_dead_node_fires_on_another(
+    make_server: Callable[..., ServerProcess], pg_dsn: str
+) -> None:
+    first, second = node(make_server, pg_dsn, "n0"), node(make_server, pg_dsn, "n1")
+    async with aiohttp.ClientSession() as session:
+        assert (await call(session, first, "/alarm?name=room&in=1"))[1] == {"node": "n0"}
+        first.send_signal(signal.SIGKILL)
+
+        async def fired() -> Any:
+            status, body = await call(session, second, "/fired?name=room")
+            return status == 200 and body["fired"]
+
+        assert (
+            await wait_until(fired, within=FAILOVER_BOUND + 2, interval=0.2, what="the alarm")
+            == "n1"
+        )
+    assert sql(pg_dsn, "SELECT count(*) FROM sw_alarms") == [(0,)], "a fired alarm is deleted"
+
+
+async def test_a_restarted_node_takes_its_objects_back_at_once(
+    make_server: Callable[..., ServerProcess], pg_dsn: str
+) -> None:
+    first = node(make_server, pg_dsn, "n0")
+    async with aiohttp.ClientSession() as session:
+        assert (await call(session, first, "/inc?name=room"))[1] == {"count": 1, "node": "n0"}
+        first.send_signal(signal.SIGKILL)
+        first.wait_exit(10)
+        again = node(make_server, pg_dsn, "n0")
+        # Its lease from before is still live in PostgreSQL: the same node id takes it back
+        # with a new epoch, without waiting for it to expire.
+        assert (await call(session, again, "/inc?name=room"))[1] == {"count": 2, "node": "n0"}
+    assert sql(pg_dsn, "SELECT node, epoch FROM sw_leases") == [("n0", 2)]
+
+
+def test_cluster_flags_need_cluster(make_server: Callable[..., ServerProcess]) -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "sockworker", "serve", APP, "--lease", "3"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "need --cluster" in done.stderr
+
+
+async def _true(value: bool) -> bool:
+    return value
