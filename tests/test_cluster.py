@@ -241,3 +241,104 @@ def test_cluster_flags_need_cluster(make_server: Callable[..., ServerProcess]) -
 
 async def _true(value: bool) -> bool:
     return value
+
+
+ROOM_APP = "tests.apps.cluster_room:app"
+
+
+def room_node(make_server: Callable[..., ServerProcess], dsn: str, name: str) -> ServerProcess:
+    return make_server(
+        ROOM_APP,
+        "--cluster",
+        dsn,
+        "--node-id",
+        name,
+        "--lease",
+        str(LEASE),
+        "--lease-renew",
+        str(RENEW),
+        env={"SW_TEST_NODE": name},
+    )
+
+
+async def next_kind(ws: Any, kind: str) -> dict[str, Any]:
+    """The next message of `kind` (joins and leaves of others may come first)."""
+    while True:
+        message = json.loads(await asyncio.wait_for(ws.recv(), 10))
+        if message["kind"] == kind:
+            return message
+
+
+async def test_a_room_with_clients_on_three_nodes(
+    make_server: Callable[..., ServerProcess], pg_dsn: str
+) -> None:
+    from websockets.asyncio.client import connect
+
+    nodes = [room_node(make_server, pg_dsn, f"n{i}") for i in range(3)]
+    async with (
+        connect(nodes[0].ws + "/?room=r&user=ann") as ann,
+        connect(nodes[1].ws + "/?room=r&user=bob") as bob,
+        connect(nodes[2].ws + "/?room=r&user=cy") as cy,
+    ):
+        for ws in (ann, bob, cy):
+            assert (await next_kind(ws, "history"))["owner"] == "n0"
+        # Tags and attachments of sockets held by other nodes are the object's.
+        await bob.send("whoami")
+        assert await next_kind(bob, "you") == {"kind": "you", "user": "bob", "tags": ["bob"]}
+        await cy.send("list")
+        assert (await next_kind(cy, "list"))["users"] == ["ann", "bob", "cy"]
+        # A message from any node reaches every socket, in order.
+        await bob.send("hello")
+        await cy.send("world")
+        for ws in (ann, bob, cy):
+            first, second = await next_kind(ws, "message"), await next_kind(ws, "message")
+            assert [(first["user"], first["text"]), (second["user"], second["text"])] == [
+                ("bob", "hello"),
+                ("cy", "world"),
+            ]
+        # The auto-response is answered by the node that holds the socket, not the owner.
+        await cy.send("ping")
+        assert await asyncio.wait_for(cy.recv(), 10) == "pong"
+        async with aiohttp.ClientSession() as session:
+            status, body = await call(session, nodes[1], "/count?room=r")
+        assert (status, body) == (200, {"sockets": 3, "node": "n0"})
+        # A leave on another node reaches the owner and the others.
+        await cy.close()
+        assert (await next_kind(ann, "leave"))["user"] == "cy"
+        assert (await next_kind(bob, "leave"))["user"] == "cy"
+    stored = sql(pg_dsn, "SELECT value FROM sw_kv WHERE key = 'history'")
+    assert pickle.loads(stored[0][0]) == [["bob", "hello"], ["cy", "world"]]
+
+
+async def test_sockets_on_surviving_nodes_stay_open_when_the_owner_dies(
+    make_server: Callable[..., ServerProcess], pg_dsn: str
+) -> None:
+    from websockets.asyncio.client import connect
+
+    nodes = [room_node(make_server, pg_dsn, f"n{i}") for i in range(3)]
+    async with aiohttp.ClientSession() as session:
+        # The owner is n0: it reaches the object first.
+        assert (await call(session, nodes[0], "/count?room=r"))[1]["node"] == "n0"
+    async with (
+        connect(nodes[1].ws + "/?room=r&user=bob") as bob,
+        connect(nodes[2].ws + "/?room=r&user=cy") as cy,
+    ):
+        for ws in (bob, cy):
+            assert (await next_kind(ws, "history"))["owner"] == "n0"
+        await bob.send("before")
+        for ws in (bob, cy):
+            assert (await next_kind(ws, "message"))["owner"] == "n0"
+        nodes[0].send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        # Sent while the owner is dead: relayed once another node owns the room.
+        await bob.send("after")
+        for ws in (bob, cy):
+            message = await asyncio.wait_for(next_kind(ws, "message"), FAILOVER_BOUND)
+            assert (message["user"], message["text"]) == ("bob", "after")
+            assert message["owner"] in ("n1", "n2")
+        print(f"socket failover: {time.monotonic() - killed:.2f} s")
+        # The new owner knows both sockets (also the one on the node that did not send).
+        await cy.send("list")
+        assert (await next_kind(cy, "list"))["users"] == ["bob", "cy"]
+    stored = sql(pg_dsn, "SELECT value FROM sw_kv WHERE key = 'history'")
+    assert pickle.loads(stored[0][0]) == [["bob", "before"], ["bob", "after"]]

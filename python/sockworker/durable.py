@@ -77,8 +77,7 @@ class DurableObjectStub:
                 (request.method, request.url, list(request.headers.items()), request.body),
             )
             if forwarded is not None:
-                status, response_headers, response_body = forwarded
-                return Response(response_body, status, Headers(response_headers))
+                return nodes.response(self._namespace, self.id, forwarded)
         host = self._namespace._host(self.id)
         response = await host.call("fetch", request)
         if not isinstance(response, Response):

@@ -92,6 +92,17 @@ class StateHost(StorageHost, Protocol):
         ...
 
     def revive(self, handle: _native.SocketHandle) -> WebSocket: ...
+    def sockets_elsewhere(self, tag: str | None) -> list[WebSocket]:
+        """Cluster mode: the object's sockets held by other nodes (else none)."""
+        ...
+
+    def broadcast_elsewhere(
+        self, message: str | bytes, tag: str | None, excluded: int | None
+    ) -> int:
+        """Cluster mode: one message per node holding sockets of the object; how many."""
+        ...
+
+    def auto_responses_changed(self, pairs: list[tuple[str | bytes, str | bytes]]) -> None: ...
     def block(self, awaitable: Awaitable[T]) -> asyncio.Future[T]: ...
     def track(self, awaitable: Awaitable[Any], what: str) -> None: ...
 
@@ -130,7 +141,9 @@ class DurableObjectState:
     def get_websockets(self, tag: str | None = None) -> list[WebSocket]:
         """The open hibernatable sockets (with ``tag``, if given), as fresh objects after a
         hibernation."""
-        return [self._host.revive(handle) for handle in self._host.native.sockets(tag)]
+        host = self._host
+        sockets = [host.revive(handle) for handle in host.native.sockets(tag)]
+        return sockets + host.sockets_elsewhere(tag)
 
     def get_tags(self, ws: WebSocket) -> list[str]:
         tags = ws._object_tags(self._host)
@@ -140,7 +153,8 @@ class DurableObjectState:
 
     def websocket_count(self, tag: str | None = None) -> int:
         """Counts the open hibernatable sockets in the core; wakes nothing."""
-        return self._host.native.count(tag)
+        host = self._host
+        return host.native.count(tag) + len(host.sockets_elsewhere(tag))
 
     def broadcast(
         self, message: str | bytes, tag: str | None = None, exclude: WebSocket | None = None
@@ -148,7 +162,9 @@ class DurableObjectState:
         """Sends ``message`` to every open hibernatable socket (with ``tag``), but ``exclude``.
         The core encodes the frame once; no Python object per socket. Returns how many."""
         excluded = exclude._socket_id() if exclude is not None else None
-        return self._host.native.broadcast(message, tag, excluded)
+        host = self._host
+        count = host.native.broadcast(message, tag, excluded)
+        return count + host.broadcast_elsewhere(message, tag, excluded)
 
     def set_websocket_auto_response(
         self, pairs: AutoResponse | Sequence[AutoResponse] | None = None
@@ -163,7 +179,9 @@ class DurableObjectState:
             listed = list(pairs)
         if any(not isinstance(pair, AutoResponse) for pair in listed):
             raise TypeError("set_websocket_auto_response takes AutoResponse pairs")
-        self._host.native.set_auto_responses([(p.request, p.response) for p in listed])
+        raw: list[tuple[str | bytes, str | bytes]] = [(p.request, p.response) for p in listed]
+        self._host.native.set_auto_responses(raw)
+        self._host.auto_responses_changed(raw)
 
     def get_websocket_auto_response(self) -> AutoResponse | list[AutoResponse] | None:
         """The pair set (several: a list), kept by the core across hibernation."""

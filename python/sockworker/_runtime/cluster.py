@@ -18,15 +18,17 @@ import logging
 import pickle
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from ..errors import ClusterError
+from .. import _native
+from ..errors import ClusterError, StorageError
 from ..http import Headers, Request, Response
 from ..state import DurableObjectId
-from ..websocket import CloseCode, MessageEvent, WebSocket
+from ..websocket import CloseCode, MessageEvent, WebSocket, WebSocketPair
+from .remote import Accepted, Info, ObjectRef, Relay, RemoteHandle
 
 if TYPE_CHECKING:
     from ..cluster import Cluster
     from .contract import ObjectKind
-    from .host import Objects
+    from .host import ObjectHost, Objects
     from .services import Services
 
 logger = logging.getLogger("sockworker")
@@ -63,6 +65,9 @@ class Link:
         self.ws = ws
         self.pending: dict[int, asyncio.Future[Any]] = {}
         self.ids = itertools.count(1)
+        # Socket events sent on this link and not yet acknowledged, in order: sent again
+        # (routed anew) if the link closes first.
+        self.unacked: dict[int, tuple[Relay, Info, str, tuple[Any, ...]]] = {}
         ws.add_event_listener("message", self._on_message)
         ws.add_event_listener("close", self._on_close)
 
@@ -83,6 +88,21 @@ class Link:
             self.ws.close(1003, "binary messages only")
             return
         op, rid, body = pickle.loads(data)
+        if op == "ev":
+            # A socket's event, from the node that holds the socket: in order, at once. The
+            # acknowledgement goes through the output gate: it leaves once what the event's
+            # handler wrote is durable.
+            self.nodes.on_socket_event(self.peer, *body)
+            if self.open:
+                self.send(("ack", rid, None))
+            return
+        if op == "ack":
+            self.unacked.pop(rid, None)
+            return
+        if op == "out":
+            # What an owner did with sockets held here.
+            self.nodes.apply(body)
+            return
         if op in ("ok", "err", "moved"):
             future = self.pending.pop(rid, None)
             if future is None or future.done():
@@ -98,7 +118,7 @@ class Link:
 
     async def _serve(self, op: str, rid: int, body: Any) -> None:
         try:
-            result = await self.nodes.serve(op, body)
+            result = await self.nodes.serve(op, body, self.peer)
             answer: tuple[str, int, Any] = ("ok", rid, result)
         except NotOwner as moved:
             answer = ("moved", rid, str(moved))
@@ -109,8 +129,26 @@ class Link:
         if self.ws.ready_state == WebSocket.OPEN:
             self.ws.send(pickle.dumps(answer, protocol=pickle.HIGHEST_PROTOCOL))
 
+    def send(self, message: tuple[str, int, Any]) -> None:
+        self.ws.send(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+
+    def send_event(self, event: tuple[Relay, Info, str, tuple[Any, ...]]) -> None:
+        relay, info, name, args = event
+        rid = next(self.ids)
+        self.unacked[rid] = event
+        self.send(("ev", rid, (name, relay.obj, info, args)))
+
+    @property
+    def open(self) -> bool:
+        return self.ws.ready_state == WebSocket.OPEN
+
     def _on_close(self, _event: Any) -> None:
-        self.nodes.links.pop(self.peer, None) if self.nodes.links.get(self.peer) is self else None
+        if self.nodes.links.get(self.peer) is self:
+            del self.nodes.links[self.peer]
+            self.nodes.peer_lost(self.peer)
+        unacked, self.unacked = list(self.unacked.values()), {}
+        if unacked:
+            self.nodes.resend(self.peer, unacked)
         pending, self.pending = self.pending, {}
         for future in pending.values():
             if not future.done():
@@ -135,6 +173,17 @@ class Nodes:
         self.links: dict[str, Link] = {}
         self.dialing: dict[str, asyncio.Future[Link]] = {}
         self.watcher: asyncio.Task[None] | None = None
+        # As an owner: the sockets of its objects held by other nodes, by object, by (node,
+        # socket id) and (until the holder names them) by token.
+        self.remote: dict[tuple[str, str], dict[int, RemoteHandle]] = {}
+        self.held: dict[tuple[str, int], RemoteHandle] = {}
+        self.unbound: dict[int, RemoteHandle] = {}
+        self.outbox: dict[str, list[tuple[Any, ...]]] = {}
+        self.flushing = False
+        # As a holder: socket events waiting for a link to their owner, by owner node.
+        self.waiting: dict[str, list[tuple[Relay, Info, str, tuple[Any, ...]]]] = {}
+        # Objects whose sockets on other nodes were asked for, with the epoch taken.
+        self.gathered: dict[tuple[str, str], int] = {}
 
     # -- routing --------------------------------------------------------------------------------
 
@@ -240,8 +289,6 @@ class Nodes:
 
     def accept(self, request: Request) -> Response:
         """A node dials this one: the link is accepted if its proof holds."""
-        from ..websocket import WebSocketPair
-
         node = request.headers.get(_HEADER_NODE, "")
         proof = request.headers.get(_HEADER_PROOF, "")
         if request.headers.get("upgrade", "").lower() != "websocket":
@@ -258,11 +305,17 @@ class Nodes:
 
     # -- what other nodes forward here -----------------------------------------------------------
 
-    async def serve(self, op: str, body: Any) -> Any:
+    async def serve(self, op: str, body: Any, peer: str) -> Any:
         binding, hex_id, id_name, payload = body
         kind = self.objects.kinds.get(binding)
         if kind is None:
             raise ClusterError(f"this node's app has no namespace {binding!r}")
+        if op == "sockets":
+            # Another node took the object: the sockets of it held here.
+            state = self.services.server.object_state(
+                binding, hex_id, kind.cls.max_hibernatable_websockets
+            )
+            return [Info.of(handle) for handle in state.sockets(None)], state.auto_responses()
         if self.route(binding, hex_id) is not None:
             raise NotOwner(f"node {self.node_id!r} does not own the object")
         host = self.objects.host(kind, DurableObjectId(hex_id, id_name))
@@ -272,17 +325,412 @@ class Nodes:
             if not isinstance(response, Response):
                 raise ClusterError(f"{host.cls.__name__}.fetch must return a Response")
             if response.websocket is not None:
-                host.returned(response)
-                raise ClusterError(
-                    "a WebSocket accepted by an object on another node cannot be forwarded yet: "
-                    "connect to the node that owns the object"
-                )
+                return self._accept_for_peer(host, peer, url, response)
             host.returned(response)
-            return (response.status, list(response.headers.items()), response.body)
+            return ("http", response.status, list(response.headers.items()), response.body)
         if op == "rpc":
             name, args, kwargs = payload
             return await host.call(name, *args, **kwargs)
         raise ClusterError(f"unknown forwarded operation {op!r}")
+
+    def _accept_for_peer(
+        self, host: ObjectHost, peer: str, url: str, response: Response
+    ) -> tuple[Any, ...]:
+        """The object accepted a socket for a request that reached node ``peer``: the socket
+        will be held there, and is a ``RemoteHandle`` here."""
+        client = response.websocket
+        server_end = client._peer if client is not None else None
+        if response.status != 101 or server_end is None:
+            raise ClusterError(
+                "a Response with a websocket must have status 101 and a pair's client end"
+            )
+        if server_end._object is not host:
+            raise ClusterError(
+                "only a socket accepted with ctx.accept_websocket() can be held by another node "
+                "than its object's (the standard API's server.accept() cannot yet)"
+            )
+        tags = server_end._take_tags()
+        protocol = response.headers.get("sec-websocket-protocol", "")
+        ws_url = "ws" + url.removeprefix("http")
+        handle = RemoteHandle(self, peer, (host.kind.binding, str(host.id)), tags, ws_url, protocol)
+        host.pending_accepts -= 1
+        server_end._bind(handle, self.services, ws_url, protocol)  # type: ignore[arg-type]
+        host.sockets[handle.id] = server_end
+        self.services.sockets[handle.id] = server_end
+        self.unbound[handle.id] = handle
+        self.remote.setdefault(handle.obj, {})[handle.id] = handle
+        return (
+            "ws",
+            self.node_id,
+            handle.id,
+            list(response.headers.items()),
+            tags,
+            host.native.auto_responses(),
+        )
+
+    def response(self, kind: ObjectKind, object_id: DurableObjectId, result: Any) -> Response:
+        """The Response here for what the owner answered a forwarded fetch."""
+        if result[0] == "http":
+            _, status, headers, body = result
+            return Response(body, status, Headers(headers))
+        _, owner, token, headers, tags, auto_responses = result
+        client, server_end = WebSocketPair()
+        accepted = Accepted(
+            self,
+            kind,
+            (kind.binding, str(object_id), object_id.name),
+            owner,
+            token,
+            tags,
+            auto_responses,
+        )
+        server_end._accept_for(accepted, tags, kind.socket_limits)
+        return Response(status=101, headers=Headers(headers), websocket=client)
+
+    # -- sockets held here for objects owned elsewhere --------------------------------------------
+
+    def adopt(self, accepted: Accepted, ws: WebSocket, handle: _native.SocketHandle) -> None:
+        """The 101 went out: the socket joins its object's core state here, and the owner
+        learns its id. Its Python object is not kept (the next event makes one)."""
+        binding, hex_id, _ = accepted.obj
+        state = self.services.server.object_state(
+            binding, hex_id, accepted.kind.cls.max_hibernatable_websockets
+        )
+        handle.set_origin(ws.url or "", ws.protocol)
+        state.adopt(handle, ws._take_tags() or accepted.tags)
+        if accepted.auto_responses:
+            state.set_auto_responses(accepted.auto_responses)
+        self.services.sockets.pop(handle.id, None)
+        owner = Owner(accepted.owner, None)
+        self._event(owner, accepted, Info.of(handle), "ws_bound", (accepted.token,))
+
+    def relay(self, handle: _native.SocketHandle) -> WebSocket | None:
+        """The Python object for an event of a socket held here whose object is owned by
+        another node (its events are relayed); None when the object is this node's."""
+        state = handle.object
+        name = state.name if state is not None else None
+        if state is None or name is None:
+            return None
+        kind = self.objects.kinds.get(name[0])
+        if kind is None:
+            return None
+        try:
+            if self.route(name[0], name[1]) is None:
+                return None
+        except StorageError as error:
+            logger.warning(
+                "an event of socket %d waits for the cluster database: %s", handle.id, error
+            )
+            return None
+        relay = Relay(self, kind, (name[0], name[1], state.id_name))
+        return WebSocket._revive(handle, self.services, relay)
+
+    def socket_event(self, relay: Relay, ws: WebSocket, name: str, args: tuple[Any, ...]) -> None:
+        handle = ws._handle
+        if handle is None:
+            return
+        binding, hex_id, _ = relay.obj
+        try:
+            owner = self.route(binding, hex_id)
+        except StorageError as error:
+            logger.warning("an event of socket %d is dropped: %s", handle.id, error)
+            return
+        self._event(owner, relay, Info.of(handle), name, args)
+
+    def _event(
+        self, owner: Owner | None, relay: Relay, info: Info, name: str, args: tuple[Any, ...]
+    ) -> None:
+        """Sends a socket's event to its object's owner, after any still waiting for it."""
+        if owner is None:
+            self.on_socket_event(self.node_id, name, relay.obj, info, args)
+            return
+        link = self.links.get(owner.node)
+        queue = self.waiting.get(owner.node)
+        if link is not None and link.open and not queue:
+            link.send_event((relay, info, name, args))
+            return
+        if queue is None:
+            queue = self.waiting[owner.node] = []
+            self.services.spawn(self._deliver(owner.node), "relaying socket events")
+        queue.append((relay, info, name, args))
+
+    async def _deliver(self, node: str) -> None:
+        """Sends the events waiting for ``node`` once a link to it is open; when it cannot be
+        reached, routes them again (its objects move once its leases expire)."""
+        loop = self.services.loop
+        deadline = loop.time() + self.settings.lease + 2 * self.settings.renew
+        while True:
+            queue = self.waiting.get(node)
+            if not queue:
+                self.waiting.pop(node, None)
+                return
+            relay = queue[0][0]
+            binding, hex_id, _ = relay.obj
+            try:
+                owner = self.route(binding, hex_id)
+                if owner is not None and owner.node == node:
+                    address = owner.address or next(
+                        (a for n, a in self.services.server.cluster_peers() if n == node), None
+                    )
+                    link = await self.link_to(Owner(node, address))
+                    while queue and link.open:
+                        link.send_event(queue.pop(0))
+                    continue
+            except (ClusterError, StorageError, OSError) as error:
+                if loop.time() >= deadline:
+                    logger.warning(
+                        "%d socket events for node %s are dropped: %s", len(queue), node, error
+                    )
+                    self.waiting.pop(node, None)
+                    return
+                self.services.server.cluster_forget(binding, hex_id)
+                await asyncio.sleep(min(self.settings.renew / 2, 0.25))
+                continue
+            # The object moved (or is this node's now): its events follow it.
+            self.waiting.pop(node, None)
+            for relay, info, name, args in queue:
+                moved = self.route(relay.obj[0], relay.obj[1])
+                self._event(moved, relay, info, name, args)
+            return
+
+    def resend(self, node: str, events: list[tuple[Relay, Info, str, tuple[Any, ...]]]) -> None:
+        """Events sent to ``node`` that it did not acknowledge before its link closed: they go
+        again, before any sent since, to wherever their objects are (a new owner, once the
+        dead one's lease expires). One the owner ran but could not acknowledge runs twice."""
+        queue = self.waiting.get(node)
+        if queue is None:
+            self.waiting[node] = list(events)
+            self.services.spawn(self._deliver(node), "relaying socket events")
+        else:
+            queue[:0] = events
+
+    def apply(self, ops: list[tuple[Any, ...]]) -> None:
+        """What the owner of an object did with its sockets held here, in order."""
+        server = self.services.server
+        for op in ops:
+            what = op[0]
+            if what == "broadcast":
+                _, binding, hex_id, data, tag, exclude = op
+                kind = self.objects.kinds.get(binding)
+                if kind is not None:
+                    state = server.object_state(
+                        binding, hex_id, kind.cls.max_hibernatable_websockets
+                    )
+                    state.broadcast(data, tag, exclude)
+                continue
+            if what == "auto":
+                _, binding, hex_id, pairs = op
+                kind = self.objects.kinds.get(binding)
+                if kind is not None:
+                    state = server.object_state(
+                        binding, hex_id, kind.cls.max_hibernatable_websockets
+                    )
+                    state.set_auto_responses(pairs)
+                continue
+            handle = server.socket(op[1])
+            if handle is None:
+                continue
+            if what == "send":
+                handle.send(op[2])
+            elif what == "close":
+                handle.close(op[2], op[3])
+            elif what == "attach":
+                handle.set_attachment(op[2])
+
+    # -- an owner's sockets on other nodes --------------------------------------------------------
+
+    def on_socket_event(
+        self, peer: str, name: str, obj: ObjectRef, info: Info, args: tuple[Any, ...]
+    ) -> None:
+        """An event of a socket held by node ``peer`` (this node itself after a failover) for
+        an object that should be this node's."""
+        binding, hex_id, id_name = obj
+        kind = self.objects.kinds.get(binding)
+        if kind is None:
+            return
+        info = Info(*info)
+        try:
+            owner = self.route(binding, hex_id)
+        except StorageError as error:
+            logger.warning("an event of a socket on node %s is dropped: %s", peer, error)
+            return
+        if owner is not None:
+            # Not this node's (any more): on to the owner.
+            self._event(owner, Relay(self, kind, obj), info, name, args)
+            return
+        host = self.objects.host(kind, DurableObjectId(hex_id, id_name))
+        if peer == self.node_id:
+            # Held here and owned here now: an ordinary socket of the object.
+            handle = self.services.server.socket(info.socket_id)
+            if handle is None:
+                return
+            if name == "ws_close":
+                ws = WebSocket._revive(handle, self.services, host)
+                ws._on_close(*args)
+                return
+            ws = host.revive(handle)
+            if name == "ws_message":
+                ws._on_message(args[0])
+            elif name == "ws_error":
+                ws._on_error(args[0])
+            return
+        if name == "ws_bound":
+            remote = self.unbound.pop(args[0], None)
+            if remote is None:
+                return
+            self.held[(peer, info.socket_id)] = remote
+            remote.bound(info.socket_id)
+            return
+        remote = self.held.get((peer, info.socket_id))
+        if remote is None:
+            remote = self._register(peer, (binding, hex_id), info)
+        else:
+            remote.refresh(info)
+        if name == "ws_close":
+            self._forget(remote)
+            ws = host.sockets.pop(remote.id, None) or WebSocket._revive(remote, self.services, host)  # type: ignore[arg-type]
+            self.services.sockets.pop(remote.id, None)
+            ws._on_close(*args)
+            return
+        ws = host.revive(remote)  # type: ignore[arg-type]
+        if name == "ws_message":
+            ws._on_message(args[0])
+        elif name == "ws_error":
+            ws._on_error(args[0])
+
+    def _register(self, peer: str, obj: tuple[str, str], info: Info) -> RemoteHandle:
+        remote = RemoteHandle(
+            self,
+            peer,
+            obj,
+            info.tags,
+            info.url,
+            info.protocol,
+            info.extensions,
+            info.socket_id,
+            info.attachment,
+        )
+        self.held[(peer, info.socket_id)] = remote
+        self.remote.setdefault(obj, {})[remote.id] = remote
+        return remote
+
+    def _forget(self, remote: RemoteHandle) -> None:
+        remote.closed = True
+        if remote.socket_id is not None:
+            self.held.pop((remote.node, remote.socket_id), None)
+        self.unbound.pop(remote.id, None)
+        sockets = self.remote.get(remote.obj)
+        if sockets is not None:
+            sockets.pop(remote.id, None)
+            if not sockets:
+                del self.remote[remote.obj]
+
+    def peer_lost(self, peer: str) -> None:
+        """The link to ``peer`` closed: the sockets it held for objects here are gone (closed
+        with 1006 for their objects); if it is alive, their next events bring them back."""
+        for remote in [r for r in self.held.values() if r.node == peer]:
+            self._forget(remote)
+            kind = self.objects.kinds.get(remote.obj[0])
+            host = self.objects.resident(remote.obj[0], DurableObjectId(remote.obj[1]))
+            if kind is None or host is None:
+                continue
+            ws = host.sockets.pop(remote.id, None)
+            self.services.sockets.pop(remote.id, None)
+            if ws is not None:
+                ws._on_close(1006, f"node {peer} unreachable", False)
+
+    def has_remote(self, binding: str, hex_id: str) -> bool:
+        return bool(self.remote.get((binding, hex_id)))
+
+    def remote_sockets(self, binding: str, hex_id: str, tag: str | None) -> list[RemoteHandle]:
+        sockets = self.remote.get((binding, hex_id))
+        if not sockets:
+            return []
+        return [r for r in sockets.values() if not r.closed and (tag is None or tag in r.tags)]
+
+    def broadcast(
+        self, binding: str, hex_id: str, data: str | bytes, tag: str | None, exclude: int | None
+    ) -> int:
+        """One message per node holding sockets of the object; returns the sockets reached."""
+        by_node: dict[str, tuple[int, int | None]] = {}
+        for remote in self.remote_sockets(binding, hex_id, tag):
+            if remote.socket_id is None:
+                remote.send(data)  # (not named yet: queued on its own)
+                continue
+            count, excluded = by_node.get(remote.node, (0, None))
+            if remote.id == exclude:
+                by_node[remote.node] = (count, remote.socket_id)
+            else:
+                by_node[remote.node] = (count + 1, excluded)
+        payload = data if isinstance(data, str) else bytes(data)
+        for node, (_, excluded) in by_node.items():
+            self.out(node, ("broadcast", binding, hex_id, payload, tag, excluded))
+        return sum(count for count, _ in by_node.values())
+
+    def auto_responses_changed(
+        self, binding: str, hex_id: str, pairs: list[tuple[str | bytes, str | bytes]]
+    ) -> None:
+        for node in {r.node for r in self.remote_sockets(binding, hex_id, None)}:
+            self.out(node, ("auto", binding, hex_id, pairs))
+
+    def out(self, node: str, op: tuple[Any, ...]) -> None:
+        """Queues ``op`` for ``node``; what one loop iteration queued goes in one message."""
+        self.outbox.setdefault(node, []).append(op)
+        if not self.flushing:
+            self.flushing = True
+            self.services.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self.flushing = False
+        outbox, self.outbox = self.outbox, {}
+        for node, ops in outbox.items():
+            link = self.links.get(node)
+            if link is not None and link.open:
+                link.send(("out", 0, ops))
+            else:
+                self.services.spawn(self._send_later(node, ops), "sending to a node")
+
+    async def _send_later(self, node: str, ops: list[tuple[Any, ...]]) -> None:
+        address = next((a for n, a in self.services.server.cluster_peers() if n == node), None)
+        try:
+            link = await self.link_to(Owner(node, address))
+        except ClusterError as error:
+            logger.warning(
+                "%d operations on sockets held by node %s are lost: %s", len(ops), node, error
+            )
+            return
+        link.send(("out", 0, ops))
+
+    async def gather(self, kind: ObjectKind, object_id: DurableObjectId) -> None:
+        """This node took the object: the sockets other nodes hold for it join it here."""
+        binding, hex_id = kind.binding, str(object_id)
+        peers = self.services.server.cluster_peers()
+
+        async def ask(node: str, address: str) -> None:
+            try:
+                link = await self.link_to(Owner(node, address))
+                future = link.request("sockets", (binding, hex_id, object_id.name, None))
+                infos, _ = await asyncio.wait_for(future, FORWARD_TIMEOUT)
+            except (ClusterError, TimeoutError) as error:
+                logger.warning(
+                    "node %s did not say which sockets of %s it holds: %s", node, hex_id, error
+                )
+                return
+            for info in infos:
+                info = Info(*info)
+                if (node, info.socket_id) not in self.held:
+                    self._register(node, (binding, hex_id), info)
+
+        await asyncio.gather(*(ask(node, address) for node, address in peers))
+
+    def needs_gather(self, binding: str, hex_id: str, epoch: int) -> bool:
+        if (
+            self.gathered.get((binding, hex_id)) == epoch
+            or not self.services.server.cluster_peers()
+        ):
+            return False
+        self.gathered[(binding, hex_id)] = epoch
+        return True
 
     # -- leases lost ----------------------------------------------------------------------------
 

@@ -258,11 +258,21 @@ class Runtime:
         """The socket of a hibernated object: a new Python object for it (the object itself
         is rebuilt by the handler call that follows)."""
         handle = self.server.socket(socket_id)
+        nodes = self.services.nodes
+        if nodes is not None and handle is not None:
+            relayed = nodes.relay(handle)
+            if relayed is not None:
+                return relayed
         host = self.objects.of_socket(handle) if handle is not None else None
         if host is None or handle is None:
             return None
         return host.revive(handle)
 
     def revive_closed(self, handle: _native.SocketHandle) -> WebSocket | None:
+        nodes = self.services.nodes
+        if nodes is not None:
+            relayed = nodes.relay(handle)
+            if relayed is not None:
+                return relayed
         host = self.objects.of_socket(handle)
         return WebSocket._revive(handle, self.services, host) if host is not None else None

@@ -259,6 +259,26 @@ class ObjectHost:
             self.services.sockets[handle.id] = ws
         return ws
 
+    def sockets_elsewhere(self, tag: str | None) -> list[WebSocket]:
+        nodes = self.services.nodes
+        if nodes is None:
+            return []
+        remote = nodes.remote_sockets(self.kind.binding, str(self.id), tag)
+        return [self.revive(handle) for handle in remote]  # type: ignore[arg-type]
+
+    def broadcast_elsewhere(
+        self, message: str | bytes, tag: str | None, excluded: int | None
+    ) -> int:
+        nodes = self.services.nodes
+        if nodes is None:
+            return 0
+        return nodes.broadcast(self.kind.binding, str(self.id), message, tag, excluded)
+
+    def auto_responses_changed(self, pairs: list[tuple[str | bytes, str | bytes]]) -> None:
+        nodes = self.services.nodes
+        if nodes is not None:
+            nodes.auto_responses_changed(self.kind.binding, str(self.id), pairs)
+
     def adopt(self, ws: WebSocket, handle: _native.SocketHandle) -> None:
         """Called once the 101 for a socket accepted with ``accept_websocket`` is sent."""
         self.pending_accepts -= 1
@@ -294,7 +314,12 @@ class ObjectHost:
             self._store.close()
             self._store = None
         self.cache.clear()
-        if self.services.nodes is not None and not self.native.sockets(None):
+        nodes = self.services.nodes
+        if (
+            nodes is not None
+            and not self.native.sockets(None)
+            and not nodes.has_remote(self.kind.binding, str(self.id))
+        ):
             # Nothing of the object is left here: another node may take it at once.
             self.services.server.cluster_release(self.kind.binding, str(self.id))
 
@@ -665,6 +690,10 @@ class Objects:
             host.epoch = epoch
             self.by_id[(kind.binding, object_id)] = host
             self.by_key[host.native.key] = host
+            if nodes is not None and nodes.needs_gather(kind.binding, str(object_id), epoch):
+                # Taken by this node: its events wait until the other nodes have said which
+                # sockets of it they hold.
+                host.block(nodes.gather(kind, object_id))
         return host
 
     def lost(self, binding: str, hex_id: str) -> None:

@@ -14,6 +14,7 @@ from ..errors import CpuLimitExceeded, ResponseError, WallLimitExceeded
 from ..http import Request, Response
 from .cluster import CLUSTER_PATH
 from .host import ObjectHost, accepted_here
+from .remote import Accepted
 from .services import Services
 
 logger = logging.getLogger("sockworker")
@@ -201,7 +202,7 @@ class Requests:
         url = "ws" + request.url.removeprefix("http")
         self.services.sockets[handle.id] = server
         server._bind(handle, self.services, url, headers.get("sec-websocket-protocol", ""))
-        if isinstance(server._object, ObjectHost):
+        if isinstance(server._object, ObjectHost | Accepted):
             server._object.adopt(server, handle)
         elif isinstance(server._owner, ObjectHost):
             handle.set_owner(server._owner.native.key)

@@ -235,6 +235,8 @@ pub struct Cluster {
     /// Alarms armed by a round (so that the next does not arm them again).
     armed: Mutex<HashMap<ObjectName, f64>>,
     alarms: Mutex<Option<Arc<AlarmScheduler>>>,
+    /// The other nodes with a recent heartbeat, and their addresses (as of the last round).
+    peers: Mutex<Vec<(String, String)>>,
     stop: AtomicBool,
     wake: parking_lot::Condvar,
     wake_lock: Mutex<()>,
@@ -275,6 +277,7 @@ impl Cluster {
             elsewhere: Mutex::default(),
             armed: Mutex::default(),
             alarms: Mutex::new(None),
+            peers: Mutex::default(),
             stop: AtomicBool::new(false),
             wake: parking_lot::Condvar::new(),
             wake_lock: Mutex::new(()),
@@ -282,6 +285,9 @@ impl Cluster {
         });
         cluster.fg.call(migrate)??;
         cluster.beat()?;
+        if let Err(error) = cluster.round() {
+            log::warn!("cluster: the first round failed: {error}");
+        }
         let background = Arc::downgrade(&cluster);
         std::thread::Builder::new().name("sockworker-lease".into()).spawn(move || loop {
             let Some(cluster) = background.upgrade() else { return };
@@ -429,6 +435,12 @@ impl Cluster {
         }
     }
 
+    /// The other nodes seen alive by the last round: (node id, address).
+    #[must_use]
+    pub fn peers(&self) -> Vec<(String, String)> {
+        self.peers.lock().clone()
+    }
+
     /// How many leases this node holds.
     #[must_use]
     pub fn held_count(&self) -> usize {
@@ -548,7 +560,7 @@ impl Cluster {
     }
 
     /// One background round: the heartbeat and every lease renewed in one statement, the
-    /// releases in a second, the alarms due soon in a third.
+    /// releases in a second, the alarms due soon in a third, the live nodes in a fourth.
     fn round(&self) -> Result<(), CoreError> {
         let started = Instant::now();
         let held: Vec<(ObjectName, i64)> =
@@ -560,9 +572,9 @@ impl Cluster {
         let (node, advertise) = (self.config.node_id.clone(), self.config.advertise.clone());
         let lease = secs(self.config.lease);
         let horizon = now_seconds() + 2.0 * secs(self.config.renew);
-        self.stats.statements.fetch_add(2 + u64::from(!releasing.is_empty()), Ordering::Relaxed);
+        self.stats.statements.fetch_add(3 + u64::from(!releasing.is_empty()), Ordering::Relaxed);
         self.stats.renew_rounds.fetch_add(1, Ordering::Relaxed);
-        let (renewed, due) = self.bg.call(move |client| {
+        let (renewed, due, peers) = self.bg.call(move |client| {
             let renewed: Vec<(String, String)> = client
                 .query(
                     "WITH beat AS (
@@ -604,8 +616,19 @@ impl Cluster {
                 .into_iter()
                 .map(|row| (row.get(0), row.get(1), row.get(2), row.get(3)))
                 .collect();
-            Ok((renewed, due))
+            let peers: Vec<(String, String)> = client
+                .query(
+                    "SELECT node, advertise FROM sw_nodes
+                     WHERE node <> $1 AND heartbeat_at > clock_timestamp() - make_interval(secs => $2)
+                     ORDER BY node",
+                    &[&node, &lease],
+                )?
+                .into_iter()
+                .map(|row| (row.get(0), row.get(1)))
+                .collect();
+            Ok((renewed, due, peers))
         })?;
+        *self.peers.lock() = peers;
         let renewed: std::collections::HashSet<ObjectName> =
             renewed.iter().map(|(ns, id)| ObjectName::new(ns, id)).collect();
         let valid_until = started + self.config.lease;

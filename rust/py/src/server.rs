@@ -308,6 +308,11 @@ impl Server {
         }
     }
 
+    /// Cluster mode: the other nodes seen alive by the last lease round, (node id, address).
+    fn cluster_peers(&self) -> Vec<(String, String)> {
+        self.cluster().map_or_else(Vec::new, |cluster| cluster.peers())
+    }
+
     /// Cluster mode: the objects whose lease this node lost since the last call.
     fn cluster_lost(&self) -> Vec<(String, String)> {
         self.cluster().map_or_else(Vec::new, |cluster| {
