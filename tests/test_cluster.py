@@ -37,7 +37,6 @@ def node(make_server: Callable[..., ServerProcess], dsn: str, name: str) -> Serv
         str(LEASE),
         "--lease-renew",
         str(RENEW),
-        env={"SW_TEST_NODE": name},
     )
 
 
@@ -257,7 +256,6 @@ def room_node(make_server: Callable[..., ServerProcess], dsn: str, name: str) ->
         str(LEASE),
         "--lease-renew",
         str(RENEW),
-        env={"SW_TEST_NODE": name},
     )
 
 
@@ -342,3 +340,54 @@ async def test_sockets_on_surviving_nodes_stay_open_when_the_owner_dies(
         assert (await next_kind(cy, "list"))["users"] == ["bob", "cy"]
     stored = sql(pg_dsn, "SELECT value FROM sw_kv WHERE key = 'history'")
     assert pickle.loads(stored[0][0]) == [["bob", "before"], ["bob", "after"]]
+
+
+async def test_workers_share_one_port_as_nodes_of_one_cluster(pg_dsn: str, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.postgres import free_port
+
+    port = free_port()
+    argv = [sys.executable, "-m", "sockworker", "serve", APP, "--port", str(port)]
+    argv += ["--data-dir", str(tmp_path), "--cluster", pg_dsn, "--workers", "2"]
+    argv += ["--lease", str(LEASE), "--lease-renew", str(RENEW)]
+    log_path = tmp_path / "workers.log"
+    # (Started and stopped from the test's loop: a blocking start of a few ms is harmless.)
+    with log_path.open("wb") as log, subprocess.Popen(argv, stderr=log) as supervisor:  # noqa: ASYNC220
+        try:
+            await _two_workers_serve(pg_dsn, port)
+            supervisor.send_signal(signal.SIGTERM)
+            assert supervisor.wait(30) == 0, log_path.read_text()
+        finally:
+            if supervisor.poll() is None:
+                supervisor.kill()
+    live = sql(pg_dsn, "SELECT count(*) FROM sw_leases WHERE expires_at > clock_timestamp()")
+    assert live == [(0,)], "a clean shutdown gives its leases up"
+
+
+async def _two_workers_serve(pg_dsn: str, port: int) -> None:
+    async def both_registered() -> bool:
+        exists = sql(pg_dsn, "SELECT to_regclass('sw_nodes') IS NOT NULL")[0][0]
+        return bool(exists) and len(sql(pg_dsn, "SELECT node FROM sw_nodes")) == 2
+
+    await wait_until(both_registered, within=30, interval=0.1, what="two workers")
+    seen: set[str] = set()
+    counts: dict[str, list[int]] = {}
+    # (A new connection per request: the kernel picks a worker per connection.)
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def served() -> bool:
+            for name in ("a", "b", "c", "d"):
+                async with session.get(f"http://127.0.0.1:{port}/inc?name={name}") as response:
+                    body = await response.json()
+                seen.add(body["node"])
+                counts.setdefault(name, []).append(body["count"])
+            return len(seen) == 2
+
+        # The kernel spreads connections over the workers (SO_REUSEPORT).
+        await wait_until(served, within=30, interval=0, what="both workers to answer")
+    assert {node.rsplit("-", 1)[1] for node in seen} == {"w0", "w1"}
+    for name, values in counts.items():
+        assert values == list(range(1, len(values) + 1)), f"object {name}: one owner, in order"

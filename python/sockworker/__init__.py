@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from .app import App, Env, ExecutionContext
 from .billing import BillingHook, Meter, Pricing, UsageRecord
-from .cluster import Cluster
+from .cluster import Cluster, node_id
 from .durable import (
     AutoResponse,
     DurableObject,
@@ -84,5 +84,6 @@ __all__ = [
     "WebSocketRequestResponsePair",
     "connect",
     "fetch",
+    "node_id",
     "now",
 ]

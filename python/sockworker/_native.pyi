@@ -282,6 +282,8 @@ class Server:
         compression: bool = False,
         reactor: Reactor | None = None,
         cluster: tuple[str, str, str, float, float] | None = None,
+        reuse_port: bool = False,
+        link_port: int | None = None,
     ) -> Self: ...
     @property
     def address(self) -> tuple[str, int]: ...

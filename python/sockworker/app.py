@@ -128,6 +128,8 @@ class App:
         certfile: str | None = None,
         keyfile: str | None = None,
         shutdown_timeout: float = SHUTDOWN_GRACE,
+        reuse_port: bool = False,
+        link_port: int | None = None,
     ) -> None:
         """Serves until SIGINT or SIGTERM, then closes every socket with 1001 and returns
         (after ``shutdown_timeout`` seconds at most).
@@ -140,6 +142,10 @@ class App:
         does the I/O too (the single-thread mode). The default is ``$SOCKWORKER_IO_THREADS``,
         else 0 when the process has one core to itself (its CPU affinity or cgroup quota) and 1
         otherwise. Logging is set up (INFO, to stderr) unless the program configured it.
+
+        ``reuse_port`` binds the port with ``SO_REUSEPORT`` (several processes share it) and
+        ``link_port`` opens a second, plain port on the same host where the other nodes of a
+        cluster reach this one (0 picks one): what ``--workers`` gives each worker.
         """
         if not logging.getLogger().handlers:
             logging.basicConfig(level=logging.INFO, format=TEXT_FORMAT)
@@ -151,6 +157,8 @@ class App:
             certfile=certfile,
             keyfile=keyfile,
             shutdown_timeout=shutdown_timeout,
+            reuse_port=reuse_port,
+            link_port=link_port,
         )
         _loop.run(serving, single_thread=threads == 0)
 
@@ -163,6 +171,8 @@ class App:
         certfile: str | None = None,
         keyfile: str | None = None,
         shutdown_timeout: float = SHUTDOWN_GRACE,
+        reuse_port: bool = False,
+        link_port: int | None = None,
     ) -> None:
         """``run``, on the running asyncio loop: serves until SIGINT or SIGTERM. The
         single-thread mode (``io_threads=0``) needs the loop ``run`` makes; on another loop the
@@ -178,7 +188,17 @@ class App:
         core_logs.start()
         try:
             threads = _loop.io_threads(io_threads)
-            runtime = Runtime(self, host, port, threads, certfile, keyfile, float(shutdown_timeout))
+            runtime = Runtime(
+                self,
+                host,
+                port,
+                threads,
+                certfile,
+                keyfile,
+                float(shutdown_timeout),
+                reuse_port=reuse_port,
+                link_port=link_port,
+            )
             await runtime.run()
         finally:
             core_logs.stop()

@@ -143,6 +143,17 @@ def main(argv: list[str] | None = None) -> int:
         help="cluster mode: seconds between lease renewals (default 3)",
     )
     serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="cluster mode: N nodes on this port, each its own process (SO_REUSEPORT)",
+    )
+    # (Set by --workers for each worker: share the port, and listen for the other nodes on a
+    # port of its own.)
+    serve.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
+    serve.add_argument("--link-port", type=int, help=argparse.SUPPRESS)
+    serve.add_argument(
         "--shutdown-timeout",
         type=float,
         default=10.0,
@@ -170,6 +181,14 @@ def main(argv: list[str] | None = None) -> int:
     configure(args.log_level, args.log_format)
     if args.app is None:
         parser.error("serve: MODULE:APP is required (or SOCKWORKER_APP)")
+    if args.workers < 1:
+        parser.error("--workers is 1 or more")
+    if args.workers > 1:
+        if not args.cluster:
+            parser.error("--workers N needs --cluster DSN: the workers are nodes of one cluster")
+        if args.reload:
+            parser.error("--workers and --reload do not go together")
+        return _workers(args, argv)
     if args.reload:
         return _reload(args, argv)
     app = load_app(args.app)
@@ -197,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
             certfile=args.certfile,
             keyfile=args.keyfile,
             shutdown_timeout=args.shutdown_timeout,
+            reuse_port=args.reuse_port,
+            link_port=args.link_port,
         )
     except ServerStartError as error:
         print(f"sockworker: cannot start: {error}", file=sys.stderr)
@@ -224,6 +245,39 @@ def _cluster_flags(app: App, args: argparse.Namespace) -> None:
         if app.cluster is None:
             raise ValueError("--node-id, --advertise, --lease and --lease-renew need --cluster")
         app.cluster = replace(app.cluster, **given)
+
+
+def _workers(args: argparse.Namespace, argv: list[str]) -> int:
+    """``--workers N``: N nodes of the cluster on one port (see ``sockworker.workers``)."""
+    import socket
+
+    from ._runtime import DEFAULT_DATA_DIR
+    from .reload import child_argv, free_port
+    from .workers import Workers
+
+    port = args.port or free_port(args.host)
+    base = args.node_id or f"{socket.gethostname()}:{port}"
+    # Each worker has a data directory of its own (its lock, its local files; the objects'
+    # storage is in PostgreSQL).
+    data_dir = args.data_dir or load_app(args.app).data_dir or DEFAULT_DATA_DIR
+    host = args.advertise.rsplit(":", 1)[0] if args.advertise else args.host
+    if host in ("0.0.0.0", "::", ""):
+        raise SystemExit("sockworker: --workers on a wildcard address needs --advertise HOST")
+    argvs = []
+    for index in range(args.workers):
+        extra = ["--port", str(port), "--reuse-port", "--link-port", "0"]
+        node = f"{base}-w{index}"
+        extra += ["--node-id", node, "--advertise", f"{host}:0"]
+        extra += ["--data-dir", os.path.join(data_dir, node.replace(":", "_"))]
+        if args.io_threads is None:
+            # (A core per worker: each one does its own socket I/O.)
+            extra += ["--io-threads", "0"]
+        dropped = ("--workers", "--port", "--node-id", "--advertise", "--data-dir")
+        child = child_argv(argv, (), dropped, extra)
+        if "serve" in child and args.app not in child:  # the app came from SOCKWORKER_APP
+            child.insert(child.index("serve") + 1, args.app)
+        argvs.append(child)
+    return Workers(argvs, args.shutdown_timeout).run()
 
 
 def _reload(args: argparse.Namespace, argv: list[str]) -> int:

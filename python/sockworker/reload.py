@@ -96,22 +96,29 @@ class Reloader:
         return 0 if rc in (None, 0) else 1
 
 
-def reload_argv(argv: Sequence[str], port: int) -> list[str]:
-    """The child's command line: ``argv`` without ``--reload`` and ``--reload-dir``, with a
-    fixed ``--port``."""
+def child_argv(
+    argv: Sequence[str], drop: Sequence[str], drop_valued: Sequence[str], extra: Sequence[str]
+) -> list[str]:
+    """A child ``sockworker`` command line (for ``--reload`` and ``--workers``): ``argv``
+    without the flags in ``drop`` and the options (with their values) in ``drop_valued``, then
+    ``extra``."""
     out: list[str] = [sys.executable, "-m", "sockworker"]
     skip = False
     for arg in argv:
         if skip:
             skip = False
             continue
-        if arg == "--reload" or arg.startswith("--reload-dir="):
+        if arg in drop:
             continue
-        if arg == "--reload-dir":
-            skip = True
-            continue
-        if arg == "--port" or arg.startswith("--port="):
-            skip = arg == "--port"
+        name = arg.split("=", 1)[0]
+        if name in drop_valued:
+            skip = "=" not in arg
             continue
         out.append(arg)
-    return [*out, "--port", str(port)]
+    return [*out, *extra]
+
+
+def reload_argv(argv: Sequence[str], port: int) -> list[str]:
+    """The child's command line: ``argv`` without ``--reload`` and ``--reload-dir``, with a
+    fixed ``--port``."""
+    return child_argv(argv, ("--reload",), ("--reload-dir", "--port"), ("--port", str(port)))

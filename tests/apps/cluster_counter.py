@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import pathlib
 
 import sockworker as sw
-
-NODE = os.environ.get("SW_TEST_NODE", "?")
 
 
 class Counter(sw.DurableObject):
@@ -18,7 +15,7 @@ class Counter(sw.DurableObject):
         storage = self.ctx.storage
         if request.path == "/get":
             count = storage.get("count") or 0
-            return _json({"count": count, "node": NODE})
+            return _json({"count": count, "node": sw.node_id()})
         if request.path == "/slow-inc":
             # Reads, says so (a file the test waits for), holds, then writes: a test can pause
             # the node in between.
@@ -28,23 +25,23 @@ class Counter(sw.DurableObject):
             return await self._write(count + 1)
         if request.path == "/alarm":
             storage.set_alarm(sw.now() + float(request.query["in"]))
-            return _json({"node": NODE})
+            return _json({"node": sw.node_id()})
         if request.path == "/fired":
-            return _json({"fired": storage.get("fired"), "node": NODE})
+            return _json({"fired": storage.get("fired"), "node": sw.node_id()})
         count = storage.get("count") or 0
         return await self._write(count + 1)
 
     async def _write(self, count: int) -> sw.Response:
-        self.ctx.storage.put({"count": count, f"log:{count:08d}": NODE})
-        return _json({"count": count, "node": NODE})
+        self.ctx.storage.put({"count": count, f"log:{count:08d}": sw.node_id()})
+        return _json({"count": count, "node": sw.node_id()})
 
     async def increment(self, by: int) -> dict[str, object]:
         count = (self.ctx.storage.get("count") or 0) + by
-        self.ctx.storage.put({"count": count, f"log:{count:08d}": NODE})
-        return {"count": count, "node": NODE}
+        self.ctx.storage.put({"count": count, f"log:{count:08d}": sw.node_id()})
+        return {"count": count, "node": sw.node_id()}
 
     async def alarm(self) -> None:
-        self.ctx.storage.put("fired", NODE)
+        self.ctx.storage.put("fired", sw.node_id())
 
 
 def _mark(path: str, count: int) -> None:
@@ -61,7 +58,7 @@ async def fetch(request: sw.Request, env: sw.Env, ctx: sw.ExecutionContext) -> s
     if request.path == "/rpc-inc":
         return _json(await stub.increment(int(request.query.get("by", "1"))))
     if request.path == "/node":
-        return _json({"node": NODE})
+        return _json({"node": sw.node_id()})
     try:
         return await stub.fetch(request)
     except sw.ClusterError as error:

@@ -4,11 +4,8 @@ history in KV, broadcast, an auto-response; `/count?room=R` says how many socket
 from __future__ import annotations
 
 import json
-import os
 
 import sockworker as sw
-
-NODE = os.environ.get("SW_TEST_NODE", "?")
 
 
 class Room(sw.DurableObject):
@@ -18,13 +15,15 @@ class Room(sw.DurableObject):
 
     def fetch(self, request: sw.Request) -> sw.Response:
         if request.path == "/count":
-            return sw.Response(json.dumps({"sockets": self.ctx.websocket_count(), "node": NODE}))
+            return sw.Response(
+                json.dumps({"sockets": self.ctx.websocket_count(), "node": sw.node_id()})
+            )
         user = request.query.get("user", "anonymous")
         client, server = sw.WebSocketPair()
         self.ctx.accept_websocket(server, tags=[user])
         server.serialize_attachment({"user": user})
         history = self.ctx.storage.get("history") or []
-        server.send(json.dumps({"kind": "history", "messages": history, "owner": NODE}))
+        server.send(json.dumps({"kind": "history", "messages": history, "owner": sw.node_id()}))
         self.ctx.broadcast(json.dumps({"kind": "join", "user": user}))
         return sw.Response(status=101, websocket=client)
 
@@ -42,7 +41,9 @@ class Room(sw.DurableObject):
         self.ctx.storage.put("history", history)
         for socket in self.ctx.get_websockets():
             socket.send(
-                json.dumps({"kind": "message", "user": user, "text": message, "owner": NODE})
+                json.dumps(
+                    {"kind": "message", "user": user, "text": message, "owner": sw.node_id()}
+                )
             )
 
     def websocket_close(self, ws: sw.WebSocket, code: int, reason: str, was_clean: bool) -> None:

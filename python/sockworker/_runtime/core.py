@@ -74,6 +74,9 @@ class Runtime:
         certfile: str | None = None,
         keyfile: str | None = None,
         shutdown_timeout: float = SHUTDOWN_GRACE,
+        *,
+        reuse_port: bool = False,
+        link_port: int | None = None,
     ) -> None:
         limits = app.limits
         self.app = app
@@ -105,6 +108,8 @@ class Runtime:
             compression=app.compression,
             reactor=reactor,
             cluster=_cluster_args(app),
+            reuse_port=reuse_port,
+            link_port=link_port,
         )
         self.shutdown_timeout = float(shutdown_timeout)
         self.scheme = "https" if certfile else "http"

@@ -52,6 +52,8 @@ fn main() {
         storage: None,
         allowed_origins: None,
         compression: false,
+        reuse_port: false,
+        link_addr: None,
     })
     .unwrap();
     let addr = server.local_addr();

@@ -191,6 +191,10 @@ fn connected<'a>(slot: &'a mut Option<Client>, dsn: &str) -> Result<&'a mut Clie
         if config.get_application_name().is_none() {
             config.application_name("sockworker");
         }
+        if config.get_options().is_none() {
+            // (The migration's CREATE ... IF NOT EXISTS would log a NOTICE at every start.)
+            config.options("-c client_min_messages=warning");
+        }
         let client = config.connect(NoTls).map_err(|e| {
             CoreError::Storage(format!("the cluster database is unreachable: {}", pg_error(&e)))
         })?;
@@ -673,8 +677,9 @@ impl Cluster {
             return;
         }
         self.wake.notify_all();
-        let held: Vec<(ObjectName, i64)> =
+        let mut held: Vec<(ObjectName, i64)> =
             self.held.lock().drain().map(|(name, held)| (name, held.epoch)).collect();
+        held.append(&mut self.releasing.lock());
         if held.is_empty() {
             return;
         }

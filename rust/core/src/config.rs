@@ -100,4 +100,10 @@ pub struct ServerConfig {
     pub allowed_origins: Option<Vec<String>>,
     /// Accept permessage-deflate (RFC 7692) when a client offers it.
     pub compression: bool,
+    /// Bind `addr` with `SO_REUSEPORT`: several processes share the port, the kernel spreads
+    /// the connections (`--workers N`).
+    pub reuse_port: bool,
+    /// A second listening address, plain HTTP, served like the first: where other nodes of a
+    /// cluster reach this one when `addr` is shared by several processes. Port 0 picks one.
+    pub link_addr: Option<SocketAddr>,
 }

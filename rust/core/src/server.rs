@@ -410,7 +410,11 @@ async fn return_memory(ctx: Arc<ServerCtx>, objects: Arc<ObjectRegistry>, storag
     }
 }
 
-async fn accept_loop(listener: TcpListener, ctx: Arc<ServerCtx>) {
+async fn accept_loop(listener: TcpListener, ctx: Arc<ServerCtx>, link: bool) {
+    let never = Notify::new();
+    // (The link listener serves plain HTTP, and keeps accepting during a graceful shutdown:
+    // other nodes still reach this one's objects until it is gone.)
+    let stop = if link { &never } else { &ctx.stop_accepting };
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -425,8 +429,10 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<ServerCtx>) {
                     let _ = stream.set_nodelay(true);
                     let counted = HttpConnection::new(&ctx);
                     match &ctx.tls {
-                        Some(acceptor) => runtime::spawn(serve_tls(stream, peer, counted, acceptor.clone())),
-                        None => runtime::spawn(serve_http(stream, peer, counted)),
+                        Some(acceptor) if !link => {
+                            runtime::spawn(serve_tls(stream, peer, counted, acceptor.clone()))
+                        }
+                        _ => runtime::spawn(serve_http(stream, peer, counted)),
                     };
                 }
                 Err(e) => {
@@ -435,7 +441,7 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<ServerCtx>) {
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 }
             },
-            () = ctx.stop_accepting.notified() => return,
+            () = stop.notified() => return,
         }
     }
 }
@@ -498,15 +504,34 @@ impl Server {
         let addr = config.addr;
         let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
         socket.set_reuseaddr(true)?;
+        if config.reuse_port {
+            socket.set_reuseport(true)?;
+        }
         socket.bind(addr)?;
         let listener = socket.listen(4096)?;
         let local_addr = listener.local_addr()?;
+        let link_listener = match config.link_addr {
+            Some(link) => {
+                let socket = if link.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+                socket.set_reuseaddr(true)?;
+                socket.bind(link)?;
+                Some(socket.listen(1024)?)
+            }
+            None => None,
+        };
+        let link_addr = link_listener.as_ref().map(TcpListener::local_addr).transpose()?;
         let gate = match &mut config.storage {
             Some(storage) => {
                 if let Some(cluster) = &mut storage.cluster {
+                    // (Bound first: with port 0, the port is known only now.)
+                    let reachable = link_addr.unwrap_or(local_addr);
                     if cluster.advertise.is_empty() {
-                        // (Bound first: with port 0, the port is known only now.)
-                        cluster.advertise = local_addr.to_string();
+                        cluster.advertise = reachable.to_string();
+                    } else if let Some(host) = cluster.advertise.strip_suffix(":0") {
+                        cluster.advertise = format!("{host}:{}", reachable.port());
+                    }
+                    if cluster.node_id.is_empty() {
+                        cluster.node_id = cluster.advertise.clone();
                     }
                 }
                 let storage = Arc::new(Storage::open(storage)?);
@@ -517,7 +542,10 @@ impl Server {
             None => None,
         };
         let objects = Arc::<ObjectRegistry>::default();
-        runtime::spawn(accept_loop(listener, ctx.clone()));
+        runtime::spawn(accept_loop(listener, ctx.clone(), false));
+        if let Some(link_listener) = link_listener {
+            runtime::spawn(accept_loop(link_listener, ctx.clone(), true));
+        }
         let storage = gate.as_ref().map(|gate| gate.storage().clone());
         runtime::spawn(return_memory(ctx.clone(), objects.clone(), storage));
         drop(_entered);

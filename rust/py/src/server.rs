@@ -116,7 +116,7 @@ fn seconds(value: f64, name: &str) -> Result<Duration, CoreError> {
 #[pymethods]
 impl Server {
     #[new]
-    #[pyo3(signature = (host, port, *, limits, io_threads, metering=true, certfile=None, keyfile=None, smallest_cpu_limit=30.0, allowed_origins=None, log_blocked_after=1.0, on_blocked=None, compression=false, data_dir=None, durability="full", reactor=None, cluster=None))]
+    #[pyo3(signature = (host, port, *, limits, io_threads, metering=true, certfile=None, keyfile=None, smallest_cpu_limit=30.0, allowed_origins=None, log_blocked_after=1.0, on_blocked=None, compression=false, data_dir=None, durability="full", reactor=None, cluster=None, reuse_port=false, link_port=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -136,6 +136,8 @@ impl Server {
         durability: &str,
         reactor: Option<&Reactor>,
         cluster: Option<(String, String, String, f64, f64)>,
+        reuse_port: bool,
+        link_port: Option<u16>,
     ) -> Result<Self> {
         let reactor = reactor.map(|reactor| reactor.inner.clone());
         let socket_limits = limits.inner.clone();
@@ -177,8 +179,18 @@ impl Server {
                 ));
             }
             let storage = data_dir.map(|data_dir| StorageConfig { data_dir, durability, cluster });
-            let config =
-                ServerConfig { addr, io_threads, limits, tls, storage, allowed_origins, compression };
+            let link_addr = link_port.map(|port| std::net::SocketAddr::new(addr.ip(), port));
+            let config = ServerConfig {
+                addr,
+                io_threads,
+                limits,
+                tls,
+                storage,
+                allowed_origins,
+                compression,
+                reuse_port,
+                link_addr,
+            };
             match reactor {
                 Some(reactor) => sockworker_core::Server::start_in(config, reactor),
                 None => sockworker_core::Server::start(config),
