@@ -80,12 +80,14 @@ class UsageRecord:
         end: float,
         units: Iterable[int],
         pricing: Pricing,
+        node: str | None = None,
     ) -> UsageRecord:
         counts = dict(zip(_UNITS, units, strict=True))
         return cls(
             *label,
             start=start,
             end=end,
+            node=node,
             requests=counts["requests"],
             ws_connections=counts["connections"],
             ws_messages_in=counts["messages_in"],
@@ -137,6 +139,8 @@ class Meter:
         # it serves).
         self._storage_bytes: Callable[[], int] = lambda: 0
         self._storage_stats: Callable[[], tuple[int, ...]] = lambda: (0,) * 7
+        #: The cluster node counting (cluster mode), named in every record.
+        self._node: str | None = None
         #: Events that held the event loop for ``Limits.log_blocked_after`` (the watchdog's).
         self._blocked_events = 0
         #: Also gets every record drained (``sockworker.testing``), if set.
@@ -146,7 +150,12 @@ class Meter:
         """Everything counted since the app was made, delivered to the hook or not, and the
         bytes its storage holds now (``storage_bytes``, counted at most 10 s ago)."""
         record = UsageRecord._from_units(
-            (None, None, None), self._started, time.time(), self._native.totals(), self._pricing
+            (None, None, None),
+            self._started,
+            time.time(),
+            self._native.totals(),
+            self._pricing,
+            self._node,
         )
         return dataclasses.replace(record, storage_bytes=self._storage_bytes())
 
@@ -156,7 +165,7 @@ class Meter:
         self._last_drain = end
         drained = [
             UsageRecord._from_units(
-                (account, namespace, object_id), start, end, units, self._pricing
+                (account, namespace, object_id), start, end, units, self._pricing, self._node
             )
             for account, namespace, object_id, units in self._native.drain()
         ]
@@ -186,6 +195,8 @@ class Meter:
         else:
             self._storage_bytes = lambda: server.storage_bytes
             self._storage_stats = server.storage_stats
+            cluster = server.cluster_stats()
+            self._node = cluster[0] if cluster is not None else None
 
     def _slot(
         self, account: str, namespace: str | None, object_id: str | None, limits: Limits

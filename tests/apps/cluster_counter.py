@@ -52,11 +52,24 @@ def _json(value: object) -> sw.Response:
     return sw.Response(json.dumps(value), headers={"content-type": "application/json"})
 
 
+#: The nodes named by the usage records this node's billing hook got.
+USAGE_NODES: set[str | None] = set()
+
+
+class Usage(sw.BillingHook):
+    flush_interval = 0.1
+
+    def on_usage(self, records: list[sw.UsageRecord]) -> None:
+        USAGE_NODES.update(record.node for record in records)
+
+
 async def fetch(request: sw.Request, env: sw.Env, ctx: sw.ExecutionContext) -> sw.Response:
     name = request.query.get("name", "lobby")
     stub = env.COUNTER.get_by_name(name)
     if request.path == "/rpc-inc":
         return _json(await stub.increment(int(request.query.get("by", "1"))))
+    if request.path == "/usage-nodes":
+        return _json(sorted(str(node) for node in USAGE_NODES))
     if request.path == "/node":
         return _json({"node": sw.node_id()})
     try:
@@ -65,4 +78,4 @@ async def fetch(request: sw.Request, env: sw.Env, ctx: sw.ExecutionContext) -> s
         return sw.Response(f"{error}\n", status=503)
 
 
-app = sw.App(fetch=fetch, durable_objects={"COUNTER": Counter})
+app = sw.App(fetch=fetch, durable_objects={"COUNTER": Counter}, billing=Usage())

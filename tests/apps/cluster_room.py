@@ -8,9 +8,18 @@ import json
 import sockworker as sw
 
 
+#: Instances made on this node (a hibernated room is made again by its next event).
+INSTANCES = 0
+
+
 class Room(sw.DurableObject):
+    # Idle rooms leave memory soon (the hibernation test waits for it).
+    limits = sw.Limits(hibernate_after=0.5)
+
     def __init__(self, ctx: sw.DurableObjectState, env: sw.Env) -> None:
+        global INSTANCES
         super().__init__(ctx, env)
+        INSTANCES += 1
         ctx.set_websocket_auto_response(sw.AutoResponse("ping", "pong"))
 
     def fetch(self, request: sw.Request) -> sw.Response:
@@ -30,7 +39,8 @@ class Room(sw.DurableObject):
     def websocket_message(self, ws: sw.WebSocket, message: str | bytes) -> None:
         user = ws.deserialize_attachment()["user"]
         if message == "whoami":
-            ws.send(json.dumps({"kind": "you", "user": user, "tags": self.ctx.get_tags(ws)}))
+            tags = self.ctx.get_tags(ws)
+            ws.send(json.dumps({"kind": "you", "user": user, "tags": tags, "instance": INSTANCES}))
             return
         if message == "list":
             users = sorted(s.deserialize_attachment()["user"] for s in self.ctx.get_websockets())
