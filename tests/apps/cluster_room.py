@@ -7,7 +7,6 @@ import json
 
 import sockworker as sw
 
-
 #: Instances made on this node (a hibernated room is made again by its next event).
 INSTANCES = 0
 
