@@ -13,7 +13,7 @@ RUST_SOURCES := $(shell find rust -name '*.rs' -o -name Cargo.toml) Cargo.toml p
 # A venv with nothing but the wheel in it, for the smoke test.
 WHEEL_VENV := target/wheel-venv
 
-.PHONY: help build demo demo-echo test test-rust test-python test-wheel wheel docs lint stubtest fmt clean browser-deps postgres-deps
+.PHONY: help build demo cluster-demo demo-echo test test-rust test-python test-wheel wheel docs lint stubtest fmt clean browser-deps postgres-deps
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -37,6 +37,10 @@ build: $(VENV)/.built ## create .venv and build the extension in release mode (s
 demo: build ## build, then serve the chat example (examples/chat.py) on 127.0.0.1:8787
 	@echo "sockworker chat demo: open http://127.0.0.1:8787/room/lobby in two browser tabs; Ctrl-C stops it."
 	$(VENV)/bin/sockworker serve examples.chat:app --host 127.0.0.1 --port 8787
+
+cluster-demo: build postgres-deps ## build, then PostgreSQL and 3 nodes serving the chat on 127.0.0.1:8787-8789
+	@echo "sockworker cluster demo: open http://127.0.0.1:8787/room/lobby and http://127.0.0.1:8788/room/lobby; Ctrl-C stops it."
+	$(PY) -m examples.cluster_demo
 
 demo-echo: build ## build, then serve examples/echo.py (echoes every message) on 127.0.0.1:8787
 	@echo "sockworker echo demo: ws://127.0.0.1:8787/ echoes every message; Ctrl-C stops it."

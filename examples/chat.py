@@ -21,8 +21,11 @@ class ChatRoom(sw.DurableObject):
         super().__init__(ctx, env)
         # The page sends "ping" every 20 s; the core answers "pong" without waking the room.
         ctx.set_websocket_auto_response(sw.AutoResponse("ping", "pong"))
+        self.prepare()
+
+    def prepare(self) -> None:
         # Runs at every wake-up; a no-op once the table exists.
-        ctx.storage.sql.exec(
+        self.ctx.storage.sql.exec(
             "CREATE TABLE IF NOT EXISTS messages"
             " (id INTEGER PRIMARY KEY, user TEXT, text TEXT, at REAL)"
         )
@@ -33,28 +36,32 @@ class ChatRoom(sw.DurableObject):
         self.ctx.accept_websocket(server, tags=[user])  # hibernatable: no server.accept()
         server.serialize_attachment({"user": user})  # kept in the core, survives hibernation
         # The newcomer first gets what was said before (sent once the socket opens).
-        history = self.ctx.storage.sql.exec(
-            "SELECT user, text, at FROM"
-            " (SELECT * FROM messages ORDER BY id DESC LIMIT ?) ORDER BY id",
-            HISTORY,
-        )
-        server.send(json.dumps({"kind": "history", "messages": history.to_list()}))
+        server.send(json.dumps({"kind": "history", "messages": self.history()}))
         self.send_all("join", user)
         return sw.Response(status=101, websocket=client)
 
     def websocket_message(self, ws: sw.WebSocket, message: str | bytes) -> None:
         if isinstance(message, str):
             user, text = ws.deserialize_attachment()["user"], message[:2000]
-            sql = self.ctx.storage.sql
-            sql.exec(
-                "INSERT INTO messages (user, text, at) VALUES (?, ?, ?)", user, text, time.time()
-            )
-            sql.exec("DELETE FROM messages WHERE id <= (SELECT max(id) FROM messages) - ?", HISTORY)
+            self.remember(user, text)
             # Sent once the insert is durable: nobody sees a message that a crash could lose.
             self.send_all("message", user, text)
 
     def websocket_close(self, ws: sw.WebSocket, code: int, reason: str, was_clean: bool) -> None:
         self.send_all("leave", ws.deserialize_attachment()["user"])
+
+    def history(self) -> list[dict[str, object]]:
+        """The last HISTORY messages, oldest first."""
+        return self.ctx.storage.sql.exec(
+            "SELECT user, text, at FROM"
+            " (SELECT * FROM messages ORDER BY id DESC LIMIT ?) ORDER BY id",
+            HISTORY,
+        ).to_list()
+
+    def remember(self, user: str, text: str) -> None:
+        sql = self.ctx.storage.sql
+        sql.exec("INSERT INTO messages (user, text, at) VALUES (?, ?, ?)", user, text, time.time())
+        sql.exec("DELETE FROM messages WHERE id <= (SELECT max(id) FROM messages) - ?", HISTORY)
 
     def send_all(self, kind: str, user: str, text: str = "") -> None:
         # One frame, encoded once in the core and written to every socket of the room.

@@ -102,3 +102,28 @@ def test_two_people_chat_in_the_browser(two_browsers: tuple[WebDriver, WebDriver
         _wait_log(bob, "ann: hello from ann")
     finally:
         assert again.stop() == 0
+
+
+@pytest.mark.timeout(120)
+def test_two_tabs_on_two_nodes_chat_in_one_room(
+    two_browsers: tuple[WebDriver, WebDriver], pg_dsn: str
+) -> None:
+    """The cluster demo's chat (examples/cluster_chat.py): each browser on its own node."""
+    nodes = [
+        ServerProcess("examples.cluster_chat:app", ("--cluster", pg_dsn, "--node-id", name))
+        for name in ("a", "b")
+    ]
+    try:
+        ann, bob = two_browsers
+        _join(ann, f"{nodes[0].http}/room/cluster-test", "ann")
+        _join(bob, f"{nodes[1].http}/room/cluster-test", "bob")
+        _wait_log(ann, "bob joined")
+        bob.find_element(By.ID, "text").send_keys("hello from the other node")
+        bob.find_element(By.CSS_SELECTOR, "#say button").click()
+        _wait_log(ann, "bob: hello from the other node")
+        _wait_log(bob, "bob: hello from the other node")
+        bob.execute_script("ws.close(1000)")
+        _wait_log(ann, "bob left")
+    finally:
+        for node in nodes:
+            assert node.stop() == 0
