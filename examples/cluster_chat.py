@@ -12,6 +12,7 @@ nodes relay their sockets' messages to it. See docs/topics/cluster.md.
 import time
 
 import sockworker as sw
+
 from examples.chat import HISTORY, ChatRoom, fetch
 
 
