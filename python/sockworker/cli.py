@@ -131,6 +131,11 @@ def main(argv: list[str] | None = None) -> int:
         help="cluster mode: where other nodes reach this one (default: the listening address)",
     )
     serve.add_argument(
+        "--cluster-secret",
+        metavar="SECRET",
+        help="cluster mode: what nodes prove to each other on their links (default: from DSN)",
+    )
+    serve.add_argument(
         "--lease",
         type=float,
         metavar="SECONDS",
@@ -236,6 +241,7 @@ def _cluster_flags(app: App, args: argparse.Namespace) -> None:
         "advertise": args.advertise,
         "lease": args.lease,
         "renew": args.lease_renew,
+        "secret": args.cluster_secret,
     }
     given = {name: value for name, value in flags.items() if value is not None}
     if args.cluster:
@@ -243,7 +249,9 @@ def _cluster_flags(app: App, args: argparse.Namespace) -> None:
         app.cluster = replace(base, dsn=args.cluster, **given)
     elif given:
         if app.cluster is None:
-            raise ValueError("--node-id, --advertise, --lease and --lease-renew need --cluster")
+            raise ValueError(
+                "--node-id, --advertise, --cluster-secret, --lease and --lease-renew need --cluster"
+            )
         app.cluster = replace(app.cluster, **given)
 
 
