@@ -231,6 +231,18 @@ async def test_a_restarted_node_takes_its_objects_back_at_once(
     assert sql(pg_dsn, "SELECT node, epoch FROM sw_leases") == [("n0", 2)]
 
 
+async def test_the_sql_api_is_refused_with_a_clear_error(
+    make_server: Callable[..., ServerProcess], pg_dsn: str
+) -> None:
+    server = node(make_server, pg_dsn, "n0")
+    async with aiohttp.ClientSession() as session:
+        status, text = await call(session, server, "/sql?name=room")
+        assert status == 501
+        assert "not available in cluster mode" in text and "KV API" in text
+        # The object is unharmed: its KV works.
+        assert (await call(session, server, "/inc?name=room"))[1]["count"] == 1
+
+
 def test_cluster_flags_need_cluster(make_server: Callable[..., ServerProcess]) -> None:
     import subprocess
     import sys
@@ -392,10 +404,11 @@ async def _two_workers_serve(pg_dsn: str, port: int) -> None:
 
         async def served() -> bool:
             for name in ("a", "b", "c", "d"):
+                # (The object's answer names its owner; /node, the worker that took the request.)
+                async with session.get(f"http://127.0.0.1:{port}/node") as response:
+                    seen.add((await response.json())["node"])
                 async with session.get(f"http://127.0.0.1:{port}/inc?name={name}") as response:
-                    body = await response.json()
-                seen.add(body["node"])
-                counts.setdefault(name, []).append(body["count"])
+                    counts.setdefault(name, []).append((await response.json())["count"])
             return len(seen) == 2
 
         # The kernel spreads connections over the workers (SO_REUSEPORT).

@@ -26,6 +26,12 @@ class Counter(sw.DurableObject):
         if request.path == "/alarm":
             storage.set_alarm(sw.now() + float(request.query["in"]))
             return _json({"node": sw.node_id()})
+        if request.path == "/sql":
+            try:
+                storage.sql.exec("SELECT 1")
+            except sw.StorageError as error:
+                return sw.Response(str(error), status=501)
+            return sw.Response("the SQL API ran")
         if request.path == "/fired":
             return _json({"fired": storage.get("fired"), "node": sw.node_id()})
         count = storage.get("count") or 0
