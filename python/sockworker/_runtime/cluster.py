@@ -68,6 +68,8 @@ class Link:
         # Socket events sent on this link and not yet acknowledged, in order: sent again
         # (routed anew) if the link closes first.
         self.unacked: dict[int, tuple[Relay, Info, str, tuple[Any, ...]]] = {}
+        # Events of this loop iteration, sent in one message at its end.
+        self.evbox: list[tuple[int, str, ObjectRef, Info, tuple[Any, ...]]] = []
         ws.add_event_listener("message", self._on_message)
         ws.add_event_listener("close", self._on_close)
 
@@ -88,20 +90,21 @@ class Link:
             self.ws.close(1003, "binary messages only")
             return
         op, rid, body = pickle.loads(data)
-        if op == "ev":
-            # A socket's event, from the node that holds the socket: in order, at once. The
-            # acknowledgement goes through the output gate: it leaves once what the event's
-            # handler wrote is durable.
-            self.nodes.on_socket_event(self.peer, *body)
-            if self.open:
-                self.send(("ack", rid, None))
-            return
-        if op == "ack":
-            self.unacked.pop(rid, None)
+        if op == "evs":
+            # Sockets' events, from the node that holds the sockets: in order, at once. The
+            # acknowledgement goes through the output gate: it leaves once what the events'
+            # handlers wrote is durable (with what they sent, in one message when it can).
+            last = 0
+            for last, name, obj, info, args in body:
+                self.nodes.on_socket_event(self.peer, name, obj, info, args)
+            if self.nodes.links.get(self.peer) is self:
+                self.nodes.out(self.peer, ("ack", last))
+            elif self.open:
+                self.send(("out", 0, [("ack", last)]))
             return
         if op == "out":
-            # What an owner did with sockets held here.
-            self.nodes.apply(body)
+            # What an owner did with sockets held here, and its acknowledgements.
+            self.nodes.apply(body, self)
             return
         if op in ("ok", "err", "moved"):
             future = self.pending.pop(rid, None)
@@ -136,7 +139,24 @@ class Link:
         relay, info, name, args = event
         rid = next(self.ids)
         self.unacked[rid] = event
-        self.send(("ev", rid, (name, relay.obj, info, args)))
+        if not self.evbox:
+            self.nodes.services.loop.call_soon(self._flush_events)
+        self.evbox.append((rid, name, relay.obj, info, args))
+
+    def _flush_events(self) -> None:
+        evbox, self.evbox = self.evbox, []
+        # (A link closed meanwhile sent its unacknowledged events again already.)
+        if evbox and self.open:
+            self.send(("evs", 0, evbox))
+
+    def acknowledged(self, last: int) -> None:
+        """The owner handled every event up to ``last``."""
+        unacked = self.unacked
+        while unacked:
+            rid = next(iter(unacked))
+            if rid > last:
+                break
+            del unacked[rid]
 
     @property
     def open(self) -> bool:
@@ -401,7 +421,7 @@ class Nodes:
         if accepted.auto_responses:
             state.set_auto_responses(accepted.auto_responses)
         self.services.sockets.pop(handle.id, None)
-        owner = Owner(accepted.owner, None)
+        owner = Owner(accepted.owner_node, None)
         self._event(owner, accepted, Info.of(handle), "ws_bound", (accepted.token,))
 
     def relay(self, handle: _native.SocketHandle) -> WebSocket | None:
@@ -415,26 +435,29 @@ class Nodes:
         if kind is None:
             return None
         try:
-            if self.route(name[0], name[1]) is None:
-                return None
+            owner = self.route(name[0], name[1])
         except StorageError as error:
             logger.warning(
                 "an event of socket %d waits for the cluster database: %s", handle.id, error
             )
             return None
-        relay = Relay(self, kind, (name[0], name[1], state.id_name))
+        if owner is None:
+            return None
+        relay = Relay(self, kind, (name[0], name[1], state.id_name), owner)
         return WebSocket._revive(handle, self.services, relay)
 
     def socket_event(self, relay: Relay, ws: WebSocket, name: str, args: tuple[Any, ...]) -> None:
         handle = ws._handle
         if handle is None:
             return
-        binding, hex_id, _ = relay.obj
-        try:
-            owner = self.route(binding, hex_id)
-        except StorageError as error:
-            logger.warning("an event of socket %d is dropped: %s", handle.id, error)
-            return
+        owner = relay.owner
+        if owner is None:
+            binding, hex_id, _ = relay.obj
+            try:
+                owner = self.route(binding, hex_id)
+            except StorageError as error:
+                logger.warning("an event of socket %d is dropped: %s", handle.id, error)
+                return
         self._event(owner, relay, Info.of(handle), name, args)
 
     def _event(
@@ -504,11 +527,14 @@ class Nodes:
         else:
             queue[:0] = events
 
-    def apply(self, ops: list[tuple[Any, ...]]) -> None:
+    def apply(self, ops: list[tuple[Any, ...]], link: Link) -> None:
         """What the owner of an object did with its sockets held here, in order."""
         server = self.services.server
         for op in ops:
             what = op[0]
+            if what == "ack":
+                link.acknowledged(op[1])
+                continue
             if what == "broadcast":
                 _, binding, hex_id, data, tag, exclude = op
                 kind = self.objects.kinds.get(binding)

@@ -21,7 +21,7 @@ from .. import _native
 
 if TYPE_CHECKING:
     from ..websocket import WebSocket
-    from .cluster import Nodes
+    from .cluster import Nodes, Owner
     from .contract import ObjectKind
 
 _tokens = itertools.count(1)
@@ -144,14 +144,18 @@ class RemoteHandle:
 
 class Relay:
     """On a node holding sockets of an object owned elsewhere: where those sockets' events go
-    (``ObjectEvents``). One per event: it is not kept."""
+    (``ObjectEvents``). One per event: it is not kept. ``owner``: the owner as routed for this
+    event (None: route when it is sent)."""
 
-    __slots__ = ("kind", "nodes", "obj")
+    __slots__ = ("kind", "nodes", "obj", "owner")
 
-    def __init__(self, nodes: Nodes, kind: ObjectKind, obj: ObjectRef) -> None:
+    def __init__(
+        self, nodes: Nodes, kind: ObjectKind, obj: ObjectRef, owner: Owner | None = None
+    ) -> None:
         self.nodes = nodes
         self.kind = kind
         self.obj = obj
+        self.owner = owner
 
     def socket_message(self, ws: WebSocket, data: str | bytes) -> None:
         self.nodes.socket_event(self, ws, "ws_message", (data,))
@@ -167,7 +171,7 @@ class Accepted(Relay):
     """A socket the owner accepted for one of its objects, while the 101 goes out here: once
     the core has it, it joins the object's core state here and the owner learns its id."""
 
-    __slots__ = ("auto_responses", "owner", "tags", "token")
+    __slots__ = ("auto_responses", "owner_node", "tags", "token")
 
     def __init__(
         self,
@@ -180,7 +184,7 @@ class Accepted(Relay):
         auto_responses: list[tuple[str | bytes, str | bytes]],
     ) -> None:
         super().__init__(nodes, kind, obj)
-        self.owner = owner
+        self.owner_node = owner
         self.token = token
         self.tags = tags
         self.auto_responses = auto_responses
