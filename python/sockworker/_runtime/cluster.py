@@ -94,9 +94,9 @@ class Link:
             # Sockets' events, from the node that holds the sockets: in order, at once. The
             # acknowledgement goes through the output gate: it leaves once what the events'
             # handlers wrote is durable (with what they sent, in one message when it can).
-            last = 0
-            for last, name, obj, info, args in body:
+            for _rid, name, obj, info, args in body:
                 self.nodes.on_socket_event(self.peer, name, obj, info, args)
+            last = body[-1][0] if body else 0
             if self.nodes.links.get(self.peer) is self:
                 self.nodes.out(self.peer, ("ack", last))
             elif self.open:
