@@ -88,6 +88,9 @@ PAYLOAD = 64
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 #: How often the failover client sends.
 FAILOVER_SEND_EVERY = 0.01
+#: How long past its lease a frozen owner's object may take to answer again before the
+#: measurement gives up on it (longer than a forwarded event's 30 s timeout).
+FROZEN_WAIT = 60.0
 #: Seconds within which every PostgreSQL backend has reported its transactions.
 PG_STATS_LAG = 11.0
 
@@ -168,9 +171,10 @@ class Node:
     def cpu(self) -> float:
         return proc_cpu(self.proc.pid)
 
-    def kill(self) -> None:
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=10)
+    def kill(self, how: signal.Signals = signal.SIGKILL) -> None:
+        os.kill(self.proc.pid, how)
+        if how == signal.SIGKILL:
+            self.proc.wait(timeout=10)
 
     def stop(self) -> None:
         stop(self.proc)
@@ -536,8 +540,12 @@ async def broadcast(
     return figures
 
 
-async def failover_once(nodes: list[Node], room: str, lease: tuple[float, float]) -> dict[str, Any]:
-    """nodes[0] owns the room, a client on nodes[1] sends every 10 ms; nodes[0] is killed."""
+async def failover_once(
+    nodes: list[Node], room: str, lease: tuple[float, float], freeze: bool = False
+) -> dict[str, Any]:
+    """nodes[0] owns the room, a client on nodes[1] sends every 10 ms; nodes[0] is killed (or,
+    with `freeze`, stopped with SIGSTOP, as a machine that stops answering without closing its
+    connections; it is killed once the measurement is over)."""
     from websockets.asyncio.client import connect
 
     owner, holder = nodes[0], nodes[1]
@@ -546,6 +554,8 @@ async def failover_once(nodes: list[Node], room: str, lease: tuple[float, float]
     sent: dict[int, float] = {}
     new_owner: asyncio.Future[float] = asyncio.get_running_loop().create_future()
     killed_at = 0.0
+    bound = lease[0] + 2 * lease[1] + (FROZEN_WAIT if freeze else 30)
+    first: float | None = None
     async with connect(
         holder.url(f"room={room}&mode=node"), compression=None, max_queue=None
     ) as ws:
@@ -576,32 +586,39 @@ async def failover_once(nodes: list[Node], room: str, lease: tuple[float, float]
             # Somewhere in the owner's renewal round, not at a fixed phase of it.
             await asyncio.sleep(random.uniform(0, lease[1]))
             killed_at = time.perf_counter()
-            owner.kill()
-            bound = lease[0] + 2 * lease[1] + 30
-            first = await asyncio.wait_for(new_owner, bound)
+            owner.kill(signal.SIGSTOP if freeze else signal.SIGKILL)
+            with contextlib.suppress(TimeoutError):
+                first = await asyncio.wait_for(asyncio.shield(new_owner), bound)
             await asyncio.sleep(0.5)
+            # (Before a frozen owner is killed: its death would let the held messages go again.)
+            answered = {seq for _, _, seq in replies}
+            answers = len(replies)
         finally:
             sender.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sender
+            if freeze:
+                owner.kill(signal.SIGKILL)
         await ws.close()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(receiver, 5)
-    answered = {seq for _, _, seq in replies}
-    sent_before_first = [seq for seq, at in sent.items() if at < first]
-    new = next(node for _, node, _ in replies if node != owner.name)
+    until = first if first is not None else killed_at + bound
+    sent_before_first = [seq for seq, at in sent.items() if at < until]
+    new = next((node for _, node, _ in replies if node != owner.name), None)
     return {
-        "seconds": first - killed_at,
+        # None: no echo from a new owner within `bound` seconds.
+        "seconds": first - killed_at if first is not None else None,
+        "bound_s": bound,
         "new_owner": new,
         "sent_before_recovery": len(sent_before_first),
         "unanswered": sum(seq not in answered for seq in sent_before_first),
-        "answered_twice": len(replies) - len(answered),
+        "answered_twice": answers - len(answered),
     }
 
 
 async def failover(
     dsn: str, lease: tuple[float, float] | None, reps: int, tag: str, data: Path,
-    log: IO[bytes], pinned: bool,
+    log: IO[bytes], pinned: bool, freeze: bool = False,
 ) -> list[dict[str, Any]]:  # fmt: skip
     """`reps` kills of the owner; the survivors stay, the owner is a fresh process each time."""
     effective = lease or (DEFAULT_LEASE, DEFAULT_RENEW)
@@ -609,9 +626,9 @@ async def failover(
     results = []
     try:
         for rep in range(reps):
-            result = await failover_once(nodes, f"fo-{tag}-{rep}", effective)
+            result = await failover_once(nodes, f"fo-{tag}-{rep}", effective, freeze)
             results.append(result)
-            print(f"  failover {tag} {rep + 1}/{reps}: {result['seconds']:.2f} s "
+            print(f"  failover {tag} {rep + 1}/{reps}: {fmt(result['seconds'], 2)} s "
                   f"(new owner {result['new_owner']}, {result['unanswered']} unanswered)",
                   flush=True)  # fmt: skip
             if rep + 1 < reps:
@@ -881,6 +898,11 @@ async def main_async(args: argparse.Namespace) -> int:
                 runs["failover"]["default"] = await failover(
                     dsn, None, args.default_failovers, "default", data, log, pinned
                 )
+            if args.frozen_failovers:
+                runs["failover"]["frozen"] = await failover(
+                    dsn, (FAST_LEASE, FAST_RENEW), args.frozen_failovers, "frozen", data, log,
+                    pinned, freeze=True,
+                )  # fmt: skip
 
         # 4: an idle node's statements.
         if 4 in parts:
@@ -927,12 +949,14 @@ def summarize(runs: dict[str, Any]) -> dict[str, Any]:
                 ]
             )
     for kind, reps in runs["failover"].items():
-        seconds = [rep["seconds"] for rep in reps]
+        # A failover that did not happen within the bound counts as the bound (a lower bound).
+        seconds = [rep["seconds"] if rep["seconds"] is not None else rep["bound_s"] for rep in reps]
         summary["failover"][kind] = {
             "reps": len(seconds),
             "median_s": statistics.median(seconds),
             "worst_s": max(seconds),
             "best_s": min(seconds),
+            "timed_out": sum(rep["seconds"] is None for rep in reps),
             "unanswered": sum(rep["unanswered"] for rep in reps),
             "sent_before_recovery": sum(rep["sent_before_recovery"] for rep in reps),
             "answered_twice": sum(rep["answered_twice"] for rep in reps),
@@ -1015,37 +1039,45 @@ def markdown(
         f"Broadcasts that did not reach every subscriber within 5 s: {stalls}; frames of an "
         f"unexpected size: {errors}.",
         "",
-        "## 3. Failover: the owner killed (SIGKILL) while a client on another node sends every "
+        "## 3. Failover: the owner killed (SIGKILL; or frozen, SIGSTOP) while a client on another "
+        "node sends every "
         f"{FAILOVER_SEND_EVERY * 1000:.0f} ms; kill → first echo from the new owner",
         "",
         "| lease / renewal | kills | median | best | worst | bound (lease + poll) "
         "| sent before recovery | never answered | answered twice |",
         "|---|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
-    for kind, (lease, renew) in (
-        ("fast", (FAST_LEASE, FAST_RENEW)),
-        ("default", (DEFAULT_LEASE, DEFAULT_RENEW)),
-    ):
+    kinds = (
+        ("fast", FAST_LEASE, FAST_RENEW, "", "--failovers"),
+        ("default", DEFAULT_LEASE, DEFAULT_RENEW, " (the defaults)", "--default-failovers"),
+        ("frozen", FAST_LEASE, FAST_RENEW, ", owner frozen (SIGSTOP)", "--frozen-failovers"),
+    )
+    for kind, lease, renew, what, flag in kinds:
         bound = lease + min(renew / 2, 0.25)
         med = summary["failover"].get(kind)
-        label = f"{lease:g} s / {renew:g} s" + (" (the defaults)" if kind == "default" else "")
+        label = f"{lease:g} s / {renew:g} s{what}"
         if med is None:
             lines.append(
-                f"| {label} | not measured (`--default-failovers 0`) | — | — | — | {bound:.2f} s "
-                "| — | — | — |"
+                f"| {label} | not measured (`{flag} 0`) | — | — | — | {bound:.2f} s | — | — | — |"
             )
             continue
+        over = "≥ " if med["timed_out"] else ""
         lines.append(
             f"| {label} | {med['reps']} | {med['median_s']:.2f} s | {med['best_s']:.2f} s | "
-            f"{med['worst_s']:.2f} s | {bound:.2f} s | {med['sent_before_recovery']} | "
+            f"{over}{med['worst_s']:.2f} s | {bound:.2f} s | {med['sent_before_recovery']} | "
             f"{med['unanswered']} | {med['answered_twice']} |"
         )
+    timed_out = sum(med["timed_out"] for med in summary["failover"].values())
     lines += [
         "",
         "The bound: a lease is renewed at the start of each round, so a dead owner's lease expires "
         "between (lease - renewal) and lease after the kill; the node holding the socket retries "
         "every min(renewal / 2, 0.25 s) until it can take the object. Each kill is a fresh owner "
-        "process and a fresh room; the two other nodes stay up.",
+        "process and a fresh room; the two other nodes stay up. A frozen owner (SIGSTOP: its "
+        "connections stay open, as with a machine that stops answering) is killed after the "
+        f"measurement. Failovers with no echo from a new owner within the wait: {timed_out} "
+        '(counted as the wait, marked ≥). "Never answered": messages sent before the first '
+        "echo from the new owner that got no echo within 0.5 s after it.",
     ]
     pgl = runs["postgres"]
     if pgl is None:
@@ -1132,6 +1164,12 @@ def main() -> int:
     ap.add_argument("--failovers", type=int, default=None, help="kills at lease 2 s / renew 0.4 s")
     ap.add_argument("--default-failovers", type=int, default=None,
                     help="kills at the default lease 10 s / renew 3 s")  # fmt: skip
+    ap.add_argument(
+        "--frozen-failovers",
+        type=int,
+        default=None,
+        help="owners stopped with SIGSTOP instead of killed (lease 2 s / renew 0.4 s)",
+    )
     ap.add_argument("--objects", type=int, default=10_000)
     ap.add_argument("--idle", type=float, default=None, help="seconds of the idle window")
     ap.add_argument("--parts", default="1,2,3,4", help="which of the four measurements to run")
@@ -1140,10 +1178,10 @@ def main() -> int:
                     f"{DISTURBED} cores")  # fmt: skip
     ap.add_argument("--no-pin", action="store_true")
     args = ap.parse_args()
-    quick = {"rounds": 1, "duration": 2.0, "failovers": 3, "default_failovers": 0, "idle": 10.0,
-             "attempts": 1}  # fmt: skip
-    full = {"rounds": 3, "duration": 5.0, "failovers": 10, "default_failovers": 3, "idle": 30.0,
-            "attempts": 2}  # fmt: skip
+    quick = {"rounds": 1, "duration": 2.0, "failovers": 3, "default_failovers": 0,
+             "frozen_failovers": 0, "idle": 10.0, "attempts": 1}  # fmt: skip
+    full = {"rounds": 3, "duration": 5.0, "failovers": 10, "default_failovers": 3,
+            "frozen_failovers": 3, "idle": 30.0, "attempts": 2}  # fmt: skip
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
