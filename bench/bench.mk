@@ -23,7 +23,7 @@ bench: build $(BENCH_DEPS) ## sockworker vs every peer, all scenarios, then stor
 bench-storage: build $(BENCH_DEPS) ## storage through the stack vs a plain sqlite3 loop, and its memory (~4 min)
 	$(PY) bench/storage.py
 
-bench-cluster: build $(BENCH_DEPS) postgres-deps ## nodes on one PostgreSQL: forwarding, broadcast, failover, PG load (~8 min)
+bench-cluster: build $(BENCH_DEPS) postgres-deps ## nodes on one PostgreSQL: forwarding, broadcast, failover, PG load (~6 min)
 	$(PY) bench/cluster.py
 
 bench-quick: build $(BENCH_DEPS) ## pingpong + pipeline at 64 B and idle 10,000 (~3 min) -> bench/results/

@@ -30,8 +30,8 @@ frames counted as they arrive) so that the client costs little per message; the 
 the failover client are `websockets`. The clients' CPU is not counted in the node CPU figures.
 Rounds are interleaved (a b, a b, ...); medians over rounds; ratios are taken within a round.
 
-    python bench/cluster.py             # about 8 minutes
-    python bench/cluster.py --quick     # about 3 minutes
+    python bench/cluster.py             # about 6 minutes
+    python bench/cluster.py --quick     # about 2 minutes
     python bench/cluster.py --help
 
 Results: bench/results/cluster.md and cluster.json; node logs in bench/results/raw/.
