@@ -1,9 +1,10 @@
-# Benchmarks: `make bench`, `make bench-quick`, `make bench-micro` (see bench/README.md).
+# Benchmarks: `make bench`, `make bench-quick`, `make bench-micro`, `make bench-cluster`
+# (see bench/README.md).
 # Included by the root Makefile, which defines VENV, PY, PIP, CARGO and the `build` target.
 
 BENCH_DEPS := $(VENV)/.bench-deps
 
-.PHONY: bench bench-quick bench-micro bench-storage
+.PHONY: bench bench-quick bench-micro bench-storage bench-cluster
 
 # The peers' pinned versions, into the project's venv. socketify also needs libuv.so.1: as root
 # with apt-get it is installed, otherwise the runner skips socketify and says why.
@@ -21,6 +22,9 @@ bench: build $(BENCH_DEPS) ## sockworker vs every peer, all scenarios, then stor
 
 bench-storage: build $(BENCH_DEPS) ## storage through the stack vs a plain sqlite3 loop, and its memory (~4 min)
 	$(PY) bench/storage.py
+
+bench-cluster: build $(BENCH_DEPS) postgres-deps ## nodes on one PostgreSQL: forwarding, broadcast, failover, PG load (~6 min)
+	$(PY) bench/cluster.py
 
 bench-quick: build $(BENCH_DEPS) ## pingpong + pipeline at 64 B and idle 10,000 (~3 min) -> bench/results/
 	$(PY) bench/run.py --quick
