@@ -318,6 +318,12 @@ async def test_a_room_with_clients_on_three_nodes(
             seen.append([(first["user"], first["text"]), (second["user"], second["text"])])
         assert seen[0] == seen[1] == seen[2]
         assert sorted(seen[0]) == [("bob", "hello"), ("cy", "world")]
+        # A broadcast that leaves out its sender, held by another node than the owner.
+        await cy.send("shout")
+        assert (await next_kind(ann, "shout"))["user"] == "cy"
+        assert (await next_kind(bob, "shout"))["user"] == "cy"
+        await cy.send("whoami")
+        assert json.loads(await asyncio.wait_for(cy.recv(), 10))["kind"] == "you", "not to cy"
         # The auto-response is answered by the node that holds the socket, not the owner.
         await cy.send("ping")
         assert await asyncio.wait_for(cy.recv(), 10) == "pong"

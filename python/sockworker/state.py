@@ -163,7 +163,9 @@ class DurableObjectState:
         The core encodes the frame once; no Python object per socket. Returns how many."""
         excluded = exclude._socket_id() if exclude is not None else None
         host = self._host
-        count = host.native.broadcast(message, tag, excluded)
+        # (A negative id is a socket held by another node, cluster mode: not the core's.)
+        local = excluded if excluded is not None and excluded >= 0 else None
+        count = host.native.broadcast(message, tag, local)
         return count + host.broadcast_elsewhere(message, tag, excluded)
 
     def set_websocket_auto_response(

@@ -41,6 +41,10 @@ class Room(sw.DurableObject):
             tags = self.ctx.get_tags(ws)
             ws.send(json.dumps({"kind": "you", "user": user, "tags": tags, "instance": INSTANCES}))
             return
+        if message == "shout":
+            # To everyone but the sender (also when the sender is held by another node).
+            self.ctx.broadcast(json.dumps({"kind": "shout", "user": user}), exclude=ws)
+            return
         if message == "list":
             users = sorted(s.deserialize_attachment()["user"] for s in self.ctx.get_websockets())
             ws.send(json.dumps({"kind": "list", "users": users}))

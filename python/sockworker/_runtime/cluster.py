@@ -38,6 +38,9 @@ _HEADER_NODE = "x-sockworker-node"
 _HEADER_PROOF = "x-sockworker-proof"
 #: Seconds a forwarded event may take before the sender gives up on it.
 FORWARD_TIMEOUT = 30.0
+#: Seconds a node that takes an object waits for another node to say which sockets of it it
+#: holds (a live node answers at once; one paused or dying must not hold the object's events).
+GATHER_TIMEOUT = 2.0
 
 
 class Owner(NamedTuple):
@@ -69,7 +72,7 @@ class Link:
         # (routed anew) if the link closes first.
         self.unacked: dict[int, tuple[Relay, Info, str, tuple[Any, ...]]] = {}
         # Events of this loop iteration, sent in one message at its end.
-        self.evbox: list[tuple[int, str, ObjectRef, Info, tuple[Any, ...]]] = []
+        self.evbox: list[tuple[int, str, ObjectRef, tuple[Any, ...], tuple[Any, ...]]] = []
         ws.add_event_listener("message", self._on_message)
         ws.add_event_listener("close", self._on_close)
 
@@ -141,7 +144,8 @@ class Link:
         self.unacked[rid] = event
         if not self.evbox:
             self.nodes.services.loop.call_soon(self._flush_events)
-        self.evbox.append((rid, name, relay.obj, info, args))
+        # (A plain tuple: a NamedTuple pickles by name, four times slower and larger.)
+        self.evbox.append((rid, name, relay.obj, tuple(info), args))
 
     def _flush_events(self) -> None:
         evbox, self.evbox = self.evbox, []
@@ -331,11 +335,15 @@ class Nodes:
         if kind is None:
             raise ClusterError(f"this node's app has no namespace {binding!r}")
         if op == "sockets":
-            # Another node took the object: the sockets of it held here.
+            # Another node took the object: the sockets of it held here, and the events of
+            # theirs still unacknowledged by the node that owned it before (paused, perhaps)
+            # go to the new owner.
             state = self.services.server.object_state(
                 binding, hex_id, kind.cls.max_hibernatable_websockets
             )
-            return [Info.of(handle) for handle in state.sockets(None)], state.auto_responses()
+            self._redirect_unacked((binding, hex_id), peer)
+            infos = [tuple(Info.of(handle)) for handle in state.sockets(None)]
+            return infos, state.auto_responses()
         if self.route(binding, hex_id) is not None:
             raise NotOwner(f"node {self.node_id!r} does not own the object")
         host = self.objects.host(kind, DurableObjectId(hex_id, id_name))
@@ -526,6 +534,18 @@ class Nodes:
             self.services.spawn(self._deliver(node), "relaying socket events")
         else:
             queue[:0] = events
+
+    def _redirect_unacked(self, obj: tuple[str, str], owner: str) -> None:
+        moved: list[tuple[Relay, Info, str, tuple[Any, ...]]] = []
+        for node, link in list(self.links.items()):
+            if node == owner:
+                continue
+            for rid, event in list(link.unacked.items()):
+                if event[0].obj[:2] == obj:
+                    del link.unacked[rid]
+                    moved.append(event)
+        for relay, info, name, args in moved:
+            self._event(Owner(owner, None), relay, info, name, args)
 
     def apply(self, ops: list[tuple[Any, ...]], link: Link) -> None:
         """What the owner of an object did with its sockets held here, in order."""
@@ -736,7 +756,7 @@ class Nodes:
             try:
                 link = await self.link_to(Owner(node, address))
                 future = link.request("sockets", (binding, hex_id, object_id.name, None))
-                infos, _ = await asyncio.wait_for(future, FORWARD_TIMEOUT)
+                infos, _ = await asyncio.wait_for(future, GATHER_TIMEOUT)
             except (ClusterError, TimeoutError) as error:
                 logger.warning(
                     "node %s did not say which sockets of %s it holds: %s", node, hex_id, error
