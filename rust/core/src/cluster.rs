@@ -129,7 +129,61 @@ struct Held {
     valid_until: Instant,
 }
 
-type Job = Box<dyn FnOnce(&mut Option<Client>, &str) + Send>;
+type Job = Box<dyn FnOnce(&mut Option<Conn>, &str) + Send>;
+
+/// A connection and the statements prepared on it: a statement given as text is parsed once per
+/// connection, not at each call (which costs PostgreSQL a second round trip each time).
+struct Conn {
+    client: Client,
+    prepared: HashMap<&'static str, postgres::Statement>,
+}
+
+impl Conn {
+    fn statement(&mut self, sql: &'static str) -> Result<postgres::Statement, postgres::Error> {
+        if let Some(statement) = self.prepared.get(sql) {
+            return Ok(statement.clone());
+        }
+        let statement = self.client.prepare(sql)?;
+        self.prepared.insert(sql, statement.clone());
+        Ok(statement)
+    }
+
+    fn execute(
+        &mut self,
+        sql: &'static str,
+        params: &[&(dyn postgres::types::ToSql + Sync)],
+    ) -> Result<u64, postgres::Error> {
+        let statement = self.statement(sql)?;
+        self.client.execute(&statement, params)
+    }
+
+    fn query(
+        &mut self,
+        sql: &'static str,
+        params: &[&(dyn postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<postgres::Row>, postgres::Error> {
+        let statement = self.statement(sql)?;
+        self.client.query(&statement, params)
+    }
+
+    fn query_one(
+        &mut self,
+        sql: &'static str,
+        params: &[&(dyn postgres::types::ToSql + Sync)],
+    ) -> Result<postgres::Row, postgres::Error> {
+        let statement = self.statement(sql)?;
+        self.client.query_one(&statement, params)
+    }
+
+    fn query_opt(
+        &mut self,
+        sql: &'static str,
+        params: &[&(dyn postgres::types::ToSql + Sync)],
+    ) -> Result<Option<postgres::Row>, postgres::Error> {
+        let statement = self.statement(sql)?;
+        self.client.query_opt(&statement, params)
+    }
+}
 
 /// One PostgreSQL connection on a thread of its own; `call` runs a closure on it and waits.
 /// A failed connection is dropped and made again by the next call.
@@ -145,7 +199,7 @@ impl Pg {
             let mut client = None;
             for job in receiver {
                 job(&mut client, &dsn);
-                if client.as_ref().is_some_and(Client::is_closed) {
+                if client.as_ref().is_some_and(|conn: &Conn| conn.client.is_closed()) {
                     client = None;
                 }
             }
@@ -155,7 +209,7 @@ impl Pg {
 
     fn call<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&mut Client) -> Result<T, postgres::Error> + Send + 'static,
+        f: impl FnOnce(&mut Conn) -> Result<T, postgres::Error> + Send + 'static,
     ) -> Result<T, CoreError> {
         let (reply, answer) = mpsc::sync_channel(1);
         let job: Job = Box::new(move |slot, dsn| {
@@ -180,7 +234,7 @@ impl Pg {
     }
 }
 
-fn connected<'a>(slot: &'a mut Option<Client>, dsn: &str) -> Result<&'a mut Client, CoreError> {
+fn connected<'a>(slot: &'a mut Option<Conn>, dsn: &str) -> Result<&'a mut Conn, CoreError> {
     if slot.is_none() {
         let mut config = postgres::Config::from_str(dsn)
             .map_err(|e| CoreError::InvalidArgument(format!("the cluster DSN is not valid: {e}")))?;
@@ -198,7 +252,7 @@ fn connected<'a>(slot: &'a mut Option<Client>, dsn: &str) -> Result<&'a mut Clie
         let client = config.connect(NoTls).map_err(|e| {
             CoreError::Storage(format!("the cluster database is unreachable: {}", pg_error(&e)))
         })?;
-        *slot = Some(client);
+        *slot = Some(Conn { client, prepared: HashMap::new() });
     }
     Ok(slot.as_mut().expect("connected above"))
 }
@@ -324,8 +378,8 @@ impl Cluster {
     fn beat(&self) -> Result<(), CoreError> {
         let (node, advertise) = (self.config.node_id.clone(), self.config.advertise.clone());
         self.stats.statements.fetch_add(1, Ordering::Relaxed);
-        self.fg.call(move |client| {
-            client.execute(
+        self.fg.call(move |conn| {
+            conn.execute(
                 "INSERT INTO sw_nodes (node, advertise, heartbeat_at) VALUES ($1, $2, clock_timestamp())
                  ON CONFLICT (node) DO UPDATE SET advertise = excluded.advertise,
                      heartbeat_at = excluded.heartbeat_at",
@@ -381,8 +435,8 @@ impl Cluster {
         let node = self.config.node_id.clone();
         let lease = secs(self.config.lease);
         self.stats.statements.fetch_add(1, Ordering::Relaxed);
-        let row = self.fg.call(move |client| {
-            client.query_one(
+        let row = self.fg.call(move |conn| {
+            conn.query_one(
                 "WITH taken AS (
                      INSERT INTO sw_leases AS l (namespace, object_id, node, epoch, expires_at)
                      VALUES ($1, $2, $3, 1, clock_timestamp() + make_interval(secs => $4))
@@ -458,8 +512,8 @@ impl Cluster {
     pub fn load(&self, name: &ObjectName) -> Result<Loaded, CoreError> {
         let (namespace, object_id) = (name.namespace.to_string(), name.object_id.to_string());
         self.stats.statements.fetch_add(2, Ordering::Relaxed);
-        self.fg.call(move |client| {
-            let pairs = client
+        self.fg.call(move |conn| {
+            let pairs = conn
                 .query(
                     "SELECT key, value FROM sw_kv WHERE namespace = $1 AND object_id = $2",
                     &[&namespace, &object_id],
@@ -467,7 +521,7 @@ impl Cluster {
                 .into_iter()
                 .map(|row| (row.get(0), row.get(1)))
                 .collect();
-            let alarm = client
+            let alarm = conn
                 .query_opt(
                     "SELECT at, account, id_name FROM sw_alarms WHERE namespace = $1 AND object_id = $2",
                     &[&namespace, &object_id],
@@ -492,52 +546,51 @@ impl Cluster {
             + u64::from(!changes.upserts.is_empty())
             + u64::from(changes.alarm.is_some());
         self.stats.statements.fetch_add(statements, Ordering::Relaxed);
-        let outcome = self.fg.call(move |client| {
-            let mut tx = client.transaction()?;
-            let fence = tx.query_opt(
+        let outcome = self.fg.call(move |conn| {
+            let fence = conn.statement(
                 "SELECT node, epoch FROM sw_leases WHERE namespace = $1 AND object_id = $2 FOR UPDATE",
-                &[&namespace, &object_id],
             )?;
+            let wipe = conn.statement("DELETE FROM sw_kv WHERE namespace = $1 AND object_id = $2")?;
+            let delete = conn
+                .statement("DELETE FROM sw_kv WHERE namespace = $1 AND object_id = $2 AND key = ANY($3)")?;
+            let upsert = conn.statement(
+                "INSERT INTO sw_kv (namespace, object_id, key, value)
+                 SELECT $1, $2, k, v FROM unnest($3::bytea[], $4::bytea[]) AS u(k, v)
+                 ON CONFLICT (namespace, object_id, key) DO UPDATE SET value = excluded.value",
+            )?;
+            let set_alarm = conn.statement(
+                "INSERT INTO sw_alarms (namespace, object_id, at, account, id_name)
+                 VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (namespace, object_id) DO UPDATE
+                     SET at = excluded.at, account = excluded.account, id_name = excluded.id_name",
+            )?;
+            let delete_alarm =
+                conn.statement("DELETE FROM sw_alarms WHERE namespace = $1 AND object_id = $2")?;
+            let mut tx = conn.client.transaction()?;
+            let fence = tx.query_opt(&fence, &[&namespace, &object_id])?;
             let current = fence.map(|row| (row.get::<_, String>(0), row.get::<_, i64>(1)));
             if current.as_ref() != Some(&(node, epoch)) {
                 return Ok(Err(current));
             }
             if changes.wipe {
-                tx.execute(
-                    "DELETE FROM sw_kv WHERE namespace = $1 AND object_id = $2",
-                    &[&namespace, &object_id],
-                )?;
+                tx.execute(&wipe, &[&namespace, &object_id])?;
             }
             if !changes.deletes.is_empty() {
-                tx.execute(
-                    "DELETE FROM sw_kv WHERE namespace = $1 AND object_id = $2 AND key = ANY($3)",
-                    &[&namespace, &object_id, &changes.deletes],
-                )?;
+                tx.execute(&delete, &[&namespace, &object_id, &changes.deletes])?;
             }
             if !changes.upserts.is_empty() {
                 let (keys, values): (Vec<Vec<u8>>, Vec<Vec<u8>>) = changes.upserts.into_iter().unzip();
-                tx.execute(
-                    "INSERT INTO sw_kv (namespace, object_id, key, value)
-                     SELECT $1, $2, k, v FROM unnest($3::bytea[], $4::bytea[]) AS u(k, v)
-                     ON CONFLICT (namespace, object_id, key) DO UPDATE SET value = excluded.value",
-                    &[&namespace, &object_id, &keys, &values],
-                )?;
+                tx.execute(&upsert, &[&namespace, &object_id, &keys, &values])?;
             }
             match &changes.alarm {
                 Some(Some(alarm)) => {
                     tx.execute(
-                        "INSERT INTO sw_alarms (namespace, object_id, at, account, id_name)
-                         VALUES ($1, $2, $3, $4, $5)
-                         ON CONFLICT (namespace, object_id) DO UPDATE
-                             SET at = excluded.at, account = excluded.account, id_name = excluded.id_name",
+                        &set_alarm,
                         &[&namespace, &object_id, &alarm.at, &alarm.account, &alarm.id_name],
                     )?;
                 }
                 Some(None) => {
-                    tx.execute(
-                        "DELETE FROM sw_alarms WHERE namespace = $1 AND object_id = $2",
-                        &[&namespace, &object_id],
-                    )?;
+                    tx.execute(&delete_alarm, &[&namespace, &object_id])?;
                 }
                 None => {}
             }
@@ -578,8 +631,8 @@ impl Cluster {
         let horizon = now_seconds() + 2.0 * secs(self.config.renew);
         self.stats.statements.fetch_add(3 + u64::from(!releasing.is_empty()), Ordering::Relaxed);
         self.stats.renew_rounds.fetch_add(1, Ordering::Relaxed);
-        let (renewed, due, peers) = self.bg.call(move |client| {
-            let renewed: Vec<(String, String)> = client
+        let (renewed, due, peers) = self.bg.call(move |conn| {
+            let renewed: Vec<(String, String)> = conn
                 .query(
                     "WITH beat AS (
                          INSERT INTO sw_nodes (node, advertise, heartbeat_at)
@@ -601,7 +654,7 @@ impl Cluster {
                     releasing.iter().map(|(n, _)| n.namespace.to_string()).collect();
                 let ids: Vec<String> = releasing.iter().map(|(n, _)| n.object_id.to_string()).collect();
                 let epochs: Vec<i64> = releasing.iter().map(|(_, e)| *e).collect();
-                client.execute(
+                conn.execute(
                     "UPDATE sw_leases l SET expires_at = clock_timestamp() - interval '1 millisecond'
                      FROM unnest($2::text[], $3::text[], $4::int8[]) AS h(namespace, object_id, epoch)
                      WHERE l.namespace = h.namespace AND l.object_id = h.object_id
@@ -609,7 +662,7 @@ impl Cluster {
                     &[&node, &namespaces, &ids, &epochs],
                 )?;
             }
-            let due: Vec<(String, String, f64, Option<String>)> = client
+            let due: Vec<(String, String, f64, Option<String>)> = conn
                 .query(
                     "SELECT a.namespace, a.object_id, a.at, a.id_name FROM sw_alarms a
                      LEFT JOIN sw_leases l ON l.namespace = a.namespace AND l.object_id = a.object_id
@@ -620,7 +673,7 @@ impl Cluster {
                 .into_iter()
                 .map(|row| (row.get(0), row.get(1), row.get(2), row.get(3)))
                 .collect();
-            let peers: Vec<(String, String)> = client
+            let peers: Vec<(String, String)> = conn
                 .query(
                     "SELECT node, advertise FROM sw_nodes
                      WHERE node <> $1 AND heartbeat_at > clock_timestamp() - make_interval(secs => $2)
@@ -687,8 +740,8 @@ impl Cluster {
         let namespaces: Vec<String> = held.iter().map(|(n, _)| n.namespace.to_string()).collect();
         let ids: Vec<String> = held.iter().map(|(n, _)| n.object_id.to_string()).collect();
         let epochs: Vec<i64> = held.iter().map(|(_, e)| *e).collect();
-        let released = self.fg.call(move |client| {
-            client.execute(
+        let released = self.fg.call(move |conn| {
+            conn.execute(
                 "UPDATE sw_leases l SET expires_at = clock_timestamp() - interval '1 millisecond'
                  FROM unnest($2::text[], $3::text[], $4::int8[]) AS h(namespace, object_id, epoch)
                  WHERE l.namespace = h.namespace AND l.object_id = h.object_id
@@ -706,8 +759,8 @@ fn now_seconds() -> f64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
 }
 
-fn migrate(client: &mut Client) -> Result<Result<(), CoreError>, postgres::Error> {
-    let mut tx = client.transaction()?;
+fn migrate(conn: &mut Conn) -> Result<Result<(), CoreError>, postgres::Error> {
+    let mut tx = conn.client.transaction()?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])?;
     tx.batch_execute("CREATE TABLE IF NOT EXISTS sw_schema (version integer NOT NULL)")?;
     let version: i32 = tx.query_opt("SELECT version FROM sw_schema", &[])?.map_or(0, |row| row.get(0));
