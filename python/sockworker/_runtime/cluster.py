@@ -545,7 +545,15 @@ class Nodes:
                     del link.unacked[rid]
                     moved.append(event)
         for relay, info, name, args in moved:
-            self._event(Owner(owner, None), relay, info, name, args)
+            if owner == self.node_id:
+                self.on_socket_event(self.node_id, name, relay.obj, info, args)
+            else:
+                self._event(Owner(owner, None), relay, info, name, args)
+
+    def took(self, binding: str, hex_id: str) -> None:
+        """This node took the object: the events its own sockets of it had sent to the owner
+        before (paused, perhaps) and that were not acknowledged are its own now, first."""
+        self._redirect_unacked((binding, hex_id), self.node_id)
 
     def apply(self, ops: list[tuple[Any, ...]], link: Link) -> None:
         """What the owner of an object did with its sockets held here, in order."""

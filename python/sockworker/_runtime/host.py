@@ -694,6 +694,8 @@ class Objects:
                 # Taken by this node: its events wait until the other nodes have said which
                 # sockets of it they hold.
                 host.block(nodes.gather(kind, object_id))
+            if nodes is not None:
+                nodes.took(kind.binding, str(object_id))
         return host
 
     def lost(self, binding: str, hex_id: str) -> None:
