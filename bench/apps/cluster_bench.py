@@ -2,6 +2,7 @@
 behaviour per message chosen by the query string's `mode`. No storage is written per message,
 so what is measured is routing and relaying, not PostgreSQL.
 
+  /?room=peer&mode=echo     a room per connection (`--workers` scaling: nothing forwarded)
   /?room=R&mode=echo        WebSocket: each message goes back to its sender (`ws.send`)
   /?room=R&mode=broadcast   WebSocket: each message goes to every socket of the room, the
                             sender's too (`ctx.broadcast`; `exclude=ws` raises OverflowError
@@ -59,7 +60,10 @@ async def fetch(request: sw.Request, env: sw.Env, ctx: sw.ExecutionContext) -> s
     namespace = request.query.get("mode", "echo").upper()
     if namespace not in NAMESPACES:
         return sw.Response("mode is echo, broadcast or node\n", status=404)
+    # room=peer: a room per connection (owned by the node that accepted it: no forwarding).
     room = request.query.get("room", "lobby")
+    if room == "peer":
+        room = request.client or "lobby"
     response: sw.Response = await getattr(env, namespace).get_by_name(room).fetch(request)
     return response
 
