@@ -26,9 +26,12 @@ RENEW = 0.4
 FAILOVER_BOUND = LEASE + 2 * RENEW + 10.0
 
 
-def node(make_server: Callable[..., ServerProcess], dsn: str, name: str) -> ServerProcess:
+def node(
+    make_server: Callable[..., ServerProcess], dsn: str, name: str, *extra: str, app: str = APP
+) -> ServerProcess:
     return make_server(
-        APP,
+        app,
+        *extra,
         "--cluster",
         dsn,
         "--node-id",
@@ -267,18 +270,7 @@ ROOM_APP = "tests.apps.cluster_room:app"
 def room_node(
     make_server: Callable[..., ServerProcess], dsn: str, name: str, *extra: str
 ) -> ServerProcess:
-    return make_server(
-        ROOM_APP,
-        *extra,
-        "--cluster",
-        dsn,
-        "--node-id",
-        name,
-        "--lease",
-        str(LEASE),
-        "--lease-renew",
-        str(RENEW),
-    )
+    return node(make_server, dsn, name, *extra, app=ROOM_APP)
 
 
 async def next_kind(ws: Any, kind: str) -> dict[str, Any]:

@@ -460,6 +460,31 @@ struct Inner {
     remote: Option<Remote>,
 }
 
+impl Inner {
+    fn new(
+        conn: Connection,
+        log: Option<Arc<File>>,
+        new_entries: Vec<PathBuf>,
+        user_sql: Arc<AtomicBool>,
+        denied: Arc<Mutex<Option<String>>>,
+        log_pages: Arc<std::sync::atomic::AtomicI32>,
+        remote: Option<Remote>,
+    ) -> Self {
+        Self {
+            conn: Some(conn),
+            write_txn: false,
+            savepoints: 0,
+            alarm_touched: false,
+            log,
+            new_entries,
+            user_sql,
+            denied,
+            log_pages,
+            remote,
+        }
+    }
+}
+
 /// A store whose truth is the cluster's PostgreSQL (SPEC §7).
 struct Remote {
     cluster: Arc<Cluster>,
@@ -632,25 +657,19 @@ impl Store {
         }
         let log_path = PathBuf::from(format!("{}-wal", path.display()));
         let log = File::open(&log_path).ok().map(Arc::new);
-        Ok(Self {
+        let inner = Inner::new(conn, log, new_entries, user_sql, denied, log_pages, None);
+        Ok(Self::from_inner(path, name, owner, inner))
+    }
+
+    fn from_inner(path: PathBuf, name: Arc<ObjectName>, owner: u64, inner: Inner) -> Self {
+        Self {
             path,
             name,
             owner: std::sync::atomic::AtomicU64::new(owner),
-            inner: Mutex::new(Inner {
-                conn: Some(conn),
-                write_txn: false,
-                savepoints: 0,
-                alarm_touched: false,
-                log,
-                new_entries,
-                user_sql,
-                denied,
-                log_pages,
-                remote: None,
-            }),
+            inner: Mutex::new(inner),
             in_epoch: AtomicBool::new(false),
             close_requested: AtomicBool::new(false),
-        })
+        }
     }
 
     /// A store in cluster mode: an in-memory database filled with what PostgreSQL holds for the
@@ -676,41 +695,22 @@ impl Store {
                 for (key, value) in &loaded.pairs {
                     insert.execute(params![key, value])?;
                 }
-                if let Some(alarm) = &loaded.alarm {
-                    let mut meta = tx.prepare("INSERT INTO _sw_meta (name, value) VALUES (?1, ?2)")?;
-                    meta.execute(params!["alarm", alarm.at])?;
-                    meta.execute(params!["alarm_account", alarm.account])?;
-                    if let Some(id_name) = &alarm.id_name {
-                        meta.execute(params!["alarm_name", id_name])?;
-                    }
-                }
+            }
+            if let Some(alarm) = &loaded.alarm {
+                Self::write_alarm(&tx, alarm)?;
             }
             tx.commit()?;
         }
-        Ok(Self {
-            path,
-            name,
-            owner: std::sync::atomic::AtomicU64::new(owner),
-            inner: Mutex::new(Inner {
-                conn: Some(conn),
-                write_txn: false,
-                savepoints: 0,
-                alarm_touched: false,
-                log: None,
-                new_entries: Vec::new(),
-                user_sql: Arc::new(AtomicBool::new(false)),
-                denied: Arc::new(Mutex::new(None)),
-                log_pages: Arc::new(std::sync::atomic::AtomicI32::new(-1)),
-                remote: Some(Remote {
-                    cluster: cluster.clone(),
-                    epoch,
-                    touched: std::collections::BTreeSet::new(),
-                    wiped: false,
-                }),
-            }),
-            in_epoch: AtomicBool::new(false),
-            close_requested: AtomicBool::new(false),
-        })
+        let remote = Remote {
+            cluster: cluster.clone(),
+            epoch,
+            touched: std::collections::BTreeSet::new(),
+            wiped: false,
+        };
+        let unused = Arc::new(AtomicBool::new(false));
+        let no_log = Arc::new(std::sync::atomic::AtomicI32::new(-1));
+        let inner = Inner::new(conn, None, Vec::new(), unused, Arc::default(), no_log, Some(remote));
+        Ok(Self::from_inner(path, name, owner, inner))
     }
 
     /// The lease epoch the store was loaded under (cluster mode), else `None`.
@@ -1072,15 +1072,21 @@ impl Store {
             let conn = conn(inner);
             conn.execute("DELETE FROM _sw_meta WHERE name IN ('alarm', 'alarm_account', 'alarm_name')", [])?;
             if let Some(alarm) = alarm {
-                let mut insert = conn.prepare_cached("INSERT INTO _sw_meta (name, value) VALUES (?1, ?2)")?;
-                insert.execute(params!["alarm", alarm.at])?;
-                insert.execute(params!["alarm_account", alarm.account])?;
-                if let Some(id_name) = &alarm.id_name {
-                    insert.execute(params!["alarm_name", id_name])?;
-                }
+                Self::write_alarm(conn, alarm)?;
             }
             Ok(began)
         })
+    }
+
+    /// The alarm's rows in `_sw_meta` (after the old ones were deleted).
+    fn write_alarm(conn: &Connection, alarm: &Alarm) -> Result<(), CoreError> {
+        let mut insert = conn.prepare_cached("INSERT INTO _sw_meta (name, value) VALUES (?1, ?2)")?;
+        insert.execute(params!["alarm", alarm.at])?;
+        insert.execute(params!["alarm_account", alarm.account])?;
+        if let Some(id_name) = &alarm.id_name {
+            insert.execute(params!["alarm_name", id_name])?;
+        }
+        Ok(())
     }
 
     /// The alarm the open transaction would commit, when it touched the alarm (read before the
