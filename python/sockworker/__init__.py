@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from .app import App, Env, ExecutionContext
 from .billing import BillingHook, Meter, Pricing, UsageRecord
-from .cluster import Cluster, node_id
+from .cluster import Cluster
 from .durable import (
     AutoResponse,
     DurableObject,
@@ -15,6 +15,7 @@ from .durable import (
     DurableObjectNamespace,
     DurableObjectState,
     DurableObjectStub,
+    node_id,
     now,
 )
 from .errors import (

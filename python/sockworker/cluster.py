@@ -12,7 +12,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 
-__all__ = ["Cluster", "node_id"]
+__all__ = ["Cluster"]
 
 _NODE_ID = re.compile(r"[A-Za-z0-9_.:@-]{1,200}")
 
@@ -63,15 +63,3 @@ class Cluster:
         if self.secret is not None:
             return self.secret.encode()
         return hashlib.sha256(b"sockworker-cluster\0" + self.dsn.encode()).digest()
-
-
-def node_id() -> str | None:
-    """The cluster name of the node serving now (``--node-id``, or the default one), or None
-    outside cluster mode (or when the app is not serving)."""
-    from . import _current
-    from ._runtime import Runtime
-
-    runtime = _current.serving()
-    if not isinstance(runtime, Runtime) or runtime.services.nodes is None:
-        return None
-    return runtime.services.nodes.node_id

@@ -13,7 +13,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar
 
-from ._runtime import HANDLER_NAMES, ObjectHost, running
+from . import _current
+from ._runtime import HANDLER_NAMES, ObjectHost, Runtime, running
 from ._runtime.cluster import NotOwner
 from .env import Env
 from .errors import InvalidArgument, ResponseError
@@ -28,10 +29,20 @@ __all__ = [
     "DurableObjectNamespace",
     "DurableObjectState",
     "DurableObjectStub",
+    "node_id",
     "now",
 ]
 
 _BINDING = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+
+
+def node_id() -> str | None:
+    """Cluster mode (SPEC §7): the name of the node serving now (``--node-id``, or the default
+    one); None outside cluster mode or when the app is not serving."""
+    runtime = _current.serving()
+    if not isinstance(runtime, Runtime) or runtime.services.nodes is None:
+        return None
+    return runtime.services.nodes.node_id
 
 
 def now() -> float:

@@ -16,17 +16,19 @@ import hmac
 import itertools
 import logging
 import pickle
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 from .. import _native
 from ..errors import ClusterError, StorageError
 from ..http import Headers, Request, Response
 from ..state import DurableObjectId
 from ..websocket import CloseCode, MessageEvent, WebSocket, WebSocketPair
+from .contract import Owner
 from .remote import Accepted, Info, ObjectRef, Relay, RemoteHandle
 
 if TYPE_CHECKING:
     from ..cluster import Cluster
+    from .connecting import Outgoing
     from .contract import ObjectKind
     from .host import ObjectHost, Objects
     from .services import Services
@@ -41,13 +43,6 @@ FORWARD_TIMEOUT = 30.0
 #: Seconds a node that takes an object waits for another node to say which sockets of it it
 #: holds (a live node answers at once; one paused or dying must not hold the object's events).
 GATHER_TIMEOUT = 2.0
-
-
-class Owner(NamedTuple):
-    """The node that holds an object's lease, and where it listens."""
-
-    node: str
-    address: str | None
 
 
 class NotOwner(Exception):
@@ -187,10 +182,14 @@ class Link:
 class Nodes:
     """Routing of object events in cluster mode, and the links to the other nodes."""
 
-    def __init__(self, services: Services, objects: Objects, settings: Cluster) -> None:
+    def __init__(
+        self, services: Services, objects: Objects, settings: Cluster, outgoing: Outgoing
+    ) -> None:
         self.services = services
         self.objects = objects
         self.settings = settings
+        # Where the links to other nodes are dialed from (outgoing sockets of the runtime).
+        self.outgoing = outgoing
         stats = services.server.cluster_stats()
         assert stats is not None, "the server was started in cluster mode"
         self.node_id = stats[0]
@@ -295,12 +294,10 @@ class Nodes:
         return await asyncio.shield(dialing)
 
     async def _dial(self, owner: Owner, done: asyncio.Future[Link]) -> None:
-        from .. import outgoing
-
         try:
-            ws = await outgoing.connect(
-                f"ws://{owner.address}{CLUSTER_PATH}",
-                headers={_HEADER_NODE: self.node_id, _HEADER_PROOF: self.proof(self.node_id)},
+            headers = [(_HEADER_NODE, self.node_id), (_HEADER_PROOF, self.proof(self.node_id))]
+            ws = await self.outgoing.connect(
+                f"ws://{owner.address}{CLUSTER_PATH}", [], headers, accepted=True
             )
             link = Link(self, owner.node, ws)
             self.links[owner.node] = link

@@ -116,10 +116,10 @@ class Runtime:
         self.loop = asyncio.get_running_loop()
         self.services = Services(app, self.server, self.loop)
         self.objects = Objects(self.services, app.namespaces)
-        if app.cluster is not None:
-            self.services.nodes = Nodes(self.services, self.objects, app.cluster)
         self.requests = Requests(self.services)
         self.outgoing = Outgoing(self.services, self.objects)
+        if app.cluster is not None:
+            self.services.nodes = Nodes(self.services, self.objects, app.cluster, self.outgoing)
         self.stopped = self.loop.create_future()
         #: Done once ``run`` serves (its dispatcher and meter are set up).
         self.started: asyncio.Future[None] = self.loop.create_future()

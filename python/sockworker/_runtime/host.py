@@ -264,7 +264,7 @@ class ObjectHost:
         if nodes is None:
             return []
         remote = nodes.remote_sockets(self.kind.binding, str(self.id), tag)
-        return [self.revive(handle) for handle in remote]  # type: ignore[arg-type]
+        return [self.revive(handle) for handle in remote]
 
     def broadcast_elsewhere(
         self, message: str | bytes, tag: str | None, excluded: int | None

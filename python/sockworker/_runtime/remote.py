@@ -15,16 +15,31 @@
 from __future__ import annotations
 
 import itertools
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from .. import _native
 
 if TYPE_CHECKING:
     from ..websocket import WebSocket
-    from .cluster import Nodes, Owner
-    from .contract import ObjectKind
+    from .contract import ObjectKind, Owner
 
 _tokens = itertools.count(1)
+
+
+class Nodes(Protocol):
+    """What the sockets of this module need of the cluster's routing (``cluster.Nodes``)."""
+
+    def out(self, node: str, op: tuple[Any, ...]) -> None:
+        """Queues ``op`` for the node that holds a socket."""
+        ...
+
+    def socket_event(self, relay: Relay, ws: WebSocket, name: str, args: tuple[Any, ...]) -> None:
+        """Sends an event of a socket held here to its object's owner."""
+        ...
+
+    def adopt(self, accepted: Accepted, ws: WebSocket, handle: _native.SocketHandle) -> None:
+        """The 101 of a socket accepted for another node's object went out."""
+        ...
 
 
 class Info(NamedTuple):

@@ -7,16 +7,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from .. import _native
 from ..websocket import WebSocket
-from .contract import AppLike
+from .contract import AppLike, Routing
 from .gate import Gate
 from .metering import Metering
-
-if TYPE_CHECKING:
-    from .cluster import Nodes
 
 logger = logging.getLogger("sockworker")
 T = TypeVar("T")
@@ -35,7 +32,7 @@ class Services:
         self.metering = Metering(app, server, loop)
         self.gate = Gate(server, loop)
         #: Cluster mode's routing (``cluster.Nodes``), else None.
-        self.nodes: Nodes | None = None
+        self.nodes: Routing | None = None
 
     def spawn(self, awaitable: Awaitable[Any], what: str) -> None:
         """Runs ``awaitable`` as a task of the app; its exception is logged."""

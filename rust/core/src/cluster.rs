@@ -27,9 +27,8 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use postgres::{Client, NoTls};
 
-use crate::alarms::AlarmScheduler;
 use crate::error::CoreError;
-use crate::storage::{Alarm, ObjectName};
+use crate::keys::{Alarm, ObjectName};
 
 /// The schema, one step per version; a node applies the steps past the database's version at
 /// start-up (under an advisory lock, so that nodes starting together do not race).
@@ -84,6 +83,9 @@ pub struct ClusterConfig {
     /// How often the leases are renewed (and alarms read); well under `lease`.
     pub renew: Duration,
 }
+
+/// Arms an alarm found in PostgreSQL: (object, when, the name its id was made from).
+pub type Arm = Arc<dyn Fn(&Arc<ObjectName>, f64, Option<&str>) + Send + Sync>;
 
 /// Who serves an object.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -292,7 +294,7 @@ pub struct Cluster {
     elsewhere: Mutex<HashMap<ObjectName, (Owner, Instant)>>,
     /// Alarms armed by a round (so that the next does not arm them again).
     armed: Mutex<HashMap<ObjectName, f64>>,
-    alarms: Mutex<Option<Arc<AlarmScheduler>>>,
+    alarms: Mutex<Option<Arm>>,
     /// The other nodes with a recent heartbeat, and their addresses (as of the last round).
     peers: Mutex<Vec<(String, String)>>,
     stop: AtomicBool,
@@ -369,9 +371,9 @@ impl Cluster {
         &self.config
     }
 
-    /// Where a round arms the alarms it finds.
-    pub fn set_alarms(&self, alarms: Arc<AlarmScheduler>) {
-        *self.alarms.lock() = Some(alarms);
+    /// What a round calls for each alarm it finds due soon (the gate arms its scheduler).
+    pub fn set_alarms(&self, arm: Arm) {
+        *self.alarms.lock() = Some(arm);
     }
 
     /// The node's row: its address and a heartbeat.
@@ -717,7 +719,7 @@ impl Cluster {
                     continue;
                 }
                 armed.insert(name.clone(), at);
-                alarms.set(&Arc::new(name), at, 0, id_name.as_deref());
+                alarms(&Arc::new(name), at, id_name.as_deref());
             }
         }
         Ok(())

@@ -259,7 +259,8 @@ impl OutputGate {
         let index = AlarmIndex::open(storage.root())?;
         if let Some(cluster) = storage.cluster() {
             // The alarms are in PostgreSQL: the cluster's rounds arm those this node should fire.
-            cluster.set_alarms(alarms.clone());
+            let scheduler = alarms.clone();
+            cluster.set_alarms(Arc::new(move |name, at, id_name| scheduler.set(name, at, 0, id_name)));
         } else {
             for (name, at, id_name) in index.all()? {
                 alarms.set(&Arc::new(name), at, 0, id_name.as_deref());

@@ -13,6 +13,7 @@ pub mod event;
 pub mod frame;
 pub mod gate;
 pub mod handshake;
+pub mod keys;
 pub mod logs;
 pub mod memory;
 pub mod meter;

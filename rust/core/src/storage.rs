@@ -22,6 +22,7 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension, StatementStatus
 
 use crate::cluster::{Changes, Cluster};
 use crate::error::CoreError;
+pub use crate::keys::{Alarm, ObjectName};
 
 /// Longest key, in bytes of UTF-8.
 pub const MAX_KEY_BYTES: usize = 2048;
@@ -49,20 +50,6 @@ pub struct StorageConfig {
     pub durability: Durability,
     /// Cluster mode (SPEC §7): objects' KV pairs and alarms live in PostgreSQL.
     pub cluster: Option<crate::cluster::ClusterConfig>,
-}
-
-/// Which object: its namespace (the binding) and its id (64 hex digits).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ObjectName {
-    pub namespace: Box<str>,
-    pub object_id: Box<str>,
-}
-
-impl ObjectName {
-    #[must_use]
-    pub fn new(namespace: &str, object_id: &str) -> Self {
-        Self { namespace: namespace.into(), object_id: object_id.into() }
-    }
 }
 
 /// A value of SQL, as SQLite types it.
@@ -118,18 +105,6 @@ pub struct ListOptions {
     pub end: Option<String>,
     pub limit: Option<usize>,
     pub reverse: bool,
-}
-
-/// An object's alarm, as its database keeps it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Alarm {
-    /// Seconds since the epoch.
-    pub at: f64,
-    /// The account billed for it (the one whose event set it).
-    pub account: String,
-    /// The name the object's id was made from, if known (so that `ctx.id.name` is there when
-    /// the alarm wakes a hibernated object).
-    pub id_name: Option<String>,
 }
 
 /// What a commit hands to the output gate.
