@@ -14,6 +14,8 @@ import subprocess
 import sys
 import tempfile
 
+from sockworker.workers import die_with_parent
+
 from tests.postgres import Postgres
 
 
@@ -33,7 +35,8 @@ def main() -> int:
             argv = [sys.executable, "-m", "sockworker", "serve", "examples.cluster_chat:app"]
             argv += ["--port", str(port), "--cluster", dsn, "--node-id", f"node{index + 1}"]
             argv += ["--data-dir", f"{data}/node{index + 1}"]
-            nodes.append(subprocess.Popen(argv))
+            # (Should this script be killed, the nodes go too.)
+            nodes.append(subprocess.Popen(argv, preexec_fn=die_with_parent))
             print(f"node{index + 1}: http://127.0.0.1:{port}/room/lobby", flush=True)
         print("Ctrl-C stops the nodes and the database.", flush=True)
         try:

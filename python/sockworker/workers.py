@@ -29,9 +29,11 @@ logger = logging.getLogger("sockworker.workers")
 RESTART_DELAY = 1.0
 
 
-def _die_with_parent() -> None:
-    """In the child: SIGTERM when the supervisor dies (even by SIGKILL), so that no worker is
-    left serving on its own."""
+def die_with_parent() -> None:
+    """In a child, before it runs: SIGTERM when the parent dies (even by SIGKILL), so that no
+    worker is left serving on its own; and SIGINT and SIGTERM unblocked (a parent that waits
+    for them with ``sigwait`` blocks them, and a child would inherit that and never stop)."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -65,7 +67,7 @@ class Workers:
                 child.send_signal(signal.SIGHUP)
 
     def _start(self, index: int) -> None:
-        child = subprocess.Popen(self.argvs[index], preexec_fn=_die_with_parent)
+        child = subprocess.Popen(self.argvs[index], preexec_fn=die_with_parent)
         self.children[index] = child
 
         def watch() -> None:
