@@ -12,6 +12,7 @@ import contextlib
 import os
 import pwd
 import re
+import select
 import shutil
 import signal
 import socket
@@ -185,16 +186,22 @@ class Postgres:
         # Stopped first, so that it forks no backend between the listing and the kill.
         os.kill(pid, signal.SIGSTOP)
         victims = [pid, *_children(pid)]
+        # These are not our children (pg_ctl detaches the postmaster), so there is no waitpid;
+        # a pidfd (Linux) becomes readable when its process has exited, zombie or not.
+        exits = []
         for victim in victims:
             with contextlib.suppress(ProcessLookupError):
+                exits.append(os.pidfd_open(victim))
                 os.kill(victim, signal.SIGKILL)
-        # These are not our children (pg_ctl detaches the postmaster), so there is no waitpid:
-        # poll /proc until the kernel has finished them. SIGKILL takes effect in milliseconds.
-        deadline = time.monotonic() + 10
-        while any(_alive(victim) for victim in victims):
-            if time.monotonic() > deadline:
-                raise PostgresError(f"postmaster {pid} survived SIGKILL\n{self.log_tail()}")
-            time.sleep(0.01)
+        try:
+            deadline = time.monotonic() + 10
+            for fd in exits:
+                ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+                if not ready:
+                    raise PostgresError(f"postmaster {pid} survived SIGKILL\n{self.log_tail()}")
+        finally:
+            for fd in exits:
+                os.close(fd)
         # A dead postmaster whose zombie nobody has reaped yet still looks alive to the next
         # postmaster's lock-file checks (kill(pid, 0) succeeds); it is dead, so its locks go.
         for lock in (self.data_dir / "postmaster.pid", self._socket_path(".lock")):
