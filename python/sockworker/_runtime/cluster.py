@@ -210,25 +210,25 @@ class Nodes:
 
     # -- routing --------------------------------------------------------------------------------
 
-    def route(self, binding: str, object_id: str) -> Owner | None:
-        """The node that owns the object, or None when it is this one (its lease is held now,
-        taken if it was free)."""
+    def owner(self, binding: str, object_id: str) -> Owner | int:
+        """Who serves the object: another node, or this node's epoch of its lease (taken now
+        if it was free). One call to the core: a map lookup while the lease is known valid."""
         routed = self.services.server.cluster_route(binding, object_id)
         assert routed is not None, "the server was started in cluster mode"
         epoch, node, address = routed
-        if epoch is not None:
-            return None
-        return Owner(node or "?", address)
+        return epoch if epoch is not None else Owner(node or "?", address)
+
+    def route(self, binding: str, object_id: str) -> Owner | None:
+        """The node that owns the object, or None when it is this one."""
+        owner = self.owner(binding, object_id)
+        return None if isinstance(owner, int) else owner
 
     def epoch(self, binding: str, object_id: str) -> int:
-        """This node's epoch of the object's lease (taken now if free); ``ClusterError`` when
-        another node owns it."""
-        routed = self.services.server.cluster_route(binding, object_id)
-        assert routed is not None, "the server was started in cluster mode"
-        epoch, node, _ = routed
-        if epoch is None:
-            raise ClusterError(f"object {object_id} of {binding} is owned by node {node!r}")
-        return epoch
+        """This node's epoch of the object's lease; ``ClusterError`` when another node owns it."""
+        owner = self.owner(binding, object_id)
+        if isinstance(owner, Owner):
+            raise ClusterError(f"object {object_id} of {binding} is owned by node {owner.node!r}")
+        return owner
 
     async def forward(
         self, kind: ObjectKind, object_id: DurableObjectId, op: str, body: Any
@@ -341,9 +341,10 @@ class Nodes:
             self._redirect_unacked((binding, hex_id), peer)
             infos = [tuple(Info.of(handle)) for handle in state.sockets(None)]
             return infos, state.auto_responses()
-        if self.route(binding, hex_id) is not None:
+        epoch = self.owner(binding, hex_id)
+        if isinstance(epoch, Owner):
             raise NotOwner(f"node {self.node_id!r} does not own the object")
-        host = self.objects.host(kind, DurableObjectId(hex_id, id_name))
+        host = self.objects.host(kind, DurableObjectId(hex_id, id_name), epoch)
         if op == "fetch":
             method, url, headers, data = payload
             response = await host.call("fetch", Request(method, url, Headers(headers), data))
@@ -601,15 +602,15 @@ class Nodes:
             return
         info = Info(*info)
         try:
-            owner = self.route(binding, hex_id)
+            owner = self.owner(binding, hex_id)
         except StorageError as error:
             logger.warning("an event of a socket on node %s is dropped: %s", peer, error)
             return
-        if owner is not None:
+        if isinstance(owner, Owner):
             # Not this node's (any more): on to the owner.
             self._event(owner, Relay(self, kind, obj), info, name, args)
             return
-        host = self.objects.host(kind, DurableObjectId(hex_id, id_name))
+        host = self.objects.host(kind, DurableObjectId(hex_id, id_name), owner)
         if peer == self.node_id:
             # Held here and owned here now: an ordinary socket of the object.
             handle = self.services.server.socket(info.socket_id)

@@ -672,7 +672,9 @@ class Objects:
         self.by_id: dict[tuple[str, DurableObjectId], ObjectHost] = {}
         self.by_key: dict[int, ObjectHost] = {}
 
-    def host(self, kind: ObjectKind, object_id: DurableObjectId) -> ObjectHost:
+    def host(
+        self, kind: ObjectKind, object_id: DurableObjectId, epoch: int | None = None
+    ) -> ObjectHost:
         """The resident host of ``object_id``, made if the object hibernated (or never ran).
         In cluster mode this node must own the object (``ClusterError`` if another does); a
         host from an older lease of it is reset first (another node may have written since)."""
@@ -680,7 +682,9 @@ class Objects:
             raise RuntimeError(f"namespace {kind.binding!r} is not one of the app being served")
         host = self.by_id.get((kind.binding, object_id))
         nodes = self.services.nodes
-        epoch = nodes.epoch(kind.binding, str(object_id)) if nodes is not None else 0
+        if epoch is None:
+            # (Unless the caller routed the event already and passes the epoch.)
+            epoch = nodes.epoch(kind.binding, str(object_id)) if nodes is not None else 0
         if host is not None and host.epoch != epoch:
             host.reset("taking the object back", "its lease was lost and taken again")
             host.retire()
