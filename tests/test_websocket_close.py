@@ -19,7 +19,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from tests.rawws import RawWebSocket
-from tests.support import ServerProcess
+from tests.support import ServerProcess, wait_until
 
 
 def _id() -> str:
@@ -136,6 +136,65 @@ async def test_abrupt_disconnect_reaches_close_listener_as_1006(echo_server: Ser
     assert seen["code"] == 1006
     assert seen["was_clean"] is False
     assert seen["ready_state"] == 3
+
+
+async def test_a_client_gone_before_the_101_leaves_no_socket_open(
+    echo_server: ServerProcess,
+) -> None:
+    """Requests that arrive with the client's FIN behind them: whenever the handler got to
+    accept the socket (hyper may also drop the request before it runs), the 101 finds no one,
+    and the application's WebSocket must end (1006), not stay open forever with no connection
+    behind it (it did when the connection went away between the answer and the 101: a cluster
+    link "accepted" that way swallowed every request sent on it)."""
+    ids: list[str] = []
+    async with aiohttp.ClientSession() as session:
+
+        async def stats() -> dict[str, Any]:
+            async with session.get(f"{echo_server.http}/stats") as response:
+                return dict(await response.json())
+
+        async def leave_before_the_101(conn_id: str) -> None:
+            reader, writer = await asyncio.open_connection("127.0.0.1", echo_server.port)
+            writer.write(
+                (
+                    f"GET /ws?id={conn_id} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                    "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                    "Sec-WebSocket-Version: 13\r\n\r\n"
+                ).encode()
+            )
+            writer.write_eof()
+            # The server is done with the connection (it dropped the request, or the 101 found
+            # the client gone) when it closes its side: then whether the handler ran is known.
+            async with asyncio.timeout(10):
+                while await reader.read(65536):
+                    pass
+            writer.close()
+
+        before = (await stats())["counts"]["fetch"]
+
+        async def every_accepted_socket_closed() -> tuple[int, list[dict[str, Any]]] | None:
+            now = await stats()
+            accepted = now["counts"]["fetch"] - before
+            closes = [c for c in now["closes"] if c["id"] in ids]
+            return (accepted, closes) if len(closes) == accepted else None
+
+        # Batches until the handler got to run for some of them (hyper may drop such a request
+        # before it reaches the handler).
+        accepted, closes = 0, []
+        for _ in range(5):
+            batch = [_id() for _ in range(10)]
+            ids += batch
+            await asyncio.gather(*(leave_before_the_101(conn_id) for conn_id in batch))
+            found = await wait_until(
+                every_accepted_socket_closed, within=10, what="a close for every accepted socket"
+            )
+            accepted, closes = found
+            if accepted:
+                break
+    assert accepted > 0, "no request reached the handler"
+    assert {c["code"] for c in closes} == {1006}
+    assert {c["ready_state"] for c in closes} == {3}
 
 
 async def test_abrupt_disconnect_of_pull_socket_ends_iteration_with_1006(

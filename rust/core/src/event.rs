@@ -166,7 +166,49 @@ pub struct PendingRequest {
 #[derive(Debug)]
 pub enum Answer {
     Http { status: u16, headers: Vec<(String, Bytes)>, body: Bytes },
-    Upgrade { headers: Vec<(String, Bytes)>, socket: Arc<SocketShared> },
+    Upgrade { headers: Vec<(String, Bytes)>, socket: Opening },
+}
+
+/// A socket made for a 101 and not yet handed to its connection. Dropped before that (the
+/// client went away after the application answered and before the 101 went out: hyper drops
+/// the request with the answer in it), the socket is ended unopened, 1006, so that the
+/// application's WebSocket does not stay open with no connection behind it.
+pub struct Opening {
+    socket: Option<Arc<SocketShared>>,
+    events: Arc<Events>,
+}
+
+impl Opening {
+    /// The 101 is being written: the socket is the connection's from now on, and counted (billed)
+    /// as a connection.
+    #[must_use]
+    pub fn open(mut self) -> Arc<SocketShared> {
+        let socket = self.socket.take().expect("an Opening is opened or ended once");
+        if let Some(slot) = socket.slot() {
+            slot.add(Unit::Connections, 1);
+        }
+        socket
+    }
+
+    fn end(mut self, code: u16, reason: &str) {
+        if let Some(socket) = self.socket.take() {
+            self.events.finish_socket(socket.id(), code, reason.into(), false);
+        }
+    }
+}
+
+impl Drop for Opening {
+    fn drop(&mut self) {
+        if let Some(socket) = self.socket.take() {
+            self.events.finish_socket(socket.id(), close_code::ABNORMAL, "connection lost".into(), false);
+        }
+    }
+}
+
+impl std::fmt::Debug for Opening {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Opening").field("socket", &self.socket.as_ref().map(|s| s.id())).finish()
+    }
 }
 
 /// The way back to the connection that made a request. Dropping it unanswered gives a 500.
@@ -206,7 +248,7 @@ impl Reply {
     /// The HTTP answer, ready to go (now, or when the output gate releases it).
     #[must_use]
     pub fn respond(self, status: u16, headers: Vec<(String, Bytes)>, body: Bytes) -> Answering {
-        Answering { tx: self.tx, answer: Answer::Http { status, headers, body }, events: self.events }
+        Answering { tx: self.tx, answer: Answer::Http { status, headers, body } }
     }
 
     /// Makes the socket the connection will become, and the 101 answer that opens it; `slot` is
@@ -244,8 +286,9 @@ impl Reply {
         if self.events.registry.is_shutting_down() {
             socket.close(close_code::GOING_AWAY, "server shutting down");
         }
-        let answer = Answer::Upgrade { headers, socket: socket.clone() };
-        Ok((socket, Answering { tx: self.tx, answer, events: self.events }))
+        let opening = Opening { socket: Some(socket.clone()), events: self.events.clone() };
+        let answer = Answer::Upgrade { headers, socket: opening };
+        Ok((socket, Answering { tx: self.tx, answer }))
     }
 }
 
@@ -253,37 +296,19 @@ impl Reply {
 pub struct Answering {
     tx: oneshot::Sender<Answer>,
     answer: Answer,
-    events: Arc<Events>,
 }
 
 impl Answering {
+    /// Sends the answer. A client gone before it (or before the 101 is written) drops it, and a
+    /// socket made for a 101 with it: that socket never opened (nor is it billed).
     pub fn send(self) {
-        let upgraded = match &self.answer {
-            Answer::Upgrade { socket, .. } => Some(socket.clone()),
-            Answer::Http { .. } => None,
-        };
-        let sent = self.tx.send(self.answer).is_ok();
-        if let Some(socket) = upgraded {
-            if sent {
-                if let Some(slot) = socket.slot() {
-                    slot.add(Unit::Connections, 1);
-                }
-            } else {
-                // The client went away before the answer: the socket never opened (nor is billed).
-                self.events.finish_socket(socket.id(), close_code::ABNORMAL, "connection lost".into(), false);
-            }
-        }
+        let _ = self.tx.send(self.answer);
     }
 
     /// Drops the answer: the client gets a 500, and a socket made for a 101 is ended unopened.
     pub fn abandon(self) {
         if let Answer::Upgrade { socket, .. } = self.answer {
-            self.events.finish_socket(
-                socket.id(),
-                close_code::INTERNAL_ERROR,
-                "the answer was dropped".into(),
-                false,
-            );
+            socket.end(close_code::INTERNAL_ERROR, "the answer was dropped");
         }
     }
 }

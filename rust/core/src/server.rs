@@ -228,7 +228,7 @@ async fn handle(
             // Counted as a socket from now on (it is registered), before the 101 lets the client
             // open its next connection: never as both.
             counted.release();
-            runtime::spawn(upgraded(on_upgrade, socket, ctx.events.clone()));
+            runtime::spawn(upgraded(on_upgrade, socket.open(), ctx.events.clone()));
             let mut response = Response::new(Full::new(Bytes::new()));
             *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
             let h = response.headers_mut();
