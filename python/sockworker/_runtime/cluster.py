@@ -759,10 +759,14 @@ class Nodes:
         peers = self.services.server.cluster_peers()
 
         async def ask(node: str, address: str) -> None:
-            try:
+            async def sockets() -> Any:
                 link = await self.link_to(Owner(node, address))
-                future = link.request("sockets", (binding, hex_id, object_id.name, None))
-                infos, _ = await asyncio.wait_for(future, GATHER_TIMEOUT)
+                return await link.request("sockets", (binding, hex_id, object_id.name, None))
+
+            # (One bound for dialing and answering: a node that is paused accepts the TCP
+            # connection and answers nothing; the dial goes on in the background.)
+            try:
+                infos, _ = await asyncio.wait_for(sockets(), GATHER_TIMEOUT)
             except (ClusterError, TimeoutError) as error:
                 logger.warning(
                     "node %s did not say which sockets of %s it holds: %s", node, hex_id, error

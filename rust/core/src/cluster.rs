@@ -612,7 +612,8 @@ impl Cluster {
                     None => "no node holds it".into(),
                 };
                 Err(CoreError::Storage(format!(
-                    "fenced: this node's lease of the object (epoch {epoch}) is gone ({holder});                      nothing was written"
+                    "fenced: this node's lease of the object (epoch {epoch}) is gone ({holder}); \
+                     nothing was written"
                 )))
             }
         }
@@ -769,7 +770,8 @@ fn migrate(conn: &mut Conn) -> Result<Result<(), CoreError>, postgres::Error> {
     let known = i32::try_from(MIGRATIONS.len()).unwrap_or(i32::MAX);
     if version > known {
         return Ok(Err(CoreError::Storage(format!(
-            "the cluster database has schema version {version}, newer than this build's {known}:              upgrade sockworker on this node"
+            "the cluster database has schema version {version}, newer than this build's {known}: \
+             upgrade sockworker on this node"
         ))));
     }
     for step in MIGRATIONS.iter().skip(usize::try_from(version).unwrap_or(0)) {
