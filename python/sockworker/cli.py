@@ -171,6 +171,36 @@ def main(argv: list[str] | None = None) -> int:
         help="turn CPU accounting, CPU limits and the meter off (as App(metering=False))",
     )
     serve.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve /metrics (Prometheus) on this port, from the core: a scrape never waits for "
+        "a busy handler (0 picks a free port; default: off, or App(metrics_port=))",
+    )
+    serve.add_argument(
+        "--metrics-host",
+        metavar="HOST",
+        help="where --metrics-port listens (default 127.0.0.1: this machine only)",
+    )
+    serve.add_argument(
+        "--metrics-accounts",
+        type=int,
+        metavar="N",
+        help="accounts with metrics labels of their own, the busiest; the rest are "
+        'account="_other" (default 20)',
+    )
+    serve.add_argument(
+        "--dashboard",
+        action="store_true",
+        help="serve the live dashboard at /_sockworker on the metrics listener (needs "
+        "--metrics-port)",
+    )
+    serve.add_argument(
+        "--access-log",
+        action="store_true",
+        help="log one line per HTTP request and per closed WebSocket (logger sockworker.access)",
+    )
+    serve.add_argument(
         "--reload",
         action="store_true",
         help="restart when a .py file changes (sockets are closed with 1012; storage is kept)",
@@ -203,6 +233,10 @@ def main(argv: list[str] | None = None) -> int:
         app.data_dir = args.data_dir
     if args.durability:
         app.durability = args.durability
+    try:
+        _metrics_flags(app, args)
+    except ValueError as error:
+        parser.error(str(error))
     if bool(args.certfile) != bool(args.keyfile):
         parser.error("--certfile and --keyfile go together")
     try:
@@ -228,6 +262,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sockworker: cannot start: {error}", file=sys.stderr)
         return 1
     return 0
+
+
+def _metrics_flags(app: App, args: argparse.Namespace) -> None:
+    """``--metrics-port`` and its companions, ``--dashboard`` and ``--access-log`` over the
+    App's own settings."""
+    if args.metrics_port is not None:
+        if not 0 <= args.metrics_port <= 65535:
+            raise ValueError(f"--metrics-port is 0 to 65535, not {args.metrics_port}")
+        app.metrics_port = args.metrics_port
+    if args.metrics_host:
+        app.metrics_host = args.metrics_host
+    if args.metrics_accounts is not None:
+        if args.metrics_accounts < 1:
+            raise ValueError("--metrics-accounts is 1 or more")
+        app.metrics_accounts = args.metrics_accounts
+    if args.dashboard:
+        app.dashboard = True
+    if args.access_log:
+        app.access_log = True
+    if app.dashboard and app.metrics_port is None:
+        raise ValueError("--dashboard needs --metrics-port: the dashboard is served there")
 
 
 def _cluster_flags(app: App, args: argparse.Namespace) -> None:
