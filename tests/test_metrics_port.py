@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import socket
 import subprocess
@@ -275,11 +276,17 @@ async def test_the_dashboard_is_off_by_default(make_server: Callable[..., Server
     assert (await get(f"{server.http}/_sockworker"))[0] == 404
 
 
-def serve(*flags: str) -> subprocess.CompletedProcess[str]:
+def serve(*flags: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     data = tempfile.mkdtemp(prefix="sw-data-")
     argv = [sys.executable, "-m", "sockworker", "serve", APP, "--port", "0", "--data-dir", data]
     return subprocess.run(
-        [*argv, *flags], cwd=ROOT, capture_output=True, text=True, timeout=30, check=False
+        [*argv, *flags],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        env=dict(os.environ, **(env or {})),
     )
 
 
@@ -307,6 +314,15 @@ def test_bad_flags_are_usage_errors(flags: tuple[str, ...], message: str) -> Non
     result = serve(*flags)
     assert result.returncode == 2
     assert message in result.stderr
+
+
+def test_the_flags_take_their_defaults_from_the_environment() -> None:
+    result = serve(env={"SOCKWORKER_DASHBOARD": "1"})
+    assert result.returncode == 2
+    assert "--dashboard needs --metrics-port" in result.stderr
+    result = serve(env={"SOCKWORKER_METRICS_PORT": "nope"})
+    assert result.returncode == 2
+    assert "SOCKWORKER_METRICS_PORT='nope'" in result.stderr
 
 
 async def test_metrics_path_on_the_app_port_still_works(observed: ServerProcess) -> None:
