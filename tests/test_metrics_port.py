@@ -88,6 +88,11 @@ async def test_every_metric_has_help_and_type(observed: ServerProcess) -> None:
         "sockworker_account_billable_requests_total",
         "sockworker_storage_commits_total",
         "sockworker_storage_commit_seconds",
+        "sockworker_storage_sync_seconds",
+        "sockworker_storage_bytes",
+        "sockworker_duration_seconds_total",
+        "sockworker_protocol_pings_total",
+        "sockworker_memory_resident_bytes",
     ):
         assert name in names, name
     for line in text.splitlines():

@@ -338,10 +338,10 @@ impl Metrics {
         );
         let totals = self.config.meter.totals();
         for (unit, name, help) in TOTALS {
-            let value = if unit == Unit::CpuNs {
-                totals[unit as usize] as f64 / 1e6
-            } else {
-                totals[unit as usize] as f64
+            let value = match unit {
+                // (Nanoseconds to milliseconds; microseconds to seconds.)
+                Unit::CpuNs | Unit::DurationUs => totals[unit as usize] as f64 / 1e6,
+                _ => totals[unit as usize] as f64,
             };
             counter(&mut out, name, help, value);
         }
@@ -411,6 +411,27 @@ impl Metrics {
                 &stats.sync_seconds,
             );
         }
+        if let Some(gate) = &self.sources.gate {
+            let storage = gate.storage();
+            gauge(
+                &mut out,
+                "sockworker_storage_bytes",
+                "Bytes in the data directory (counted at most 10 s ago, on a thread of its own).",
+                storage.bytes() as f64,
+            );
+            gauge(
+                &mut out,
+                "sockworker_storage_open_databases",
+                "Object databases open now.",
+                storage.open_count() as f64,
+            );
+            gauge(
+                &mut out,
+                "sockworker_alarms_armed",
+                "Alarms waiting to fire.",
+                gate.alarms().armed() as f64,
+            );
+        }
         let memory = memory::stats();
         gauge(
             &mut out,
@@ -423,6 +444,24 @@ impl Metrics {
             "sockworker_memory_resident_bytes",
             "Bytes the core's allocator keeps resident.",
             memory.resident as f64,
+        );
+        gauge(
+            &mut out,
+            "sockworker_memory_active_bytes",
+            "Bytes in the allocator's pages that hold allocations.",
+            memory.active as f64,
+        );
+        gauge(
+            &mut out,
+            "sockworker_memory_metadata_bytes",
+            "Bytes of the allocator's own bookkeeping.",
+            memory.metadata as f64,
+        );
+        gauge(
+            &mut out,
+            "sockworker_memory_mapped_bytes",
+            "Bytes of address space the allocator has mapped.",
+            memory.mapped as f64,
         );
         out
     }
@@ -510,7 +549,7 @@ impl Metrics {
 /// Objects the dashboard's JSON lists at most (the busiest).
 const MAX_DASHBOARD_OBJECTS: usize = 200;
 
-const TOTALS: [(Unit, &str, &str); 10] = [
+const TOTALS: [(Unit, &str, &str); 12] = [
     (Unit::Requests, "sockworker_requests_total", "HTTP requests, RPC calls and alarms handled."),
     (Unit::Connections, "sockworker_ws_connections_total", "WebSocket connections accepted."),
     (Unit::MessagesIn, "sockworker_ws_messages_in_total", "WebSocket messages received and handled."),
@@ -519,6 +558,16 @@ const TOTALS: [(Unit, &str, &str); 10] = [
     (Unit::CpuNs, "sockworker_cpu_ms_total", "CPU milliseconds of handlers."),
     (Unit::BytesIn, "sockworker_bytes_in_total", "WebSocket bytes received."),
     (Unit::BytesOut, "sockworker_bytes_out_total", "WebSocket bytes sent."),
+    (
+        Unit::DurationUs,
+        "sockworker_duration_seconds_total",
+        "Seconds of billable Durable Object residency (GB-s: this times Pricing.memory_mb / 1024).",
+    ),
+    (
+        Unit::ProtocolPings,
+        "sockworker_protocol_pings_total",
+        "Protocol pings answered or sent by the core (free).",
+    ),
     (
         Unit::StorageRowsRead,
         "sockworker_storage_rows_read_total",
