@@ -144,6 +144,32 @@ async def test_durable_object_traffic_counts_objects_and_commits(observed: Serve
     assert value(text, "sockworker_account_connections_total", f'account="{who}"') == 1
 
 
+async def test_hibernated_sockets_and_objects_and_their_close_in_the_access_log(
+    observed: ServerProcess,
+) -> None:
+    url = metrics_url(observed)
+    who = account()
+    mark = observed.log_mark()
+    async with connect(f"{observed.ws}/room/h-{who}?account={who}") as ws:
+        await ws.send("before")
+        assert await ws.recv() == "before"
+
+        async def hibernated() -> str:
+            text = await scrape(url)
+            sockets = value(text, "sockworker_sockets", 'state="hibernated"')
+            objects = value(text, "sockworker_objects", 'state="hibernated"')
+            return text if sockets >= 1 and objects >= 1 else ""
+
+        await wait_until(hibernated, within=15, what="the room to hibernate")
+        await ws.close(1000)
+    # Closed while hibernated: its record still has its account, object and traffic.
+    line = observed.wait_for_log(
+        rf"WS /room/h-{who} closed 1000 .*messages in=1 out=1 .*account={who} object=ROOMS:",
+        start=mark,
+    )
+    assert line
+
+
 async def test_a_scrape_is_answered_while_a_handler_blocks_the_python_thread(
     observed: ServerProcess, tmp_path: Path
 ) -> None:

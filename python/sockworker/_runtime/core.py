@@ -284,15 +284,17 @@ class Runtime:
                 shown = event[:2] if event is not None else None
                 logger.exception("internal error dispatching event %r", shown)
 
-    @staticmethod
-    def log_closed(socket: WebSocket, code: int) -> None:
+    def log_closed(self, socket: WebSocket, code: int) -> None:
         """The access log's record of a closed WebSocket (not of the cluster's own links)."""
         url = socket.url
         if url is not None and url.partition("://")[2].partition("/")[2] == CLUSTER_PATH[1:]:
             return
         host = socket._object
         name = f"{host.kind.binding}:{host.id}" if isinstance(host, ObjectHost) else None
-        access.websocket_closed(socket._handle, url, code, socket._slot, name)
+        # (A socket revived from hibernation for its close has no slot of its own: the close
+        # event's, billed now, is the socket's.)
+        slot = socket._slot or self.services.metering.current_slot()
+        access.websocket_closed(socket._handle, url, code, slot, name)
 
     def revive(self, socket_id: int) -> WebSocket | None:
         """The socket of a hibernated object: a new Python object for it (the object itself
