@@ -324,6 +324,10 @@ def _workers(args: argparse.Namespace, argv: list[str]) -> int:
     # storage is in PostgreSQL).
     data_dir = args.data_dir or load_app(args.app).data_dir or DEFAULT_DATA_DIR
     host = args.advertise.rsplit(":", 1)[0] if args.advertise else args.host
+    # One metrics listener per worker: worker i listens on the port plus i (0: each picks one).
+    metrics_port = args.metrics_port
+    if metrics_port is None:
+        metrics_port = load_app(args.app).metrics_port
     if host in ("0.0.0.0", "::", ""):
         raise SystemExit("sockworker: --workers on a wildcard address needs --advertise HOST")
     argvs = []
@@ -335,7 +339,16 @@ def _workers(args: argparse.Namespace, argv: list[str]) -> int:
         if args.io_threads is None:
             # (A core per worker: each one does its own socket I/O.)
             extra += ["--io-threads", "0"]
-        dropped = ("--workers", "--port", "--node-id", "--advertise", "--data-dir")
+        if metrics_port is not None:
+            extra += ["--metrics-port", str(metrics_port + index if metrics_port else 0)]
+        dropped = (
+            "--workers",
+            "--port",
+            "--node-id",
+            "--advertise",
+            "--data-dir",
+            "--metrics-port",
+        )
         child = child_argv(argv, (), dropped, extra)
         if "serve" in child and args.app not in child:  # the app came from SOCKWORKER_APP
             child.insert(child.index("serve") + 1, args.app)
