@@ -269,6 +269,22 @@ def test_the_access_log_in_json(make_server: Callable[..., ServerProcess]) -> No
     assert ws["object"].startswith("ROOMS:") and ws["path"] == f"/room/j-{who}"
 
 
+def test_the_access_log_without_metering(make_server: Callable[..., ServerProcess]) -> None:
+    server = make_server(APP, "--access-log", "--no-metering")
+
+    async def traffic() -> None:
+        assert (await get(f"{server.http}/hello?account=ignored"))[0] == 200
+        async with connect(f"{server.ws}/room/nm?account=ignored") as ws:
+            await ws.send("x")
+            assert await ws.recv() == "x"
+
+    asyncio.run(traffic())
+    # No meter, no account; the object is still known (from the object that holds the socket).
+    server.wait_for_log(r"sockworker\.access: GET /hello 200 .*account=- object=-")
+    line = server.wait_for_log(r"sockworker\.access: WS /room/nm closed 1000 .*messages in=1 out=1")
+    assert "account=- object=ROOMS:" in line.string
+
+
 def test_accounts_past_the_cap_are_summed_as_other(
     make_server: Callable[..., ServerProcess],
 ) -> None:
