@@ -23,7 +23,7 @@ use tokio::sync::oneshot;
 use crate::event::Events;
 use crate::gate::OutputGate;
 use crate::memory;
-use crate::meter::{Label, Meter, Unit, Usage, UNITS};
+use crate::meter::{Label, Meter, Unit, Usage};
 use crate::object::ObjectRegistry;
 use crate::stats::Histogram;
 
@@ -614,8 +614,6 @@ const ACCOUNT_METRICS: [(&str, &str, AccountValue); 6] = [
     ),
     ("sockworker_account_billable_requests_total", "Billable requests per account.", AccountValue::Billable),
 ];
-
-const _: () = assert!(UNITS == 12);
 
 fn histogram(out: &mut String, name: &str, help: &str, histogram: &Histogram) {
     let (buckets, count, sum) = histogram.snapshot();
