@@ -9,7 +9,7 @@ CARGO ?= cargo
 export VIRTUAL_ENV := $(abspath $(VENV))
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-RUST_SOURCES := $(shell find rust -name '*.rs' -o -name Cargo.toml) Cargo.toml pyproject.toml
+RUST_SOURCES := $(shell find rust -name '*.rs' -o -name '*.html' -o -name Cargo.toml) Cargo.toml pyproject.toml
 # A venv with nothing but the wheel in it, for the smoke test.
 WHEEL_VENV := target/wheel-venv
 

@@ -7,6 +7,7 @@ modules above it use ``sockworker._runtime.running()``, which returns the runtim
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from typing import Protocol
 
 from . import _native
@@ -38,3 +39,8 @@ def current_slot() -> _native.Slot | None:
     is metered."""
     runtime = _serving
     return runtime.current_slot() if runtime is not None else None
+
+
+#: The Durable Object the running request was routed to (``"BINDING:id"``), set by a stub's
+#: ``fetch`` in the Worker's task, read by the access log once the Worker has answered.
+routed_object: ContextVar[str | None] = ContextVar("routed_object", default=None)

@@ -26,6 +26,9 @@ __all__ = ["App", "Env", "ExecutionContext"]
 
 logger = logging.getLogger("sockworker")
 
+#: Accounts with metrics labels of their own by default (``App(metrics_accounts=)``).
+DEFAULT_METRICS_ACCOUNTS = 20
+
 FetchHandler = Callable[[Request, Env, ExecutionContext], Awaitable[Response] | Response]
 AccountOf = Callable[[Request], str]
 
@@ -60,6 +63,11 @@ class App:
         allowed_origins: Iterable[str] | None = None,
         compression: bool = False,
         cluster: Cluster | str | None = None,
+        metrics_port: int | None = None,
+        metrics_host: str = "127.0.0.1",
+        metrics_accounts: int = DEFAULT_METRICS_ACCOUNTS,
+        dashboard: bool = False,
+        access_log: bool = False,
     ) -> None:
         """
         Args:
@@ -90,7 +98,27 @@ class App:
             cluster: cluster mode (SPEC §7): a ``sw.Cluster`` or a ``postgresql://`` DSN. The
                 objects' leases, KV pairs and alarms live in that PostgreSQL database, shared
                 by every node of the app; see docs/topics/cluster.md.
+            metrics_port: serve ``/metrics`` (Prometheus text) on this port of
+                ``metrics_host``, from a thread of the core's own: a scrape never waits for the
+                application (0 picks a free port; it is logged). A port in use raises
+                ``ServerStartError`` when the server starts.
+            metrics_host: where the metrics listener binds (default ``127.0.0.1``: this
+                machine only).
+            metrics_accounts: accounts with metrics labels of their own (the busiest, by
+                billable requests); the rest are summed as ``account="_other"``.
+            dashboard: also serve the live dashboard at ``/_sockworker`` on the metrics
+                listener (needs ``metrics_port``).
+            access_log: one record per HTTP request and per closed WebSocket, to the logger
+                ``sockworker.access`` (see docs/topics/logging.md).
         """
+        if metrics_port is not None and not (
+            isinstance(metrics_port, int) and 0 <= metrics_port <= 65535
+        ):
+            raise ValueError(f"metrics_port is a port number (0 to 65535), not {metrics_port!r}")
+        if not isinstance(metrics_accounts, int) or metrics_accounts < 1:
+            raise ValueError(f"metrics_accounts is 1 or more, not {metrics_accounts!r}")
+        if dashboard and metrics_port is None:
+            raise ValueError("dashboard=True needs metrics_port: the dashboard is served there")
         if durability not in ("full", "normal"):
             raise ValueError(f'durability is "full" or "normal", not {durability!r}')
         self.fetch = fetch
@@ -100,6 +128,11 @@ class App:
         self.pricing = pricing or Pricing()
         self.meter = Meter(self.pricing)
         self.metrics_path = metrics_path
+        self.metrics_port = metrics_port
+        self.metrics_host = metrics_host
+        self.metrics_accounts = metrics_accounts
+        self.dashboard = dashboard
+        self.access_log = access_log
         self.metering = metering
         self.data_dir = data_dir
         self.durability = durability

@@ -171,6 +171,36 @@ def main(argv: list[str] | None = None) -> int:
         help="turn CPU accounting, CPU limits and the meter off (as App(metering=False))",
     )
     serve.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve /metrics (Prometheus) on this port, from the core: a scrape never waits for "
+        "a busy handler (0 picks a free port; default: off, or App(metrics_port=))",
+    )
+    serve.add_argument(
+        "--metrics-host",
+        metavar="HOST",
+        help="where --metrics-port listens (default 127.0.0.1: this machine only)",
+    )
+    serve.add_argument(
+        "--metrics-accounts",
+        type=int,
+        metavar="N",
+        help="accounts with metrics labels of their own, the busiest; the rest are "
+        'account="_other" (default 20)',
+    )
+    serve.add_argument(
+        "--dashboard",
+        action="store_true",
+        help="serve the live dashboard at /_sockworker on the metrics listener (needs "
+        "--metrics-port)",
+    )
+    serve.add_argument(
+        "--access-log",
+        action="store_true",
+        help="log one line per HTTP request and per closed WebSocket (logger sockworker.access)",
+    )
+    serve.add_argument(
         "--reload",
         action="store_true",
         help="restart when a .py file changes (sockets are closed with 1012; storage is kept)",
@@ -203,6 +233,10 @@ def main(argv: list[str] | None = None) -> int:
         app.data_dir = args.data_dir
     if args.durability:
         app.durability = args.durability
+    try:
+        _metrics_flags(app, args)
+    except ValueError as error:
+        parser.error(str(error))
     if bool(args.certfile) != bool(args.keyfile):
         parser.error("--certfile and --keyfile go together")
     try:
@@ -228,6 +262,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sockworker: cannot start: {error}", file=sys.stderr)
         return 1
     return 0
+
+
+def _metrics_flags(app: App, args: argparse.Namespace) -> None:
+    """``--metrics-port`` and its companions, ``--dashboard`` and ``--access-log`` over the
+    App's own settings."""
+    if args.metrics_port is not None:
+        if not 0 <= args.metrics_port <= 65535:
+            raise ValueError(f"--metrics-port is 0 to 65535, not {args.metrics_port}")
+        app.metrics_port = args.metrics_port
+    if args.metrics_host:
+        app.metrics_host = args.metrics_host
+    if args.metrics_accounts is not None:
+        if args.metrics_accounts < 1:
+            raise ValueError("--metrics-accounts is 1 or more")
+        app.metrics_accounts = args.metrics_accounts
+    if args.dashboard:
+        app.dashboard = True
+    if args.access_log:
+        app.access_log = True
+    if app.dashboard and app.metrics_port is None:
+        raise ValueError("--dashboard needs --metrics-port: the dashboard is served there")
 
 
 def _cluster_flags(app: App, args: argparse.Namespace) -> None:
@@ -269,6 +324,10 @@ def _workers(args: argparse.Namespace, argv: list[str]) -> int:
     # storage is in PostgreSQL).
     data_dir = args.data_dir or load_app(args.app).data_dir or DEFAULT_DATA_DIR
     host = args.advertise.rsplit(":", 1)[0] if args.advertise else args.host
+    # One metrics listener per worker: worker i listens on the port plus i (0: each picks one).
+    metrics_port = args.metrics_port
+    if metrics_port is None:
+        metrics_port = load_app(args.app).metrics_port
     if host in ("0.0.0.0", "::", ""):
         raise SystemExit("sockworker: --workers on a wildcard address needs --advertise HOST")
     argvs = []
@@ -280,7 +339,16 @@ def _workers(args: argparse.Namespace, argv: list[str]) -> int:
         if args.io_threads is None:
             # (A core per worker: each one does its own socket I/O.)
             extra += ["--io-threads", "0"]
-        dropped = ("--workers", "--port", "--node-id", "--advertise", "--data-dir")
+        if metrics_port is not None:
+            extra += ["--metrics-port", str(metrics_port + index if metrics_port else 0)]
+        dropped = (
+            "--workers",
+            "--port",
+            "--node-id",
+            "--advertise",
+            "--data-dir",
+            "--metrics-port",
+        )
         child = child_argv(argv, (), dropped, extra)
         if "serve" in child and args.app not in child:  # the app came from SOCKWORKER_APP
             child.insert(child.index("serve") + 1, args.app)

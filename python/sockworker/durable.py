@@ -89,6 +89,7 @@ class DurableObjectStub:
             )
             if forwarded is not None:
                 return nodes.response(self._namespace, self.id, forwarded)
+        _current.routed_object.set(f"{self._namespace.binding}:{self.id}")
         host = self._namespace._host(self.id)
         response = await host.call("fetch", request)
         if not isinstance(response, Response):

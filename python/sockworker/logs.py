@@ -30,17 +30,22 @@ logger = logging.getLogger(LOGGER)
 class JsonFormatter(logging.Formatter):
     """Formats a record as one line of JSON: ``time`` (UTC, ISO 8601), ``level``, ``logger``,
     ``message``; ``target`` (the Rust module) for the core's records; ``exception`` (the
-    formatted traceback) when there is one."""
+    formatted traceback) when there is one; and the fields of an access-log record
+    (``kind``, ``method``, ``path``, ``status``, ...: docs/topics/logging.md)."""
 
     def format(self, record: logging.LogRecord) -> str:
         """The record as one line of JSON."""
         created = datetime.datetime.fromtimestamp(record.created, datetime.UTC)
-        entry: dict[str, str] = {
+        entry: dict[str, object] = {
             "time": created.isoformat(timespec="milliseconds"),
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
         }
+        access = getattr(record, "access", None)
+        if isinstance(access, dict):
+            # An access-log record (``--access-log``): its fields, beside the message.
+            entry.update(access)
         target = getattr(record, "target", None)
         if isinstance(target, str):
             entry["target"] = target

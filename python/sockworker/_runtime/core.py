@@ -19,10 +19,11 @@ from typing import Final
 
 from .. import _current, _loop, _native, cpu
 from ..websocket import CloseCode, WebSocket
-from .cluster import Nodes
+from . import access
+from .cluster import CLUSTER_PATH, Nodes
 from .connecting import Outgoing
 from .contract import AppLike
-from .host import Objects, adopt_by_current_host
+from .host import ObjectHost, Objects, adopt_by_current_host
 from .requests import Requests
 from .services import Services
 
@@ -59,6 +60,19 @@ def _cluster_args(app: AppLike) -> tuple[str, str, str, float, float] | None:
         settings.advertise or "",
         float(settings.lease),
         float(settings.renew),
+    )
+
+
+def _metrics_args(app: AppLike) -> tuple[str, int, bool, int, float] | None:
+    """The metrics listener's (host, port, dashboard, top accounts, messages per request)."""
+    if app.metrics_port is None:
+        return None
+    return (
+        app.metrics_host,
+        app.metrics_port,
+        app.dashboard,
+        app.metrics_accounts,
+        float(app.pricing.messages_per_request),
     )
 
 
@@ -110,7 +124,11 @@ class Runtime:
             cluster=_cluster_args(app),
             reuse_port=reuse_port,
             link_port=link_port,
+            metrics=_metrics_args(app),
+            meter=app.meter._native,
+            access_log=app.access_log,
         )
+        self.access_log = app.access_log
         self.shutdown_timeout = float(shutdown_timeout)
         self.scheme = "https" if certfile else "http"
         self.loop = asyncio.get_running_loop()
@@ -151,6 +169,11 @@ class Runtime:
         threads = self.io_threads
         mode = "single-thread" if threads == 0 else f"{threads} I/O thread{'s' * (threads > 1)}"
         logger.info("listening on %s://%s:%d (%s)", self.scheme, shown, port, mode)
+        metrics = server.metrics_address
+        if metrics is not None:
+            mhost = f"[{metrics[0]}]" if ":" in metrics[0] else metrics[0]
+            pages = " and the dashboard at /_sockworker" if self.app.dashboard else ""
+            logger.info("metrics on http://%s:%d/metrics%s", mhost, metrics[1], pages)
         nodes = self.services.nodes
         if nodes is not None:
             nodes.start()
@@ -236,6 +259,8 @@ class Runtime:
                             socket = self.revive_closed(event[5])
                         if socket is not None:
                             socket._on_close(event[2], event[3], event[4])
+                            if self.access_log:
+                                self.log_closed(socket, event[2])
                     elif event[0] == _EV_ERROR:
                         socket = sockets.get(event[1]) or self.revive(event[1])
                         if socket is not None:
@@ -258,6 +283,18 @@ class Runtime:
             except Exception:
                 shown = event[:2] if event is not None else None
                 logger.exception("internal error dispatching event %r", shown)
+
+    def log_closed(self, socket: WebSocket, code: int) -> None:
+        """The access log's record of a closed WebSocket (not of the cluster's own links)."""
+        url = socket.url
+        if url is not None and url.partition("://")[2].partition("/")[2] == CLUSTER_PATH[1:]:
+            return
+        host = socket._object
+        name = f"{host.kind.binding}:{host.id}" if isinstance(host, ObjectHost) else None
+        # (A socket revived from hibernation for its close has no slot of its own: the close
+        # event's, billed now, is the socket's.)
+        slot = socket._slot or self.services.metering.current_slot()
+        access.websocket_closed(socket._handle, url, code, slot, name)
 
     def revive(self, socket_id: int) -> WebSocket | None:
         """The socket of a hibernated object: a new Python object for it (the object itself

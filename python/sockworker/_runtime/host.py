@@ -82,6 +82,8 @@ class ObjectHost:
         )
         if object_id.name is not None:
             self.native.id_name = object_id.name
+        # (For the metrics: an object with core state and no host is hibernated.)
+        self.native.resident = True
         # Bumped when the instance goes (reset, hibernation): storage of an older one refuses.
         self.generation = 0
         # Cluster mode: the epoch of the lease this host was made under (0 outside).
@@ -306,6 +308,7 @@ class ObjectHost:
         if self.retired:
             return
         self.retired = True
+        self.native.resident = False
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None

@@ -7,11 +7,12 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Awaitable
-from typing import Any
+from typing import Any, cast
 
 from .. import _native
 from ..errors import CpuLimitExceeded, ResponseError, WallLimitExceeded
 from ..http import Request, Response
+from .access import LoggedReply
 from .cluster import CLUSTER_PATH
 from .host import ObjectHost, accepted_here
 from .remote import Accepted
@@ -65,6 +66,11 @@ class Requests:
             # Another node's link: not billed, not admitted, not the Worker's.
             self._answer(reply, request, nodes.accept(request), None)
             return
+        # (Not the links: they are the cluster's own traffic.)
+        logged: LoggedReply | None = None
+        if app.access_log:
+            logged = LoggedReply(reply, method, request.path, len(body))
+            reply = cast(_native.PendingReply, logged)
         if app.metrics_path is not None and request.path == app.metrics_path:
             # The operator's endpoint: not billed, not admitted.
             text = app.meter._prometheus().encode()
@@ -87,6 +93,8 @@ class Requests:
                 return
             slot = services.metering.worker_slot(account)
             services.server.relabel(slot)
+            if logged is not None:
+                logged.account = account
         handler = app.fetch
         if handler is None:
             self._count(slot, None)

@@ -54,6 +54,8 @@ fn main() {
         compression: false,
         reuse_port: false,
         link_addr: None,
+        metrics: None,
+        access_log: false,
     })
     .unwrap();
     let addr = server.local_addr();

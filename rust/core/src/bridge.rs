@@ -11,8 +11,11 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::task::Waker;
+use std::time::Duration;
 
 use parking_lot::Mutex;
+
+use crate::stats::monotonic_ns;
 
 /// An eventfd the application thread polls (`loop.add_reader`): readable once woken, until
 /// consumed. Queues write it only when they go from empty to non-empty. Once a reactor polls
@@ -88,6 +91,9 @@ pub struct EventQueue<T> {
     drains: AtomicU64,
     /// Batches the application has finished handling (`mark_processed`).
     processed: AtomicU64,
+    /// When the queue last went from empty to non-empty (`stats::monotonic_ns`), for the lag
+    /// of the application thread: written once per batch, under the `events` lock.
+    first_queued_ns: AtomicU64,
 }
 
 impl<T> EventQueue<T> {
@@ -99,6 +105,7 @@ impl<T> EventQueue<T> {
             wakeup: Wakeup::new()?,
             drains: AtomicU64::new(0),
             processed: AtomicU64::new(0),
+            first_queued_ns: AtomicU64::new(0),
         })
     }
 
@@ -119,6 +126,9 @@ impl<T> EventQueue<T> {
         let was_empty = {
             let mut events = self.events.lock();
             let was_empty = events.is_empty();
+            if was_empty {
+                self.first_queued_ns.store(monotonic_ns(), Ordering::Relaxed);
+            }
             events.push(event);
             was_empty
         };
@@ -138,6 +148,7 @@ impl<T> EventQueue<T> {
             }
             let was_empty = events.is_empty();
             if was_empty {
+                self.first_queued_ns.store(monotonic_ns(), Ordering::Relaxed);
                 std::mem::swap(&mut *events, batch);
             } else {
                 events.append(batch);
@@ -170,10 +181,32 @@ impl<T> EventQueue<T> {
     /// Takes every waiting event. The wake-up is consumed first, so an event pushed after the
     /// swap always writes the eventfd again and is never left without a wake-up.
     pub fn drain(&self) -> Vec<T> {
+        self.drain_timed().0
+    }
+
+    /// [`Self::drain`], and how long ago the first of the events was queued (`None` when there
+    /// were none).
+    pub fn drain_timed(&self) -> (Vec<T>, Option<Duration>) {
         self.wakeup.consume();
         let mut events = self.events.lock();
         self.drains.fetch_add(1, Ordering::AcqRel);
-        std::mem::take(&mut *events)
+        let taken = std::mem::take(&mut *events);
+        // (Read under the lock: a push after it starts a new batch with a new time.)
+        let queued = self.first_queued_ns.load(Ordering::Relaxed);
+        drop(events);
+        let lag = (!taken.is_empty()).then(|| Duration::from_nanos(monotonic_ns().saturating_sub(queued)));
+        (taken, lag)
+    }
+
+    /// Events waiting now.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.events.lock().len()
+    }
+
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 

@@ -106,4 +106,8 @@ pub struct ServerConfig {
     /// A second listening address, plain HTTP, served like the first: where other nodes of a
     /// cluster reach this one when `addr` is shared by several processes. Port 0 picks one.
     pub link_addr: Option<SocketAddr>,
+    /// The metrics listener (and the dashboard), on a thread of its own.
+    pub metrics: Option<crate::metrics::MetricsConfig>,
+    /// Every accepted socket counts its own messages and bytes, for the access log.
+    pub access_log: bool,
 }

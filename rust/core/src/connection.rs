@@ -23,6 +23,7 @@ use crate::frame::Payload;
 use crate::meter::{Slot, Unit};
 use crate::protocol::{Link, Phase, Protocol};
 use crate::socket::{SocketShared, WriteQueue};
+use crate::stats::Traffic;
 
 /// How long to keep reading (and discarding) after our FIN, so the peer gets our Close frame
 /// instead of a reset.
@@ -245,6 +246,9 @@ impl<S: Stream> Connection<S> {
                         if let Some(slot) = self.link.socket.slot() {
                             slot.add_io(Unit::BytesIn, n as u64);
                         }
+                        if let Some(traffic) = self.link.socket.traffic() {
+                            Traffic::add(&traffic.bytes_in, n as u64);
+                        }
                         self.protocol.receive_data(&scratch[..n], Instant::now(), &mut self.link);
                         if n < scratch.len()
                             || self.protocol.phase() == Phase::Finishing
@@ -377,6 +381,9 @@ impl Link for SocketLink {
     fn count(&mut self, unit: Unit) {
         if let Some(slot) = self.socket.slot() {
             slot.add_io(unit, 1);
+        }
+        if let (Some(traffic), Unit::MessagesIn | Unit::AutoResponses) = (self.socket.traffic(), unit) {
+            Traffic::add(&traffic.messages_in, 1);
         }
     }
 }

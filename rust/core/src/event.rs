@@ -17,6 +17,7 @@ use crate::frame::{close_code, Payload};
 use crate::meter::{Slot, Unit};
 use crate::registry::Registry;
 use crate::socket::SocketShared;
+use crate::stats::CoreStats;
 
 /// Everything the core tells the application.
 #[derive(Debug)]
@@ -63,13 +64,20 @@ pub struct Events {
     pub registry: Registry,
     /// Sockets whose task waits for the application to finish a batch.
     waiting: Mutex<Vec<Arc<SocketShared>>>,
+    /// The core's own counters (batches, lag, limit kills, commits), for the metrics.
+    pub stats: Arc<CoreStats>,
 }
 
 impl Events {
     /// # Errors
     /// When the queue's eventfd cannot be created.
     pub fn new() -> std::io::Result<Self> {
-        Ok(Self { queue: EventQueue::new()?, registry: Registry::default(), waiting: Mutex::new(Vec::new()) })
+        Ok(Self {
+            queue: EventQueue::new()?,
+            registry: Registry::default(),
+            waiting: Mutex::new(Vec::new()),
+            stats: Arc::default(),
+        })
     }
 
     /// The application has finished handling batch `number` (see [`EventQueue::push_all`]).
@@ -123,8 +131,20 @@ impl Events {
         self.queue.push_all(batch)
     }
 
+    /// Takes every waiting event (a batch), counting its size and how late it is taken.
     pub fn drain(&self) -> Vec<Event> {
-        self.queue.drain()
+        let (events, lag) = self.queue.drain_timed();
+        if let Some(lag) = lag {
+            self.stats.batch_sizes.observe(events.len() as f64);
+            self.stats.loop_lag.observe_duration(lag);
+        }
+        events
+    }
+
+    /// Events waiting for the application thread now.
+    #[must_use]
+    pub fn depth(&self) -> usize {
+        self.queue.len()
     }
 
     /// Forgets a socket and reports its Close event (the last event of a socket).

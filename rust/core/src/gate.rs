@@ -401,7 +401,10 @@ impl OutputGate {
                 store.rollback();
                 Err(CoreError::Storage("the alarm index could not be written".into()))
             } else {
-                store.commit()
+                let started = std::time::Instant::now();
+                let outcome = store.commit();
+                self.events.stats.commit_seconds.observe_duration(started.elapsed());
+                outcome
             };
             match outcome {
                 Ok(committed) => {
@@ -507,6 +510,7 @@ impl OutputGate {
             }
         }
         self.stats.rounds.fetch_add(1, Ordering::Relaxed);
+        let started = std::time::Instant::now();
         // Each log once, the index's first, however many epochs wrote it.
         let mut seen = HashSet::new();
         let logs = round.iter().flat_map(|epoch| epoch.logs.iter());
@@ -541,6 +545,7 @@ impl OutputGate {
                 }
             }
         }
+        self.events.stats.sync_seconds.observe_duration(started.elapsed());
         let index_failed = sync_failed.contains(&None);
         for epoch in &mut round {
             let failed_here: Vec<u64> = epoch

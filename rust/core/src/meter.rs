@@ -199,9 +199,13 @@ fn add_usage(into: &mut Usage, usage: &Usage) {
 
 #[derive(Default)]
 struct Registry {
-    slots: HashMap<Label, Arc<Slot>>,
+    /// Every slot held now (or not yet drained), with what it drained so far.
+    slots: HashMap<Label, (Arc<Slot>, Usage)>,
     /// Everything drained so far.
     drained: Usage,
+    /// Everything drained so far, per account (for the metrics: the slots go, the accounts
+    /// stay).
+    accounts: HashMap<String, Usage>,
 }
 
 /// Every slot of one server.
@@ -214,24 +218,33 @@ impl Meter {
     /// The slot of `label`, made on first use.
     pub fn slot(&self, label: Label) -> Arc<Slot> {
         let mut registry = self.registry.lock();
-        if let Some(slot) = registry.slots.get(&label) {
+        if let Some((slot, _)) = registry.slots.get(&label) {
             return slot.clone();
         }
         let slot = Arc::new(Slot::new(label.clone()));
-        registry.slots.insert(label, slot.clone());
+        registry.slots.insert(label, (slot.clone(), [0; UNITS]));
         slot
     }
 
     /// What each slot counted since the last drain (slots with nothing are left out). A slot
     /// nobody holds any more is forgotten once drained.
     pub fn drain(&self) -> Vec<(Label, Usage)> {
-        let mut registry = self.registry.lock();
+        let mut guard = self.registry.lock();
+        let registry = &mut *guard;
         let mut records = Vec::new();
         let mut total = [0; UNITS];
-        registry.slots.retain(|label, slot| {
+        let accounts = &mut registry.accounts;
+        registry.slots.retain(|label, (slot, drained)| {
             let usage = slot.take();
             if usage.iter().any(|&n| n != 0) {
                 add_usage(&mut total, &usage);
+                add_usage(drained, &usage);
+                match accounts.get_mut(&label.account) {
+                    Some(sum) => add_usage(sum, &usage),
+                    None => {
+                        accounts.insert(label.account.clone(), usage);
+                    }
+                }
                 records.push((label.clone(), usage));
             }
             Arc::strong_count(slot) > 1
@@ -244,10 +257,40 @@ impl Meter {
     pub fn totals(&self) -> Usage {
         let registry = self.registry.lock();
         let mut total = registry.drained;
-        for slot in registry.slots.values() {
+        for (slot, _) in registry.slots.values() {
             add_usage(&mut total, &slot.pending());
         }
         total
+    }
+
+    /// Everything counted since the start per account, drained or not.
+    pub fn accounts(&self) -> HashMap<String, Usage> {
+        let registry = self.registry.lock();
+        let mut accounts = registry.accounts.clone();
+        for (label, (slot, _)) in &registry.slots {
+            let pending = slot.pending();
+            match accounts.get_mut(&label.account) {
+                Some(sum) => add_usage(sum, &pending),
+                None => {
+                    accounts.insert(label.account.clone(), pending);
+                }
+            }
+        }
+        accounts
+    }
+
+    /// Every slot known now, and what it counted since it was made (drained or not).
+    pub fn slots(&self) -> Vec<(Arc<Slot>, Usage)> {
+        let registry = self.registry.lock();
+        registry
+            .slots
+            .values()
+            .map(|(slot, drained)| {
+                let mut usage = *drained;
+                add_usage(&mut usage, &slot.pending());
+                (slot.clone(), usage)
+            })
+            .collect()
     }
 }
 
@@ -435,6 +478,23 @@ mod tests {
         let again = meter.slot(label("gone"));
         assert_eq!(again.pending(), [0; UNITS]);
         assert_eq!(meter.totals()[Unit::Requests as usize], 1);
+        assert_eq!(meter.accounts()["gone"][Unit::Requests as usize], 1);
+    }
+
+    #[test]
+    fn slots_and_accounts_keep_what_was_drained() {
+        let meter = Meter::default();
+        let a = meter.slot(label("a"));
+        a.add(Unit::MessagesIn, 2);
+        let _ = meter.drain();
+        a.add(Unit::MessagesIn, 3);
+        meter.slot(label("b")).add(Unit::MessagesIn, 1);
+        let accounts = meter.accounts();
+        assert_eq!(accounts["a"][Unit::MessagesIn as usize], 5);
+        assert_eq!(accounts["b"][Unit::MessagesIn as usize], 1);
+        let slots = meter.slots();
+        let of_a = slots.iter().find(|(slot, _)| slot.label.account == "a").expect("a's slot");
+        assert_eq!(of_a.1[Unit::MessagesIn as usize], 5);
     }
 
     #[test]

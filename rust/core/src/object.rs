@@ -79,6 +79,12 @@ impl ObjectRegistry {
         }
     }
 
+    /// Every object with core state alive now.
+    #[must_use]
+    pub fn all(&self) -> Vec<Arc<ObjectShared>> {
+        self.objects.lock().values().filter_map(Weak::upgrade).collect()
+    }
+
     /// Objects forgotten since the registry was made.
     #[must_use]
     pub fn forgotten(&self) -> u64 {
@@ -99,6 +105,9 @@ pub struct ObjectShared {
     event_timeout_ms: AtomicU64,
     /// The name the id was made from (`id_from_name`), if known: it survives hibernation.
     id_name: std::sync::OnceLock<Box<str>>,
+    /// The application has a host (an instance) for it now; else it is hibernated (for the
+    /// metrics).
+    resident: AtomicBool,
 }
 
 impl Drop for ObjectShared {
@@ -144,7 +153,18 @@ impl ObjectShared {
             has_auto_responses: AtomicBool::new(false),
             event_timeout_ms: AtomicU64::new(0),
             id_name: std::sync::OnceLock::new(),
+            resident: AtomicBool::new(false),
         }
+    }
+
+    /// The application made (true) or dropped (false) its host for the object.
+    pub fn set_resident(&self, resident: bool) {
+        self.resident.store(resident, Ordering::Relaxed);
+    }
+
+    #[must_use]
+    pub fn is_resident(&self) -> bool {
+        self.resident.load(Ordering::Relaxed)
     }
 
     /// Records the name the id was made from (the first one given is kept).

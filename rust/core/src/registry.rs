@@ -15,6 +15,8 @@ pub struct Registry {
     sockets: Mutex<HashMap<u64, Arc<SocketShared>>>,
     next_socket: AtomicU64,
     shutting_down: AtomicBool,
+    /// Sockets registered from now on count their own traffic (the access log).
+    traffic: AtomicBool,
 }
 
 impl Default for Registry {
@@ -23,11 +25,17 @@ impl Default for Registry {
             sockets: Mutex::new(HashMap::new()),
             next_socket: AtomicU64::new(1),
             shutting_down: AtomicBool::new(false),
+            traffic: AtomicBool::new(false),
         }
     }
 }
 
 impl Registry {
+    /// Sockets registered from now on count their messages and bytes ([`crate::stats::Traffic`]).
+    pub fn count_traffic(&self) {
+        self.traffic.store(true, Ordering::Relaxed);
+    }
+
     #[must_use]
     pub fn open_sockets(&self) -> usize {
         self.sockets.lock().len()
@@ -48,11 +56,14 @@ impl Registry {
     /// masked; `deflate`: permessage-deflate as negotiated).
     pub fn register(&self, limits: Arc<Limits>, deflate: Option<Deflate>, client: bool) -> Arc<SocketShared> {
         let id = self.next_socket.fetch_add(1, Ordering::Relaxed);
-        let socket = Arc::new(if client {
+        let socket = if client {
             SocketShared::new_client(id, limits)
         } else {
             SocketShared::new(id, limits).with_deflate(deflate)
-        });
+        };
+        // (Accepted sockets only: the access log is of what clients did.)
+        let counted = !client && self.traffic.load(Ordering::Relaxed);
+        let socket = Arc::new(if counted { socket.with_traffic() } else { socket });
         self.sockets.lock().insert(id, socket.clone());
         socket
     }

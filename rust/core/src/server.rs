@@ -27,6 +27,7 @@ use crate::error::CoreError;
 use crate::event::{Answer, Event, Events, PendingRequest, Reply};
 use crate::gate::OutputGate;
 use crate::handshake::{self, Upgrade};
+use crate::metrics::{MetricsServer, Sources};
 use crate::object::ObjectRegistry;
 use crate::reactor::Reactor;
 use crate::runtime;
@@ -471,6 +472,8 @@ pub struct Server {
     objects: Arc<ObjectRegistry>,
     /// With storage: the output gate (which owns the storage and the alarms).
     gate: Option<Arc<OutputGate>>,
+    /// The metrics listener, on its own thread (`--metrics-port`).
+    metrics: Option<MetricsServer>,
 }
 
 impl Server {
@@ -542,6 +545,17 @@ impl Server {
             None => None,
         };
         let objects = Arc::<ObjectRegistry>::default();
+        if config.access_log {
+            ctx.events.registry.count_traffic();
+        }
+        let metrics = match config.metrics.take() {
+            Some(metrics) => {
+                let sources =
+                    Sources { events: ctx.events.clone(), objects: objects.clone(), gate: gate.clone() };
+                Some(MetricsServer::start(metrics, sources)?)
+            }
+            None => None,
+        };
         runtime::spawn(accept_loop(listener, ctx.clone(), false));
         if let Some(link_listener) = link_listener {
             runtime::spawn(accept_loop(link_listener, ctx.clone(), true));
@@ -549,7 +563,7 @@ impl Server {
         let storage = gate.as_ref().map(|gate| gate.storage().clone());
         runtime::spawn(return_memory(ctx.clone(), objects.clone(), storage));
         drop(_entered);
-        Ok(Self { ctx, io: Some(io), local_addr, objects, gate })
+        Ok(Self { ctx, io: Some(io), local_addr, objects, gate, metrics })
     }
 
     /// Begins a batch of the application thread: returns the events queued since the last one
@@ -602,6 +616,18 @@ impl Server {
     #[must_use]
     pub fn events(&self) -> &Events {
         &self.ctx.events
+    }
+
+    /// Where the metrics listener listens, when there is one.
+    #[must_use]
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().map(MetricsServer::local_addr)
+    }
+
+    /// The core's own counters (batches, lag, limit kills, commits).
+    #[must_use]
+    pub fn stats(&self) -> &Arc<crate::stats::CoreStats> {
+        &self.ctx.events.stats
     }
 
     /// The core state of Durable Objects, by name.
@@ -681,6 +707,8 @@ impl Drop for Server {
     fn drop(&mut self) {
         // Stopped between a batch's begin and end: this thread stops deferring wake-ups.
         crate::socket::end_batch();
+        // (First: a scrape must not see the storage going.)
+        self.metrics.take();
         self.finish_storage();
         match self.io.take() {
             Some(Io::Threads(runtime)) => runtime.shutdown_background(),

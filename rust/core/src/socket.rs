@@ -21,6 +21,7 @@ use crate::frame::{self, close_code};
 use crate::meter::{Slot, Unit};
 use crate::object::{SocketMeta, MAX_ATTACHMENT_BYTES};
 use crate::protocol::CloseRequest;
+use crate::stats::Traffic;
 
 /// What became of a frame given to [`SocketShared::send`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -160,6 +161,8 @@ pub struct SocketShared {
     client: bool,
     /// permessage-deflate, when the handshake negotiated it.
     deflate: Option<Deflate>,
+    /// Its own counts of messages and bytes, with the access log on.
+    traffic: Option<Box<Traffic>>,
 }
 
 impl std::fmt::Debug for SocketShared {
@@ -185,7 +188,26 @@ impl SocketShared {
             slot: OnceLock::new(),
             client: false,
             deflate: None,
+            traffic: None,
         }
+    }
+
+    /// The same socket, counting its own traffic (for the access log).
+    #[must_use]
+    pub fn with_traffic(self) -> Self {
+        Self { traffic: Some(Box::default()), ..self }
+    }
+
+    /// Its own counts of messages and bytes, when the access log is on.
+    #[must_use]
+    pub fn traffic(&self) -> Option<&Traffic> {
+        self.traffic.as_deref()
+    }
+
+    /// The socket is closing (a Close was queued or the connection ended).
+    #[must_use]
+    pub fn is_closing(&self) -> bool {
+        self.outbox.lock().closing
     }
 
     /// The same socket with permessage-deflate (as negotiated in its handshake).
@@ -295,6 +317,9 @@ impl SocketShared {
         if let Some(slot) = self.slot.get() {
             slot.add(Unit::MessagesOut, 1);
         }
+        if let Some(traffic) = &self.traffic {
+            Traffic::add(&traffic.messages_out, 1);
+        }
         // The task takes the whole outbox at once, so only the first frame needs a wake-up.
         if was_empty && !defer(self) {
             self.wake.notify_one();
@@ -399,6 +424,9 @@ impl SocketShared {
             self.sub_buffered(written);
             if let Some(slot) = self.slot.get() {
                 meter(slot, Unit::BytesOut, written as u64);
+            }
+            if let Some(traffic) = &self.traffic {
+                Traffic::add(&traffic.bytes_out, written as u64);
             }
             let mut whole = 0;
             while written > 0 {

@@ -21,7 +21,8 @@ pub fn add_units(m: &Bound<'_, PyModule>) -> PyResult<()> {
 #[pyclass(frozen, module = "sockworker._native")]
 #[derive(Default)]
 pub struct Meter {
-    inner: meter::Meter,
+    /// (Shared with the metrics listener of the server serving the app.)
+    pub inner: Arc<meter::Meter>,
 }
 
 type Record = (String, Option<String>, Option<String>, [u64; UNITS]);

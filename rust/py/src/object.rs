@@ -52,6 +52,17 @@ impl ObjectState {
         self.object.set_id_name(name);
     }
 
+    /// The application has a host for the object (else it is hibernated): for the metrics.
+    #[getter]
+    fn resident(&self) -> bool {
+        self.object.is_resident()
+    }
+
+    #[setter]
+    fn set_resident(&self, resident: bool) {
+        self.object.set_resident(resident);
+    }
+
     #[getter]
     fn event_timeout_ms(&self) -> Option<u64> {
         self.object.event_timeout_ms()

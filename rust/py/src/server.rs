@@ -9,6 +9,8 @@ use pyo3::prelude::*;
 use sockworker_core::cluster::{Cluster, ClusterConfig, Owner};
 use sockworker_core::gate::OutputGate;
 use sockworker_core::meter::{thread_cpu_clock, thread_cpu_ns, BatchClock};
+use sockworker_core::metrics::{MetricsConfig, DEFAULT_TOP_ACCOUNTS};
+use sockworker_core::stats::CoreStats;
 use sockworker_core::watchdog::{
     current_thread_ident, tick_for, BlockedHook, Overrun, Watch, Watchdog, WatchdogHooks,
 };
@@ -16,7 +18,7 @@ use sockworker_core::{ConnectRequest, CoreError, Durability, ServerConfig, Stora
 
 use crate::convert::{events_to_vec, EventSlot};
 use crate::errors::{cpu_limit_exceeded, wall_limit_exceeded, Result};
-use crate::meter::Slot;
+use crate::meter::{Meter, Slot};
 use crate::object::ObjectState;
 use crate::reactor::Reactor;
 use crate::socket::{SocketHandle, SocketLimits};
@@ -28,6 +30,8 @@ pub struct Server {
     inner: Mutex<Option<sockworker_core::Server>>,
     fd: i32,
     address: SocketAddr,
+    /// Where the metrics listener listens, if there is one.
+    metrics_address: Option<SocketAddr>,
     dispatch: Arc<Mutex<Dispatch>>,
     watch: Arc<Watch>,
     watchdog: Mutex<Option<Watchdog>>,
@@ -46,6 +50,7 @@ fn start_watchdog(
     smallest_limit: Duration,
     blocked_after: Option<Duration>,
     on_blocked: Option<Py<PyAny>>,
+    stats: Arc<CoreStats>,
 ) -> std::io::Result<Watchdog> {
     let ident = current_thread_ident() as std::ffi::c_long;
     let seen = watch.clone();
@@ -55,10 +60,11 @@ fn start_watchdog(
             if !seen.is_running(progress) {
                 return;
             }
-            let class = match overrun {
-                Overrun::Cpu => cpu_limit_exceeded(py),
-                Overrun::Wall => wall_limit_exceeded(py),
+            let (class, kills) = match overrun {
+                Overrun::Cpu => (cpu_limit_exceeded(py), &stats.cpu_kills),
+                Overrun::Wall => (wall_limit_exceeded(py), &stats.wall_kills),
             };
+            kills.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             // SAFETY: the GIL is held; the class is a live exception type.
             unsafe { pyo3::ffi::PyThreadState_SetAsyncExc(ident, class.as_ptr()) };
             // Only a CPU overrun is thrown in again at later steps of an async event.
@@ -116,7 +122,7 @@ fn seconds(value: f64, name: &str) -> Result<Duration, CoreError> {
 #[pymethods]
 impl Server {
     #[new]
-    #[pyo3(signature = (host, port, *, limits, io_threads, metering=true, certfile=None, keyfile=None, smallest_cpu_limit=30.0, allowed_origins=None, log_blocked_after=1.0, on_blocked=None, compression=false, data_dir=None, durability="full", reactor=None, cluster=None, reuse_port=false, link_port=None))]
+    #[pyo3(signature = (host, port, *, limits, io_threads, metering=true, certfile=None, keyfile=None, smallest_cpu_limit=30.0, allowed_origins=None, log_blocked_after=1.0, on_blocked=None, compression=false, data_dir=None, durability="full", reactor=None, cluster=None, reuse_port=false, link_port=None, metrics=None, meter=None, access_log=false))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -138,7 +144,11 @@ impl Server {
         cluster: Option<(String, String, String, f64, f64)>,
         reuse_port: bool,
         link_port: Option<u16>,
+        metrics: Option<(String, u16, bool, usize, f64)>,
+        meter: Option<&Meter>,
+        access_log: bool,
     ) -> Result<Self> {
+        let meter = meter.map(|meter| meter.inner.clone());
         let reactor = reactor.map(|reactor| reactor.inner.clone());
         let socket_limits = limits.inner.clone();
         let build = || -> Result<sockworker_core::Server, CoreError> {
@@ -180,6 +190,19 @@ impl Server {
             }
             let storage = data_dir.map(|data_dir| StorageConfig { data_dir, durability, cluster });
             let link_addr = link_port.map(|port| std::net::SocketAddr::new(addr.ip(), port));
+            let metrics = match metrics {
+                Some((host, port, dashboard, top_accounts, messages_per_request)) => {
+                    let addr = (host.as_str(), port).to_socket_addrs()?.next().ok_or_else(|| {
+                        CoreError::InvalidArgument(format!("cannot resolve the metrics host {host:?}"))
+                    })?;
+                    let meter = meter.clone().ok_or_else(|| {
+                        CoreError::InvalidArgument("the metrics listener needs the app's meter".into())
+                    })?;
+                    let top_accounts = if top_accounts == 0 { DEFAULT_TOP_ACCOUNTS } else { top_accounts };
+                    Some(MetricsConfig { addr, dashboard, top_accounts, messages_per_request, meter })
+                }
+                None => None,
+            };
             let config = ServerConfig {
                 addr,
                 io_threads,
@@ -190,6 +213,8 @@ impl Server {
                 compression,
                 reuse_port,
                 link_addr,
+                metrics,
+                access_log,
             };
             match reactor {
                 Some(reactor) => sockworker_core::Server::start_in(config, reactor),
@@ -201,7 +226,7 @@ impl Server {
         let smallest = seconds(smallest_cpu_limit, "smallest_cpu_limit")?;
         let blocked_after = optional_seconds(log_blocked_after, "log_blocked_after")?;
         let watchdog = if metering {
-            let dog = start_watchdog(&watch, smallest, blocked_after, on_blocked);
+            let dog = start_watchdog(&watch, smallest, blocked_after, on_blocked, server.stats().clone());
             Some(dog?)
         } else {
             None
@@ -211,6 +236,7 @@ impl Server {
         Ok(Self {
             fd: server.events().fd(),
             address: server.local_addr(),
+            metrics_address: server.metrics_addr(),
             inner: Mutex::new(Some(server)),
             dispatch: Arc::new(Mutex::new(Dispatch { clock: BatchClock::new(thread_cpu_ns()), step: None })),
             watch,
@@ -224,6 +250,12 @@ impl Server {
     #[getter]
     fn address(&self) -> (String, u16) {
         (self.address.ip().to_string(), self.address.port())
+    }
+
+    /// The metrics listener's bound (host, port), if there is one.
+    #[getter]
+    fn metrics_address(&self) -> Option<(String, u16)> {
+        self.metrics_address.map(|addr| (addr.ip().to_string(), addr.port()))
     }
 
     /// The server's sockets are driven by the application thread's reactor.

@@ -25,6 +25,12 @@ impl SocketHandle {
         self.socket.id()
     }
 
+    /// (messages in, messages out, bytes in, bytes out, seconds open) with the access log on,
+    /// else None.
+    fn traffic(&self) -> Option<(u64, u64, u64, u64, f64)> {
+        self.socket.traffic().map(sockworker_core::stats::Traffic::snapshot)
+    }
+
     /// Queues a text (str) or binary (bytes-like) message. Returns `SEND_QUEUED` (0, false),
     /// `SEND_DROPPED` when the socket is closing, `SEND_OVERFLOW` when the queue overflowed (the
     /// core closes it with 1008).
