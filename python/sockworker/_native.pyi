@@ -21,6 +21,7 @@ EV_CONNECTED: Final = 6
 EV_ALARM: Final = 7
 EV_RELEASED: Final = 8
 EV_COMMIT_FAILED: Final = 9
+EV_BODY: Final = 10
 #: The kind of an async step, in the watchdog's report of a blocked loop (never in a batch).
 EV_STEP: Final = 255
 
@@ -43,6 +44,8 @@ AlarmEvent = tuple[Literal[7], str, str, str | None, int]
 ReleasedEvent = tuple[Literal[8], int, bool]
 #: (kind, owner key, message)
 CommitFailedEvent = tuple[Literal[9], int, str]
+#: (kind, stream id, open: room for more chunks, else the client is gone)
+BodyEvent = tuple[Literal[10], int, bool]
 Event = (
     RequestEvent
     | MessageEvent
@@ -54,6 +57,7 @@ Event = (
     | AlarmEvent
     | ReleasedEvent
     | CommitFailedEvent
+    | BodyEvent
 )
 
 # -- facts of the core, read by Python rather than repeated ----------------------------------
@@ -192,6 +196,20 @@ class PendingReply:
         slot: Slot | None = None,
         limits: SocketLimits | None = None,
     ) -> SocketHandle: ...
+    def respond_stream(self, status: int, headers: list[tuple[str, bytes]]) -> ResponseStream: ...
+
+#: ``ResponseStream.write`` answers: queued with room for more; queued, wait for a BODY event;
+#: dropped (the client is gone).
+STREAM_ROOM: Final[int]
+STREAM_FULL: Final[int]
+STREAM_GONE: Final[int]
+
+@final
+class ResponseStream:
+    @property
+    def id(self) -> int: ...
+    def write(self, chunk: bytes) -> int: ...
+    def finish(self, ok: bool) -> None: ...
 
 UNIT_REQUESTS: Final[int]
 UNIT_CONNECTIONS: Final[int]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json as _json
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit
@@ -14,6 +14,11 @@ if TYPE_CHECKING:
 __all__ = ["Headers", "Request", "Response"]
 
 HeadersInit = Mapping[str, str] | Iterable[tuple[str, str]] | None
+#: A streamed body: an async iterator (or a sync one) of bytes or str chunks.
+BodyChunks = AsyncIterable[bytes | str] | Iterable[bytes | str]
+
+#: The size of the pieces ``Request.stream()`` yields.
+STREAM_PIECE = 64 * 1024
 
 
 class Headers(Mapping[str, str]):
@@ -91,7 +96,7 @@ class Request:
     Attributes: ``method``, ``url`` (``http://HOST/path?query``), ``path``, ``query_string``,
     ``headers`` (``Headers``), ``body`` (bytes), ``client`` (the peer, ``"ip:port"``). The body
     has been read by the core before the handler runs (at most ``Limits.max_body_size`` bytes;
-    a larger body is answered 413 by the core)."""
+    a larger body is answered 413 by the core); ``stream()`` yields it in pieces."""
 
     __slots__ = ("_query", "body", "client", "headers", "method", "path", "query_string", "url")
 
@@ -136,6 +141,15 @@ class Request:
         """The camelCase name of ``query_string``."""
         return self.query_string
 
+    async def stream(self) -> AsyncIterator[bytes]:
+        """The body in pieces of at most 64 KiB, for code written to consume a body
+        incrementally (``async for chunk in request.stream()``). The core has read the whole
+        body before the handler runs (bounded by ``Limits.max_body_size``), so the pieces are
+        slices of ``body``: the memory is the same, nothing arrives later than the handler."""
+        body = self.body
+        for start in range(0, len(body), STREAM_PIECE):
+            yield body[start : start + STREAM_PIECE]
+
     async def text(self) -> str:
         """The body decoded as UTF-8 (``UnicodeDecodeError`` if it is not)."""
         return self.body.decode("utf-8")
@@ -148,11 +162,27 @@ class Request:
         return f"<Request {self.method} {self.url}>"
 
 
+async def _chunks_of(chunks: Iterable[bytes | str]) -> AsyncIterator[bytes | str]:
+    """A sync iterable as an async iterator (each step runs on the loop: keep them short)."""
+    iterator = iter(chunks)
+    try:
+        for chunk in iterator:
+            yield chunk
+    finally:
+        close = getattr(iterator, "close", None)
+        if close is not None:
+            close()
+
+
 class Response:
     """An HTTP response, or with ``status=101`` and ``websocket=client`` a WebSocket upgrade.
 
     ``body`` is str (sent as UTF-8, with ``text/plain; charset=utf-8`` unless a content type is
-    given), bytes or None. ``headers`` is a mapping, a list of pairs or a ``Headers``.
+    given), bytes or None; or an async iterator (an async generator) or a sync iterable of
+    bytes/str chunks, *streamed*: each chunk is sent as it is produced (chunked
+    transfer-encoding unless a ``content-length`` header is given), the next one pulled once
+    the connection has room for it. A streamed response keeps its iterator in ``stream`` (and
+    ``body`` is ``b""``). ``headers`` is a mapping, a list of pairs or a ``Headers``.
     ``Response(status=101, websocket=client)`` answers a WebSocket upgrade with the client end of
     a ``WebSocketPair``; add ``headers={"sec-websocket-protocol": name}`` to select a subprotocol
     the client offered (``request.headers.get("sec-websocket-protocol")`` lists them). Returning
@@ -160,11 +190,11 @@ class Response:
     before ``server.accept()`` is a handler error: 500, and the reason is logged.
     """
 
-    __slots__ = ("body", "headers", "status", "websocket")
+    __slots__ = ("body", "headers", "status", "stream", "websocket")
 
     def __init__(
         self,
-        body: str | bytes | None = None,
+        body: str | bytes | BodyChunks | None = None,
         status: int = 200,
         headers: HeadersInit | Headers = None,
         websocket: WebSocket | None = None,
@@ -180,6 +210,7 @@ class Response:
             raise ValueError(f"status must be an int from 100 to 999, not {status!r}")
         self.status = status
         self.headers = headers if isinstance(headers, Headers) else Headers(headers)
+        self.stream: AsyncIterator[bytes | str] | None = None
         if isinstance(body, str):
             self.body: bytes = body.encode("utf-8")
             if "content-type" not in self.headers:
@@ -188,8 +219,17 @@ class Response:
             self.body = b""
         elif isinstance(body, bytes | bytearray | memoryview):
             self.body = bytes(body)
+        elif isinstance(body, AsyncIterable):
+            self.body = b""
+            self.stream = aiter(body)
+        elif isinstance(body, Iterable) and not isinstance(body, Mapping):
+            self.body = b""
+            self.stream = _chunks_of(body)
         else:
-            raise TypeError(f"a Response body is str, bytes or None, not {type(body).__name__}")
+            raise TypeError(
+                "a Response body is str, bytes, None, or an (async) iterator of bytes/str chunks, "
+                f"not {type(body).__name__}"
+            )
         self.websocket = websocket
 
     @property

@@ -44,6 +44,7 @@ _EV_CONNECTED: Final = _native.EV_CONNECTED
 _EV_ALARM: Final = _native.EV_ALARM
 _EV_RELEASED: Final = _native.EV_RELEASED
 _EV_COMMIT_FAILED: Final = _native.EV_COMMIT_FAILED
+_EV_BODY: Final = _native.EV_BODY
 
 
 def _cluster_args(app: AppLike) -> tuple[str, str, str, float, float] | None:
@@ -254,6 +255,8 @@ class Runtime:
                         self._stop()
                     elif event[0] == _EV_CONNECTED:
                         self.outgoing.on_connected(*event[1:])
+                    elif event[0] == _EV_BODY:
+                        self.requests.streams.on_body(event[1], event[2])
                 done = True
             except Exception:
                 shown = event[:2] if event is not None else None

@@ -2,8 +2,11 @@
 //! that wait for its answer. [`Events`] is the queue with the socket registry: a socket is
 //! registered and its end reported in one place.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 use parking_lot::Mutex;
@@ -55,6 +58,9 @@ pub enum Event {
     Released { token: u64, ok: bool },
     /// A storage commit of the object with this key failed; its held output was dropped.
     CommitFailed { owner: u64, message: String },
+    /// A streamed response body has room for more chunks again (`open`), or its client is gone
+    /// and nothing more will be sent (`!open`; the last event of the stream).
+    Body { stream: u64, open: bool },
 }
 
 /// The event queue and the registry of the sockets whose events it carries.
@@ -165,8 +171,21 @@ pub struct PendingRequest {
 /// What the application answers.
 #[derive(Debug)]
 pub enum Answer {
-    Http { status: u16, headers: Vec<(String, Bytes)>, body: Bytes },
-    Upgrade { headers: Vec<(String, Bytes)>, socket: Arc<SocketShared> },
+    Http {
+        status: u16,
+        headers: Vec<(String, Bytes)>,
+        body: Bytes,
+    },
+    Upgrade {
+        headers: Vec<(String, Bytes)>,
+        socket: Arc<SocketShared>,
+    },
+    /// A head whose body follows in chunks, as the application produces them.
+    Stream {
+        status: u16,
+        headers: Vec<(String, Bytes)>,
+        body: StreamBody,
+    },
 }
 
 /// The way back to the connection that made a request. Dropping it unanswered gives a 500.
@@ -207,6 +226,22 @@ impl Reply {
     #[must_use]
     pub fn respond(self, status: u16, headers: Vec<(String, Bytes)>, body: Bytes) -> Answering {
         Answering { tx: self.tx, answer: Answer::Http { status, headers, body }, events: self.events }
+    }
+
+    /// The head of an HTTP answer whose body the application writes in chunks through the
+    /// [`BodyWriter`] (chunked unless `headers` has a Content-Length). The head goes out when
+    /// the answer is sent (now, or once the output gate releases it); chunks written before
+    /// wait behind it.
+    #[must_use]
+    pub fn respond_stream(self, status: u16, headers: Vec<(String, Bytes)>) -> (BodyWriter, Answering) {
+        let stream = Arc::new(BodyStream {
+            id: NEXT_STREAM.fetch_add(1, Ordering::Relaxed),
+            events: self.events.clone(),
+            state: Mutex::new(StreamState::default()),
+        });
+        let body = StreamBody { stream: stream.clone() };
+        let answer = Answer::Stream { status, headers, body };
+        (BodyWriter { stream }, Answering { tx: self.tx, answer, events: self.events })
     }
 
     /// Makes the socket the connection will become, and the 101 answer that opens it; `slot` is
@@ -260,7 +295,7 @@ impl Answering {
     pub fn send(self) {
         let upgraded = match &self.answer {
             Answer::Upgrade { socket, .. } => Some(socket.clone()),
-            Answer::Http { .. } => None,
+            Answer::Http { .. } | Answer::Stream { .. } => None,
         };
         let sent = self.tx.send(self.answer).is_ok();
         if let Some(socket) = upgraded {
@@ -285,5 +320,178 @@ impl Answering {
                 false,
             );
         }
+    }
+}
+
+/// Bytes of a streamed body queued in the core past which the application is asked to wait
+/// (the next chunk is pulled once the connection has taken some): a slow client holds at most
+/// this much (plus one chunk) per response.
+pub const STREAM_HIGH_WATER: usize = 64 * 1024;
+
+static NEXT_STREAM: AtomicU64 = AtomicU64::new(1);
+
+/// The chunks of one streamed response body, between the application (its [`BodyWriter`]) and
+/// the connection (its [`StreamBody`]).
+struct BodyStream {
+    id: u64,
+    events: Arc<Events>,
+    state: Mutex<StreamState>,
+}
+
+#[derive(Default)]
+struct StreamState {
+    chunks: VecDeque<Bytes>,
+    queued: usize,
+    /// Set once the writer has ended the body: completely (`Some(true)`) or failed.
+    end: Option<bool>,
+    /// The connection's task, waiting for a chunk.
+    waker: Option<Waker>,
+    /// The writer was told the queue is full: an `Event::Body` follows when it has room.
+    want_room: bool,
+    /// The connection dropped the body (sent, refused, or the client went away).
+    gone: bool,
+}
+
+/// What [`BodyWriter::write`] answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Written {
+    /// Queued; there is room for more.
+    Room,
+    /// Queued; wait for an `Event::Body` before writing more.
+    Full,
+    /// Dropped: the client is gone (an `Event::Body` that says so follows, if not already sent).
+    Gone,
+}
+
+/// The application's end of a streamed body. Dropped before [`Self::finish`], the body fails
+/// (the connection is closed: the client sees it truncated).
+pub struct BodyWriter {
+    stream: Arc<BodyStream>,
+}
+
+impl BodyWriter {
+    /// The stream's number, as `Event::Body` names it.
+    #[must_use]
+    pub fn id(&self) -> u64 {
+        self.stream.id
+    }
+
+    /// Queues a chunk (an empty one is not sent: it would end a chunked body).
+    pub fn write(&self, chunk: Bytes) -> Written {
+        let mut state = self.stream.state.lock();
+        if state.gone {
+            return Written::Gone;
+        }
+        if state.end.is_some() {
+            return Written::Gone;
+        }
+        if !chunk.is_empty() {
+            state.queued += chunk.len();
+            state.chunks.push_back(chunk);
+            if let Some(waker) = state.waker.take() {
+                waker.wake();
+            }
+        }
+        if state.queued >= STREAM_HIGH_WATER {
+            state.want_room = true;
+            Written::Full
+        } else {
+            Written::Room
+        }
+    }
+
+    /// Ends the body: completely (`ok`), or failed (the connection is closed after what was
+    /// queued, without the final chunk). Later calls change nothing.
+    pub fn finish(&self, ok: bool) {
+        let mut state = self.stream.state.lock();
+        if state.end.is_none() {
+            state.end = Some(ok);
+            if let Some(waker) = state.waker.take() {
+                waker.wake();
+            }
+        }
+    }
+}
+
+impl Drop for BodyWriter {
+    fn drop(&mut self) {
+        self.finish(false);
+    }
+}
+
+impl std::fmt::Debug for BodyWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BodyWriter").field("id", &self.stream.id).finish_non_exhaustive()
+    }
+}
+
+/// The connection's end of a streamed body. Dropped before the body ended (the client went away,
+/// or the answer was never sent), the application is told with `Event::Body { open: false }`.
+pub struct StreamBody {
+    stream: Arc<BodyStream>,
+}
+
+/// Why a streamed body failed: the application's iterator raised (its traceback is logged by
+/// the application).
+#[derive(Debug)]
+pub struct BodyFailed;
+
+impl std::fmt::Display for BodyFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the application failed while streaming the response body")
+    }
+}
+
+impl std::error::Error for BodyFailed {}
+
+impl StreamBody {
+    /// The next chunk: `Some(Ok)`, `None` at the end, `Some(Err)` when the body failed.
+    pub fn poll_chunk(&self, cx: &Context<'_>) -> Poll<Option<Result<Bytes, BodyFailed>>> {
+        let mut state = self.stream.state.lock();
+        if let Some(chunk) = state.chunks.pop_front() {
+            state.queued -= chunk.len();
+            if state.want_room && state.queued < STREAM_HIGH_WATER {
+                state.want_room = false;
+                drop(state);
+                self.stream.events.push(Event::Body { stream: self.stream.id, open: true });
+            }
+            return Poll::Ready(Some(Ok(chunk)));
+        }
+        match state.end {
+            Some(true) => Poll::Ready(None),
+            Some(false) => Poll::Ready(Some(Err(BodyFailed))),
+            None => {
+                if !state.waker.as_ref().is_some_and(|waker| waker.will_wake(cx.waker())) {
+                    state.waker = Some(cx.waker().clone());
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    /// The body is complete (nothing queued, and the writer ended it).
+    #[must_use]
+    pub fn is_end(&self) -> bool {
+        let state = self.stream.state.lock();
+        state.chunks.is_empty() && state.end == Some(true)
+    }
+}
+
+impl Drop for StreamBody {
+    fn drop(&mut self) {
+        let mut state = self.stream.state.lock();
+        state.gone = true;
+        state.chunks.clear();
+        let ended = state.end.is_some();
+        drop(state);
+        if !ended {
+            self.stream.events.push(Event::Body { stream: self.stream.id, open: false });
+        }
+    }
+}
+
+impl std::fmt::Debug for StreamBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamBody").field("id", &self.stream.id).finish_non_exhaustive()
     }
 }

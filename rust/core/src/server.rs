@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming as IncomingBody;
 use hyper::header::{HeaderName, HeaderValue};
 use hyper::server::conn::http1;
@@ -24,7 +24,7 @@ use crate::client::{self, ConnectRequest};
 use crate::config::{Limits, ServerConfig, HANDSHAKE_HEADERS, MAX_HEADERS};
 use crate::connection;
 use crate::error::CoreError;
-use crate::event::{Answer, Event, Events, PendingRequest, Reply};
+use crate::event::{Answer, BodyFailed, Event, Events, PendingRequest, Reply, StreamBody};
 use crate::gate::OutputGate;
 use crate::handshake::{self, Upgrade};
 use crate::object::ObjectRegistry;
@@ -90,7 +90,29 @@ impl ServerCtx {
     }
 }
 
-type Body = Full<Bytes>;
+/// A response body: whole (every answer but a streamed one), or in chunks as the application
+/// writes them.
+type Body = Either<Full<Bytes>, StreamBody>;
+
+impl hyper::body::Body for StreamBody {
+    type Data = Bytes;
+    type Error = BodyFailed;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BodyFailed>>> {
+        self.poll_chunk(cx).map(|chunk| chunk.map(|chunk| chunk.map(hyper::body::Frame::data)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.is_end()
+    }
+}
+
+fn whole(body: Bytes) -> Body {
+    Either::Left(Full::new(body))
+}
 
 /// Checks headers the application wants to send: a name that is not a token, or a value with
 /// CR, LF or NUL, would make hyper fail the response.
@@ -121,7 +143,7 @@ pub fn check_headers(headers: &[(String, Bytes)]) -> Result<(), CoreError> {
 }
 
 fn plain(status: StatusCode, text: &'static str) -> Response<Body> {
-    let mut response = Response::new(Full::new(Bytes::from_static(text.as_bytes())));
+    let mut response = Response::new(whole(Bytes::from_static(text.as_bytes())));
     *response.status_mut() = status;
     response
         .headers_mut()
@@ -216,7 +238,14 @@ async fn handle(
     };
     let response = match answer {
         Answer::Http { status, headers, body } => {
-            let mut response = Response::new(Full::new(body));
+            let mut response = Response::new(whole(body));
+            *response.status_mut() =
+                StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            with_headers(response, headers)
+        }
+        Answer::Stream { status, headers, body } => {
+            // Without a Content-Length of the application's, hyper sends it chunked (HTTP/1.1).
+            let mut response = Response::new(Either::Right(body));
             *response.status_mut() =
                 StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
             with_headers(response, headers)
@@ -229,7 +258,7 @@ async fn handle(
             // open its next connection: never as both.
             counted.release();
             runtime::spawn(upgraded(on_upgrade, socket, ctx.events.clone()));
-            let mut response = Response::new(Full::new(Bytes::new()));
+            let mut response = Response::new(whole(Bytes::new()));
             *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
             let h = response.headers_mut();
             h.insert(hyper::header::UPGRADE, HeaderValue::from_static("websocket"));

@@ -10,6 +10,7 @@
 //!   (ALARM, namespace, object_id, id name | None, retry)
 //!   (RELEASED, token, ok)
 //!   (COMMIT_FAILED, owner key, message)
+//!   (BODY, stream id, open)
 
 use std::sync::Arc;
 
@@ -31,6 +32,7 @@ const CONNECTED: u8 = 6;
 const ALARM: u8 = 7;
 const RELEASED: u8 = 8;
 const COMMIT_FAILED: u8 = 9;
+const BODY: u8 = 10;
 
 pub fn add_event_kinds(m: &Bound<'_, PyModule>) -> PyResult<()> {
     for (name, value) in [
@@ -44,6 +46,7 @@ pub fn add_event_kinds(m: &Bound<'_, PyModule>) -> PyResult<()> {
         ("EV_ALARM", ALARM),
         ("EV_RELEASED", RELEASED),
         ("EV_COMMIT_FAILED", COMMIT_FAILED),
+        ("EV_BODY", BODY),
         ("EV_STEP", STEP),
     ] {
         m.add(name, value)?;
@@ -105,6 +108,7 @@ fn kind_of(event: &Event) -> u8 {
         Event::Alarm { .. } => ALARM,
         Event::Released { .. } => RELEASED,
         Event::CommitFailed { .. } => COMMIT_FAILED,
+        Event::Body { .. } => BODY,
     }
 }
 
@@ -149,6 +153,7 @@ fn event_tuple(py: Python<'_>, event: Event) -> PyResult<Bound<'_, PyAny>> {
             Event::CommitFailed { owner, message } => {
                 (COMMIT_FAILED, owner, message).into_pyobject(py)?.into_any()
             }
+            Event::Body { stream, open } => (BODY, stream, open).into_pyobject(py)?.into_any(),
             Event::Connected { token, result } => match result {
                 Ok((socket, protocol)) => {
                     (CONNECTED, token, Some(SocketHandle { socket }), protocol, None::<String>)
