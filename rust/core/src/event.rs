@@ -350,6 +350,8 @@ struct StreamState {
     want_room: bool,
     /// The connection dropped the body (sent, refused, or the client went away).
     gone: bool,
+    /// The body failed and the connection was given a turn to flush what came before.
+    flushed: bool,
 }
 
 /// What [`BodyWriter::write`] answers.
@@ -459,6 +461,13 @@ impl StreamBody {
         }
         match state.end {
             Some(true) => Poll::Ready(None),
+            // hyper drops its write buffer when a body fails: a turn (Pending, woken at once)
+            // lets it flush the head and the chunks before, so the client sees the cut.
+            Some(false) if !state.flushed => {
+                state.flushed = true;
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
             Some(false) => Poll::Ready(Some(Err(BodyFailed))),
             None => {
                 if !state.waker.as_ref().is_some_and(|waker| waker.will_wake(cx.waker())) {
