@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import aiohttp
@@ -205,3 +205,14 @@ async def test_request_stream_still_holds_max_body_size(server: ServerProcess) -
         assert head.status == 413
     finally:
         writer.close()
+
+
+async def test_sse_example_serves_events(make_server: Callable[..., ServerProcess]) -> None:
+    example = make_server("examples.sse:app")
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{example.http}/clock") as resp,
+    ):
+        assert resp.headers["Content-Type"] == "text/event-stream"
+        event = await resp.content.readuntil(b"\n\n")
+        assert event.startswith(b"data: ")
