@@ -1,13 +1,14 @@
 """Streamed HTTP bodies against the real server (tests/apps/streaming.py): responses from
 iterators (chunked, Server-Sent Events, from a Durable Object), what a client sees when the
-iterator fails or it leaves, and request bodies read with request.stream()."""
+iterator fails or it leaves, and request bodies read with request.stream(): slices of a body
+read whole (by default), or pieces as they arrive (App(stream_request_bodies=True))."""
 
 from __future__ import annotations
 
 import hashlib
 import os
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import aiohttp
@@ -26,6 +27,23 @@ def server() -> Iterator[ServerProcess]:
         yield process
     finally:
         assert process.stop() == 0, process.log_tail()
+
+
+@pytest.fixture(scope="module")
+def streamed() -> Iterator[ServerProcess]:
+    process = ServerProcess("tests.apps.streaming:streamed_app")
+    try:
+        yield process
+    finally:
+        assert process.stop() == 0, process.log_tail()
+
+
+@pytest.fixture(params=["whole", "streamed"])
+def either(
+    request: pytest.FixtureRequest, server: ServerProcess, streamed: ServerProcess
+) -> ServerProcess:
+    """Each server: the one that reads request bodies whole, and the one that streams them."""
+    return server if request.param == "whole" else streamed
 
 
 def _name() -> str:
@@ -182,11 +200,11 @@ async def test_durable_object_streams_events_after_its_writes(server: ServerProc
             assert await count.text() == "2"
 
 
-async def test_request_stream_reads_a_1_mib_body_in_pieces(server: ServerProcess) -> None:
+async def test_request_stream_reads_a_1_mib_body_in_pieces(either: ServerProcess) -> None:
     data = os.urandom(1024 * 1024)
     async with (
         aiohttp.ClientSession() as session,
-        session.post(f"{server.http}/upload", data=data) as resp,
+        session.post(f"{either.http}/upload", data=data) as resp,
     ):
         assert resp.status == 200
         seen = await resp.json()
@@ -195,8 +213,9 @@ async def test_request_stream_reads_a_1_mib_body_in_pieces(server: ServerProcess
     assert seen["pieces"] > 1
 
 
-async def test_request_stream_still_holds_max_body_size(server: ServerProcess) -> None:
-    reader, writer = await open_tcp(server.port)
+async def test_request_stream_still_holds_max_body_size(either: ServerProcess) -> None:
+    mark = either.log_mark()
+    reader, writer = await open_tcp(either.port)
     try:
         size = MAX_BODY + 1
         writer.write(f"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n\r\n".encode())
@@ -205,6 +224,78 @@ async def test_request_stream_still_holds_max_body_size(server: ServerProcess) -
         assert head.status == 413
     finally:
         writer.close()
+    if either.app.endswith(":streamed_app"):
+        # The handler was reading it: its stream raised, clearly.
+        await either.wait_for_log_async(
+            r"RequestBodyError: the request body is larger than max_body_size", start=mark
+        )
+
+
+async def test_streamed_request_reaches_the_handler_before_its_body(
+    streamed: ServerProcess,
+) -> None:
+    """The client sends the second half only once the handler has counted the first: the
+    handler ran at the head and read the pieces as they came."""
+    name = _name()
+    first, second = os.urandom(5000), os.urandom(7000)
+
+    async def body() -> AsyncIterator[bytes]:
+        yield first
+
+        async def counted() -> bool:
+            return bool(await get_json(f"{streamed.http}/received/{name}") == len(first))
+
+        await wait_until(counted, within=10, what="the handler to read the first piece")
+        yield second
+
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{streamed.http}/incremental/{name}", data=body()) as resp,
+    ):
+        assert resp.status == 200
+        assert await resp.json() == len(first) + len(second)
+
+
+async def test_streamed_request_read_whole_then_body(streamed: ServerProcess) -> None:
+    data = os.urandom(300_000)
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{streamed.http}/read", data=data) as resp:
+            seen = await resp.json()
+        assert seen == {
+            "bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "same": True,
+        }
+        async with session.post(f"{streamed.http}/body-early", data=b"abc") as resp:
+            error = (await resp.json())["error"]
+        assert "await request.read()" in error
+        # A request without a body is whole at once.
+        async with session.post(f"{streamed.http}/body-early") as resp:
+            assert await resp.json() == {"bytes": 0}
+
+
+async def test_streamed_request_echoed_as_it_arrives(streamed: ServerProcess) -> None:
+    data = os.urandom(1024 * 1024)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{streamed.http}/echo", data=data) as resp,
+    ):
+        assert resp.status == 200
+        assert await resp.read() == data
+
+
+async def test_streamed_request_body_too_slow_is_a_408(streamed: ServerProcess) -> None:
+    mark = streamed.log_mark()
+    reader, writer = await open_tcp(streamed.port)
+    try:
+        writer.write(b"POST /read HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
+        head = await read_http_head(reader)
+        assert head.status == 408
+    finally:
+        writer.close()
+    await streamed.wait_for_log_async(
+        r"RequestBodyError: the request body did not arrive within handshake_timeout", start=mark
+    )
 
 
 async def test_sse_example_serves_events(make_server: Callable[..., ServerProcess]) -> None:

@@ -22,11 +22,14 @@ EV_ALARM: Final = 7
 EV_RELEASED: Final = 8
 EV_COMMIT_FAILED: Final = 9
 EV_BODY: Final = 10
+EV_REQUEST_BODY: Final = 11
 #: The kind of an async step, in the watchdog's report of a blocked loop (never in a batch).
 EV_STEP: Final = 255
 
-#: (kind, reply, method, target, headers, body, peer)
-RequestEvent = tuple[Literal[0], PendingReply, str, str, list[tuple[str, bytes]], bytes, str]
+#: (kind, reply, method, target, headers, body, peer, the body's feed when it is read on demand)
+RequestEvent = tuple[
+    Literal[0], PendingReply, str, str, list[tuple[str, bytes]], bytes, str, RequestFeed | None
+]
 #: (kind, socket id, data)
 MessageEvent = tuple[Literal[1], int, str | bytes]
 #: (kind, socket id, code, reason, was_clean, the handle of an object's socket or None)
@@ -46,6 +49,8 @@ ReleasedEvent = tuple[Literal[8], int, bool]
 CommitFailedEvent = tuple[Literal[9], int, str]
 #: (kind, stream id, open: room for more chunks, else the client is gone)
 BodyEvent = tuple[Literal[10], int, bool]
+#: (kind, feed id, a piece or None at the end, why the body cannot be read or None)
+RequestBodyEvent = tuple[Literal[11], int, bytes | None, str | None]
 Event = (
     RequestEvent
     | MessageEvent
@@ -58,6 +63,7 @@ Event = (
     | ReleasedEvent
     | CommitFailedEvent
     | BodyEvent
+    | RequestBodyEvent
 )
 
 # -- facts of the core, read by Python rather than repeated ----------------------------------
@@ -211,6 +217,12 @@ class ResponseStream:
     def write(self, chunk: bytes) -> int: ...
     def finish(self, ok: bool) -> None: ...
 
+@final
+class RequestFeed:
+    @property
+    def id(self) -> int: ...
+    def read(self) -> None: ...
+
 UNIT_REQUESTS: Final[int]
 UNIT_CONNECTIONS: Final[int]
 UNIT_MESSAGES_IN: Final[int]
@@ -302,6 +314,7 @@ class Server:
         cluster: tuple[str, str, str, float, float] | None = None,
         reuse_port: bool = False,
         link_port: int | None = None,
+        stream_request_bodies: bool = False,
     ) -> Self: ...
     @property
     def address(self) -> tuple[str, int]: ...

@@ -60,6 +60,7 @@ class App:
         allowed_origins: Iterable[str] | None = None,
         compression: bool = False,
         cluster: Cluster | str | None = None,
+        stream_request_bodies: bool = False,
     ) -> None:
         """
         Args:
@@ -90,6 +91,11 @@ class App:
             cluster: cluster mode (SPEC §7): a ``sw.Cluster`` or a ``postgresql://`` DSN. The
                 objects' leases, KV pairs and alarms live in that PostgreSQL database, shared
                 by every node of the app; see docs/topics/cluster.md.
+            stream_request_bodies: True hands a request with a body to ``fetch`` as soon as
+                its head has arrived: its body is then read with ``await request.read()``,
+                ``text()``, ``json()`` or piece by piece with ``request.stream()`` (``body``
+                is available only once read). Off: the core reads the whole body first, as
+                ``request.body``. See docs/topics/streaming.md.
         """
         if durability not in ("full", "normal"):
             raise ValueError(f'durability is "full" or "normal", not {durability!r}')
@@ -105,6 +111,7 @@ class App:
         self.durability = durability
         self.allowed_origins = None if allowed_origins is None else list(allowed_origins)
         self.compression = compression
+        self.stream_request_bodies = stream_request_bodies
         self.cluster = Cluster(cluster) if isinstance(cluster, str) else cluster
         if self.cluster is not None and not isinstance(self.cluster, Cluster):
             raise TypeError("cluster is a sockworker.Cluster or a postgresql:// DSN")

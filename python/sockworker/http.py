@@ -5,7 +5,7 @@ from __future__ import annotations
 import json as _json
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qsl, urlsplit
 
 if TYPE_CHECKING:
@@ -17,8 +17,23 @@ HeadersInit = Mapping[str, str] | Iterable[tuple[str, str]] | None
 #: A streamed body: an async iterator (or a sync one) of bytes or str chunks.
 BodyChunks = AsyncIterable[bytes | str] | Iterable[bytes | str]
 
-#: The size of the pieces ``Request.stream()`` yields.
+#: The size of the pieces ``Request.stream()`` yields of a body read whole.
 STREAM_PIECE = 64 * 1024
+
+
+class BodyFeed(Protocol):
+    """Where a request body read as it arrives comes from (the runtime's)."""
+
+    async def read(self) -> bytes | None:
+        """The next piece, ``None`` at the end; ``RequestBodyError`` when it cannot be read."""
+        ...
+
+
+class _Taken:
+    """``Request._feed`` once ``stream()`` has begun reading the body."""
+
+
+_TAKEN = _Taken()
 
 
 class Headers(Mapping[str, str]):
@@ -94,11 +109,26 @@ class Request:
     """An HTTP request, as ``fetch`` receives it (or as built for ``stub.fetch``).
 
     Attributes: ``method``, ``url`` (``http://HOST/path?query``), ``path``, ``query_string``,
-    ``headers`` (``Headers``), ``body`` (bytes), ``client`` (the peer, ``"ip:port"``). The body
-    has been read by the core before the handler runs (at most ``Limits.max_body_size`` bytes;
-    a larger body is answered 413 by the core); ``stream()`` yields it in pieces."""
+    ``headers`` (``Headers``), ``body`` (bytes), ``client`` (the peer, ``"ip:port"``).
 
-    __slots__ = ("_query", "body", "client", "headers", "method", "path", "query_string", "url")
+    By default the core has read the body before the handler runs (at most
+    ``Limits.max_body_size`` bytes; a larger body is answered 413 by the core), and
+    ``stream()`` yields it in pieces. With ``App(stream_request_bodies=True)`` a request with a
+    body reaches the handler as soon as its head has arrived: ``await read()``, ``text()`` or
+    ``json()`` wait for the whole body, ``stream()`` yields its pieces as they arrive, and
+    ``body`` raises ``RuntimeError`` until the body has been read."""
+
+    __slots__ = (
+        "_body",
+        "_feed",
+        "_query",
+        "client",
+        "headers",
+        "method",
+        "path",
+        "query_string",
+        "url",
+    )
 
     def __init__(
         self,
@@ -114,17 +144,79 @@ class Request:
         self.path = parts.path or "/"
         self.query_string = parts.query
         self.headers = headers if headers is not None else Headers()
-        self.body = body
+        self._body = body
+        self._feed: BodyFeed | _Taken | None = None
         self.client = client
         self._query: Mapping[str, str] | None = None
 
     @classmethod
     def _from_core(
-        cls, method: str, target: str, raw: list[tuple[str, bytes]], body: bytes, client: str
+        cls,
+        method: str,
+        target: str,
+        raw: list[tuple[str, bytes]],
+        body: bytes,
+        client: str,
+        feed: BodyFeed | None = None,
     ) -> Request:
         headers = Headers._from_raw(raw)
         host = headers.get("host", "localhost")
-        return cls(method, f"http://{host}{target}", headers, body, client)
+        request = cls(method, f"http://{host}{target}", headers, body, client)
+        request._feed = feed
+        return request
+
+    @property
+    def body(self) -> bytes:
+        """The whole body. For a body read as it arrives (``stream_request_bodies``), available
+        once ``await read()`` (or ``text()``, ``json()``) has read it; ``RuntimeError`` before
+        that, or once ``stream()`` has taken it."""
+        if self._feed is not None:
+            how = "was taken by stream()" if self._feed is _TAKEN else "has not been read yet"
+            raise RuntimeError(
+                f"the body of this request is read as it arrives (stream_request_bodies) and {how}:"
+                " await request.read() (or text(), json()) before using request.body"
+            )
+        return self._body
+
+    @body.setter
+    def body(self, value: bytes) -> None:
+        self._body = value
+        self._feed = None
+
+    async def read(self) -> bytes:
+        """The whole body (waits for it when it is read as it arrives; ``RequestBodyError`` if
+        it cannot be, such as past ``Limits.max_body_size``)."""
+        feed = self._feed
+        if feed is None:
+            return self._body
+        if isinstance(feed, _Taken):
+            raise RuntimeError("the body of this request was taken by stream()")
+        self._feed = _TAKEN
+        pieces = []
+        while (piece := await feed.read()) is not None:
+            pieces.append(piece)
+        self.body = b"".join(pieces)
+        return self._body
+
+    #: Cloudflare's name of ``read`` (it answers bytes here).
+    arrayBuffer = read
+
+    async def stream(self) -> AsyncIterator[bytes]:
+        """The body in pieces: as they arrive from the client with
+        ``App(stream_request_bodies=True)`` (once: the body is not kept), else slices of at
+        most 64 KiB of the body the core has read whole. ``RequestBodyError`` when the body
+        cannot be read further (past ``Limits.max_body_size``, too slow, the client gone)."""
+        feed = self._feed
+        if feed is None:
+            body = self._body
+            for start in range(0, len(body), STREAM_PIECE):
+                yield body[start : start + STREAM_PIECE]
+            return
+        if isinstance(feed, _Taken):
+            raise RuntimeError("the body of this request was already taken by stream() or read()")
+        self._feed = _TAKEN
+        while (piece := await feed.read()) is not None:
+            yield piece
 
     @property
     def query(self) -> Mapping[str, str]:
@@ -141,22 +233,13 @@ class Request:
         """The camelCase name of ``query_string``."""
         return self.query_string
 
-    async def stream(self) -> AsyncIterator[bytes]:
-        """The body in pieces of at most 64 KiB, for code written to consume a body
-        incrementally (``async for chunk in request.stream()``). The core has read the whole
-        body before the handler runs (bounded by ``Limits.max_body_size``), so the pieces are
-        slices of ``body``: the memory is the same, nothing arrives later than the handler."""
-        body = self.body
-        for start in range(0, len(body), STREAM_PIECE):
-            yield body[start : start + STREAM_PIECE]
-
     async def text(self) -> str:
         """The body decoded as UTF-8 (``UnicodeDecodeError`` if it is not)."""
-        return self.body.decode("utf-8")
+        return (await self.read()).decode("utf-8")
 
     async def json(self) -> Any:
         """The body parsed as JSON (``json.JSONDecodeError`` if it is not)."""
-        return _json.loads(self.body)
+        return _json.loads(await self.read())
 
     def __repr__(self) -> str:
         return f"<Request {self.method} {self.url}>"

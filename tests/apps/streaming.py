@@ -1,5 +1,7 @@
 """Streamed HTTP bodies (tests/test_streaming.py): responses from iterators, Server-Sent Events,
-request.stream(). Request bodies are limited to 2 MiB.
+request.stream(). Request bodies are limited to 2 MiB. ``app`` reads request bodies whole
+before fetch runs; ``streamed_app`` is the same Worker with stream_request_bodies=True (and a
+1 s handshake_timeout).
 
 Worker routes
   GET  /chunks?n=N        an async generator: "chunk 0\\n" ... "chunk N-1\\n"
@@ -15,6 +17,11 @@ Worker routes
   GET  /empty             a generator that yields nothing
   GET  /status/CODE       a streamed body with that status (204, 304: no body goes out)
   POST /upload            reads the body with request.stream(): {"pieces", "bytes", "sha256"}
+  POST /read              await request.read(): {"bytes", "sha256", "same": request.body after}
+  POST /body-early        request.body before reading: {"error": the RuntimeError's message}
+  POST /incremental/NAME  reads request.stream(), counting what arrived in RECEIVED[NAME]
+  GET  /received/NAME     RECEIVED[NAME]
+  POST /echo              a streamed response of the request's pieces, as they arrive
   GET  /do/NAME           the Ticker object NAME's fetch: a streamed SSE body from the object
   POST /do-next/NAME      the Ticker's next() (lets its stream write and send the next event)
   GET  /do-count/NAME     the Ticker's stored counter
@@ -34,6 +41,7 @@ import sockworker as sw
 GATES: dict[str, asyncio.Event] = defaultdict(asyncio.Event)
 FINISHED: dict[str, bool] = {}
 PULLED: dict[str, int] = defaultdict(int)
+RECEIVED: dict[str, int] = defaultdict(int)
 CHUNK = 64 * 1024
 
 
@@ -157,6 +165,23 @@ async def fetch(request: sw.Request, env: sw.Env, ctx: sw.ExecutionContext) -> s
             size += len(piece)
             digest.update(piece)
         return _json({"pieces": pieces, "bytes": size, "sha256": digest.hexdigest()})
+    if route == "read":
+        data = await request.read()
+        digest = hashlib.sha256(data).hexdigest()
+        return _json({"bytes": len(data), "sha256": digest, "same": request.body == data})
+    if route == "body-early":
+        try:
+            return _json({"bytes": len(request.body)})
+        except RuntimeError as error:
+            return _json({"error": str(error)})
+    if route == "incremental":
+        async for piece in request.stream():
+            RECEIVED[name] += len(piece)
+        return _json(RECEIVED[name])
+    if route == "received":
+        return _json(RECEIVED.get(name, 0))
+    if route == "echo":
+        return sw.Response(request.stream())
     ticker = env.TICKER.get(env.TICKER.id_from_name(name)) if name else None
     if route == "do" and ticker is not None:
         return await ticker.fetch(request)
@@ -172,4 +197,10 @@ app = sw.App(
     fetch=fetch,
     durable_objects={"TICKER": Ticker},
     limits=sw.Limits(max_body_size=2 * 1024 * 1024),
+)
+streamed_app = sw.App(
+    fetch=fetch,
+    durable_objects={"TICKER": Ticker},
+    limits=sw.Limits(max_body_size=2 * 1024 * 1024, handshake_timeout=1.0),
+    stream_request_bodies=True,
 )

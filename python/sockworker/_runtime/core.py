@@ -45,6 +45,7 @@ _EV_ALARM: Final = _native.EV_ALARM
 _EV_RELEASED: Final = _native.EV_RELEASED
 _EV_COMMIT_FAILED: Final = _native.EV_COMMIT_FAILED
 _EV_BODY: Final = _native.EV_BODY
+_EV_REQUEST_BODY: Final = _native.EV_REQUEST_BODY
 
 
 def _cluster_args(app: AppLike) -> tuple[str, str, str, float, float] | None:
@@ -111,6 +112,7 @@ class Runtime:
             cluster=_cluster_args(app),
             reuse_port=reuse_port,
             link_port=link_port,
+            stream_request_bodies=app.stream_request_bodies,
         )
         self.shutdown_timeout = float(shutdown_timeout)
         self.scheme = "https" if certfile else "http"
@@ -257,6 +259,8 @@ class Runtime:
                         self.outgoing.on_connected(*event[1:])
                     elif event[0] == _EV_BODY:
                         self.requests.streams.on_body(event[1], event[2])
+                    elif event[0] == _EV_REQUEST_BODY:
+                        self.requests.streams.on_request_body(event[1], event[2], event[3])
                 done = True
             except Exception:
                 shown = event[:2] if event is not None else None

@@ -58,8 +58,11 @@ class Requests:
         headers: list[tuple[str, bytes]],
         body: bytes,
         peer: str,
+        feed: _native.RequestFeed | None,
     ) -> None:
-        request = Request._from_core(method, target, headers, body, peer)
+        request = Request._from_core(
+            method, target, headers, body, peer, None if feed is None else self.streams.feed(feed)
+        )
         services = self.services
         app = services.app
         nodes = services.nodes

@@ -1,7 +1,10 @@
-"""Streamed response bodies (SPEC §2.1): a ``Response`` whose body is an iterator is answered
-with its head once the first chunk is there, then one chunk at a time, each pulled from the
-iterator once the core has room for it (a BODY event says so when it had none). A client that
-goes away ends the stream: the iterator is closed (``aclose``), its ``finally`` runs."""
+"""Streamed HTTP bodies (SPEC §2.1). A ``Response`` whose body is an iterator is answered with
+its head once the first chunk is there, then one chunk at a time, each pulled from the iterator
+once the core has room for it (a BODY event says so when it had none). A client that goes away
+ends the stream: the iterator is closed (``aclose``), its ``finally`` runs.
+
+A request body read as it arrives (``App(stream_request_bodies=True)``) is asked of the core a
+piece at a time; a REQUEST_BODY event brings each."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 
 from .. import _native
+from ..errors import RequestBodyError
 from ..http import Response
 
 logger = logging.getLogger("sockworker")
@@ -39,12 +43,44 @@ class _Pump:
         self.gone = False
 
 
+class _Feed:
+    """A request body read as it arrives (``http.BodyFeed``)."""
+
+    __slots__ = ("native", "streams")
+
+    def __init__(self, native: _native.RequestFeed, streams: Streams) -> None:
+        self.native = native
+        self.streams = streams
+
+    async def read(self) -> bytes | None:
+        streams = self.streams
+        native = self.native
+        piece: asyncio.Future[tuple[bytes | None, str | None]] = streams.loop.create_future()
+        streams.pieces[native.id] = piece
+        native.read()
+        data, error = await piece
+        if error is not None:
+            raise RequestBodyError(error)
+        return data
+
+
 class Streams:
     """The bodies being streamed, by the core's stream id."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.pumps: dict[int, _Pump] = {}
+        self.pieces: dict[int, asyncio.Future[tuple[bytes | None, str | None]]] = {}
+
+    def feed(self, native: _native.RequestFeed) -> _Feed:
+        return _Feed(native, self)
+
+    def on_request_body(self, feed_id: int, data: bytes | None, error: str | None) -> None:
+        """The core's REQUEST_BODY event: the piece asked for (``None``: the end), or why the
+        body cannot be read."""
+        piece = self.pieces.pop(feed_id, None)
+        if piece is not None and not piece.done():
+            piece.set_result((data, error))
 
     def on_body(self, stream_id: int, open_: bool) -> None:
         """The core's BODY event: room again (``open_``), or the client is gone."""

@@ -54,6 +54,7 @@ fn main() {
         compression: false,
         reuse_port: false,
         link_addr: None,
+        stream_request_bodies: false,
     })
     .unwrap();
     let addr = server.local_addr();

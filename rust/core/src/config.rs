@@ -106,4 +106,7 @@ pub struct ServerConfig {
     /// A second listening address, plain HTTP, served like the first: where other nodes of a
     /// cluster reach this one when `addr` is shared by several processes. Port 0 picks one.
     pub link_addr: Option<SocketAddr>,
+    /// Hand a request with a body to the application at its head, the body read on demand
+    /// (`PendingRequest::feed`), instead of once the whole body has arrived.
+    pub stream_request_bodies: bool,
 }

@@ -10,7 +10,7 @@ use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 use parking_lot::Mutex;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Notify};
 
 use crate::bridge::EventQueue;
 use crate::config::Limits;
@@ -61,6 +61,9 @@ pub enum Event {
     /// A streamed response body has room for more chunks again (`open`), or its client is gone
     /// and nothing more will be sent (`!open`; the last event of the stream).
     Body { stream: u64, open: bool },
+    /// A piece of a request body the application asked for (`RequestBody::read`): `Ok(Some)`
+    /// data, `Ok(None)` the end, `Err` why the body cannot be read (the last event of it).
+    RequestBody { feed: u64, data: Result<Option<Bytes>, String> },
 }
 
 /// The event queue and the registry of the sockets whose events it carries.
@@ -166,6 +169,9 @@ pub struct PendingRequest {
     pub body: Bytes,
     pub peer: SocketAddr,
     pub reply: Reply,
+    /// Set when the request was handed over at its head (`stream_request_bodies`): `body` is
+    /// empty, and the body is read on demand through this.
+    pub feed: Option<RequestBody>,
 }
 
 /// What the application answers.
@@ -502,5 +508,141 @@ impl Drop for StreamBody {
 impl std::fmt::Debug for StreamBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StreamBody").field("id", &self.stream.id).finish_non_exhaustive()
+    }
+}
+
+/// A request body read on demand: the application asks for a piece (`read`), the connection's
+/// task reads it from the client and answers with an `Event::RequestBody`. Dropped, the rest of
+/// the body is not read.
+pub struct RequestBody {
+    feed: Arc<Feed>,
+}
+
+/// What the application's [`RequestBody`] and the connection's reader share.
+pub struct Feed {
+    pub id: u64,
+    /// Pieces asked for and not yet read.
+    wanted: AtomicU64,
+    /// The application dropped its end.
+    closed: std::sync::atomic::AtomicBool,
+    wake: Notify,
+}
+
+impl RequestBody {
+    /// A body fed through a new [`Feed`] (the reader's end).
+    #[must_use]
+    pub fn new() -> (Self, Arc<Feed>) {
+        let feed = Arc::new(Feed {
+            id: NEXT_STREAM.fetch_add(1, Ordering::Relaxed),
+            wanted: AtomicU64::new(0),
+            closed: std::sync::atomic::AtomicBool::new(false),
+            wake: Notify::new(),
+        });
+        (Self { feed: feed.clone() }, feed)
+    }
+
+    /// The number `Event::RequestBody` names the body by.
+    #[must_use]
+    pub fn id(&self) -> u64 {
+        self.feed.id
+    }
+
+    /// Asks for the next piece (an `Event::RequestBody` answers).
+    pub fn read(&self) {
+        self.feed.wanted.fetch_add(1, Ordering::AcqRel);
+        self.feed.wake.notify_one();
+    }
+}
+
+impl Drop for RequestBody {
+    fn drop(&mut self) {
+        self.feed.closed.store(true, Ordering::Release);
+        self.feed.wake.notify_one();
+    }
+}
+
+impl std::fmt::Debug for RequestBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RequestBody").field("id", &self.feed.id).finish_non_exhaustive()
+    }
+}
+
+impl Feed {
+    /// Waits until a piece is asked for (true) or the application dropped its end (false).
+    pub async fn wanted(&self) -> bool {
+        loop {
+            if self.closed.load(Ordering::Acquire) {
+                return false;
+            }
+            let wanted = self.wanted.load(Ordering::Acquire);
+            if wanted > 0 {
+                self.wanted.fetch_sub(1, Ordering::AcqRel);
+                return true;
+            }
+            // (A read between the check and here left a permit: no lost wake-up.)
+            self.wake.notified().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::task::{Context, Poll, Waker};
+
+    use bytes::Bytes;
+    use tokio::sync::oneshot;
+
+    use super::{Answer, Event, Events, Reply, Written, STREAM_HIGH_WATER};
+    use crate::config::Limits;
+
+    fn streamed() -> (Arc<Events>, super::BodyWriter, super::StreamBody) {
+        let events = Arc::new(Events::new().expect("an eventfd"));
+        let (tx, mut rx) = oneshot::channel();
+        let reply = Reply::new(tx, false, events.clone(), Arc::new(Limits::default()), None);
+        let (writer, answering) = reply.respond_stream(200, Vec::new());
+        answering.send();
+        let Ok(Answer::Stream { body, .. }) = rx.try_recv() else { panic!("a streamed answer") };
+        (events, writer, body)
+    }
+
+    fn body_events(events: &Events) -> Vec<bool> {
+        events
+            .drain()
+            .into_iter()
+            .filter_map(|e| if let Event::Body { open, .. } = e { Some(open) } else { None })
+            .collect()
+    }
+
+    #[test]
+    fn a_full_stream_asks_to_wait_and_says_when_it_has_room() {
+        let (events, writer, body) = streamed();
+        let cx = Context::from_waker(Waker::noop());
+        let half = Bytes::from(vec![b'x'; STREAM_HIGH_WATER / 2]);
+        assert_eq!(writer.write(half.clone()), Written::Room);
+        assert_eq!(writer.write(half.clone()), Written::Full);
+        assert!(body_events(&events).is_empty());
+        assert!(matches!(body.poll_chunk(&cx), Poll::Ready(Some(Ok(chunk))) if chunk.len() == half.len()));
+        assert_eq!(body_events(&events), vec![true], "room again: one event");
+        assert!(matches!(body.poll_chunk(&cx), Poll::Ready(Some(Ok(_)))));
+        assert!(body.poll_chunk(&cx).is_pending());
+        writer.finish(true);
+        assert!(matches!(body.poll_chunk(&cx), Poll::Ready(None)));
+        drop(body);
+        assert!(body_events(&events).is_empty(), "ended: no departure to report");
+    }
+
+    #[test]
+    fn a_failed_stream_flushes_once_then_fails_and_a_dropped_one_is_reported() {
+        let (_events, writer, body) = streamed();
+        let cx = Context::from_waker(Waker::noop());
+        drop(writer); // unfinished: failed
+        assert!(body.poll_chunk(&cx).is_pending(), "a turn to flush first");
+        assert!(matches!(body.poll_chunk(&cx), Poll::Ready(Some(Err(_)))));
+
+        let (events, writer, body) = streamed();
+        drop(body); // the client went away
+        assert_eq!(body_events(&events), vec![false]);
+        assert_eq!(writer.write(Bytes::from_static(b"late")), Written::Gone);
     }
 }

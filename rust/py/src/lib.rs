@@ -59,6 +59,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<step::Metered>()?;
     m.add_class::<reply::PendingReply>()?;
     m.add_class::<reply::ResponseStream>()?;
+    m.add_class::<reply::RequestFeed>()?;
     m.add("STREAM_ROOM", reply::STREAM_ROOM)?;
     m.add("STREAM_FULL", reply::STREAM_FULL)?;
     m.add("STREAM_GONE", reply::STREAM_GONE)?;

@@ -3,7 +3,7 @@
 use bytes::Bytes;
 use parking_lot::Mutex;
 use pyo3::prelude::*;
-use sockworker_core::{BodyWriter, CoreError, Reply, Written};
+use sockworker_core::{BodyWriter, CoreError, Reply, RequestBody, Written};
 
 use crate::errors::Result;
 use crate::meter::Slot;
@@ -118,5 +118,26 @@ impl ResponseStream {
         if let Some(writer) = self.writer.lock().take() {
             writer.finish(ok);
         }
+    }
+}
+
+/// A request body read on demand (`App(stream_request_bodies=True)`): `read()` asks for the
+/// next piece, a REQUEST_BODY event brings it. Dropped, the rest of the body is not read.
+#[pyclass(frozen, module = "sockworker._native")]
+pub struct RequestFeed {
+    pub body: RequestBody,
+}
+
+#[pymethods]
+impl RequestFeed {
+    /// The number REQUEST_BODY events name the body by.
+    #[getter]
+    fn id(&self) -> u64 {
+        self.body.id()
+    }
+
+    /// Asks for the next piece of the body.
+    fn read(&self) {
+        self.body.read();
     }
 }

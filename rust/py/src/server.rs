@@ -116,7 +116,7 @@ fn seconds(value: f64, name: &str) -> Result<Duration, CoreError> {
 #[pymethods]
 impl Server {
     #[new]
-    #[pyo3(signature = (host, port, *, limits, io_threads, metering=true, certfile=None, keyfile=None, smallest_cpu_limit=30.0, allowed_origins=None, log_blocked_after=1.0, on_blocked=None, compression=false, data_dir=None, durability="full", reactor=None, cluster=None, reuse_port=false, link_port=None))]
+    #[pyo3(signature = (host, port, *, limits, io_threads, metering=true, certfile=None, keyfile=None, smallest_cpu_limit=30.0, allowed_origins=None, log_blocked_after=1.0, on_blocked=None, compression=false, data_dir=None, durability="full", reactor=None, cluster=None, reuse_port=false, link_port=None, stream_request_bodies=false))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -138,6 +138,7 @@ impl Server {
         cluster: Option<(String, String, String, f64, f64)>,
         reuse_port: bool,
         link_port: Option<u16>,
+        stream_request_bodies: bool,
     ) -> Result<Self> {
         let reactor = reactor.map(|reactor| reactor.inner.clone());
         let socket_limits = limits.inner.clone();
@@ -190,6 +191,7 @@ impl Server {
                 compression,
                 reuse_port,
                 link_addr,
+                stream_request_bodies,
             };
             match reactor {
                 Some(reactor) => sockworker_core::Server::start_in(config, reactor),
