@@ -119,9 +119,9 @@ class Request:
     ``body`` raises ``RuntimeError`` until the body has been read."""
 
     __slots__ = (
-        "_body",
         "_feed",
         "_query",
+        "body",
         "client",
         "headers",
         "method",
@@ -144,7 +144,7 @@ class Request:
         self.path = parts.path or "/"
         self.query_string = parts.query
         self.headers = headers if headers is not None else Headers()
-        self._body = body
+        self.body = body
         self._feed: BodyFeed | _Taken | None = None
         self.client = client
         self._query: Mapping[str, str] | None = None
@@ -161,42 +161,27 @@ class Request:
     ) -> Request:
         headers = Headers._from_raw(raw)
         host = headers.get("host", "localhost")
-        request = cls(method, f"http://{host}{target}", headers, body, client)
+        if feed is None:
+            return cls(method, f"http://{host}{target}", headers, body, client)
+        # (A class of its own, whose body is a property: plain requests keep a plain attribute.)
+        request = _StreamedRequest(method, f"http://{host}{target}", headers, b"", client)
         request._feed = feed
         return request
-
-    @property
-    def body(self) -> bytes:
-        """The whole body. For a body read as it arrives (``stream_request_bodies``), available
-        once ``await read()`` (or ``text()``, ``json()``) has read it; ``RuntimeError`` before
-        that, or once ``stream()`` has taken it."""
-        if self._feed is not None:
-            how = "was taken by stream()" if self._feed is _TAKEN else "has not been read yet"
-            raise RuntimeError(
-                f"the body of this request is read as it arrives (stream_request_bodies) and {how}:"
-                " await request.read() (or text(), json()) before using request.body"
-            )
-        return self._body
-
-    @body.setter
-    def body(self, value: bytes) -> None:
-        self._body = value
-        self._feed = None
 
     async def read(self) -> bytes:
         """The whole body (waits for it when it is read as it arrives; ``RequestBodyError`` if
         it cannot be, such as past ``Limits.max_body_size``)."""
         feed = self._feed
         if feed is None:
-            return self._body
+            return self.body
         if isinstance(feed, _Taken):
             raise RuntimeError("the body of this request was taken by stream()")
         self._feed = _TAKEN
         pieces = []
         while (piece := await feed.read()) is not None:
             pieces.append(piece)
-        self.body = b"".join(pieces)
-        return self._body
+        body = self.body = b"".join(pieces)
+        return body
 
     #: Cloudflare's name of ``read`` (it answers bytes here).
     arrayBuffer = read
@@ -208,7 +193,7 @@ class Request:
         cannot be read further (past ``Limits.max_body_size``, too slow, the client gone)."""
         feed = self._feed
         if feed is None:
-            body = self._body
+            body = self.body
             for start in range(0, len(body), STREAM_PIECE):
                 yield body[start : start + STREAM_PIECE]
             return
@@ -243,6 +228,34 @@ class Request:
 
     def __repr__(self) -> str:
         return f"<Request {self.method} {self.url}>"
+
+
+_BODY: Any = Request.__dict__["body"]  # (the slot's descriptor)
+
+
+class _StreamedRequest(Request):
+    """A request whose body is read as it arrives (``stream_request_bodies``)."""
+
+    __slots__ = ()
+
+    @property
+    def body(self) -> bytes:
+        """The whole body, once ``await read()`` (or ``text()``, ``json()``) has read it;
+        ``RuntimeError`` before that, or once ``stream()`` has taken it."""
+        feed = self._feed
+        if feed is not None:
+            how = "was taken by stream()" if feed is _TAKEN else "has not been read yet"
+            raise RuntimeError(
+                f"the body of this request is read as it arrives (stream_request_bodies) and {how}:"
+                " await request.read() (or text(), json()) before using request.body"
+            )
+        body: bytes = _BODY.__get__(self, Request)
+        return body
+
+    @body.setter
+    def body(self, value: bytes) -> None:
+        _BODY.__set__(self, value)
+        self._feed = None
 
 
 async def _chunks_of(chunks: Iterable[bytes | str]) -> AsyncIterator[bytes | str]:
