@@ -97,6 +97,24 @@ async def test_a_task_the_handler_creates_is_charged_to_it(billing: ServerProces
     assert 15 <= worker["cpu_ms"] <= 15 + OVERHEAD_MS, worker
 
 
+async def test_a_streamed_body_is_charged_to_its_request(billing: ServerProcess) -> None:
+    who = account()
+    assert await get(billing, f"/stream-burn?ms=10&n=3&account={who}") == (200, "0\n1\n2\n")
+    worker = (await usage(billing, who))["worker"]
+    assert 30 <= worker["cpu_ms"] <= 30 + OVERHEAD_MS, worker
+    assert worker["requests"] == 1
+
+
+async def test_an_objects_streamed_body_is_charged_to_the_object(billing: ServerProcess) -> None:
+    who, room = account(), f"cpu-{uuid.uuid4().hex[:8]}"
+    path = f"/room/{room}/stream-burn?ms=10&n=3&account={who}"
+    assert await get(billing, path) == (200, "0\n1\n2\n")
+    sums = await usage(billing, who)
+    obj = sums[object_key(room)]
+    assert 30 <= obj["cpu_ms"] <= 30 + 3 * OVERHEAD_MS, obj
+    assert sums["worker"]["cpu_ms"] < OVERHEAD_MS, sums["worker"]
+
+
 async def test_an_object_is_charged_for_its_own_events(billing: ServerProcess) -> None:
     who, room = account(), f"cpu-{uuid.uuid4().hex[:8]}"
     async with connect(f"{billing.ws}/room/{room}?account={who}") as ws:

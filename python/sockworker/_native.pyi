@@ -21,11 +21,15 @@ EV_CONNECTED: Final = 6
 EV_ALARM: Final = 7
 EV_RELEASED: Final = 8
 EV_COMMIT_FAILED: Final = 9
+EV_BODY: Final = 10
+EV_REQUEST_BODY: Final = 11
 #: The kind of an async step, in the watchdog's report of a blocked loop (never in a batch).
 EV_STEP: Final = 255
 
-#: (kind, reply, method, target, headers, body, peer)
-RequestEvent = tuple[Literal[0], PendingReply, str, str, list[tuple[str, bytes]], bytes, str]
+#: (kind, reply, method, target, headers, body, peer, the body's feed when it is read on demand)
+RequestEvent = tuple[
+    Literal[0], PendingReply, str, str, list[tuple[str, bytes]], bytes, str, RequestFeed | None
+]
 #: (kind, socket id, data)
 MessageEvent = tuple[Literal[1], int, str | bytes]
 #: (kind, socket id, code, reason, was_clean, the handle of an object's socket or None)
@@ -43,6 +47,10 @@ AlarmEvent = tuple[Literal[7], str, str, str | None, int]
 ReleasedEvent = tuple[Literal[8], int, bool]
 #: (kind, owner key, message)
 CommitFailedEvent = tuple[Literal[9], int, str]
+#: (kind, stream id, open: room for more chunks, else the client is gone)
+BodyEvent = tuple[Literal[10], int, bool]
+#: (kind, feed id, a piece or None at the end, why the body cannot be read or None)
+RequestBodyEvent = tuple[Literal[11], int, bytes | None, str | None]
 Event = (
     RequestEvent
     | MessageEvent
@@ -54,6 +62,8 @@ Event = (
     | AlarmEvent
     | ReleasedEvent
     | CommitFailedEvent
+    | BodyEvent
+    | RequestBodyEvent
 )
 
 # -- facts of the core, read by Python rather than repeated ----------------------------------
@@ -194,6 +204,26 @@ class PendingReply:
         slot: Slot | None = None,
         limits: SocketLimits | None = None,
     ) -> SocketHandle: ...
+    def respond_stream(self, status: int, headers: list[tuple[str, bytes]]) -> ResponseStream: ...
+
+#: ``ResponseStream.write`` answers: queued with room for more; queued, wait for a BODY event;
+#: dropped (the client is gone).
+STREAM_ROOM: Final[int]
+STREAM_FULL: Final[int]
+STREAM_GONE: Final[int]
+
+@final
+class ResponseStream:
+    @property
+    def id(self) -> int: ...
+    def write(self, chunk: bytes) -> int: ...
+    def finish(self, ok: bool) -> None: ...
+
+@final
+class RequestFeed:
+    @property
+    def id(self) -> int: ...
+    def read(self) -> None: ...
 
 UNIT_REQUESTS: Final[int]
 UNIT_CONNECTIONS: Final[int]
@@ -289,6 +319,7 @@ class Server:
         metrics: tuple[str, int, bool, int, float] | None = None,
         meter: Meter | None = None,
         access_log: bool = False,
+        stream_request_bodies: bool = False,
     ) -> Self: ...
     @property
     def address(self) -> tuple[str, int]: ...

@@ -68,6 +68,7 @@ class App:
         metrics_accounts: int = DEFAULT_METRICS_ACCOUNTS,
         dashboard: bool = False,
         access_log: bool = False,
+        stream_request_bodies: bool = False,
     ) -> None:
         """
         Args:
@@ -110,6 +111,11 @@ class App:
                 listener (needs ``metrics_port``).
             access_log: one record per HTTP request and per closed WebSocket, to the logger
                 ``sockworker.access`` (see docs/topics/logging.md).
+            stream_request_bodies: True hands a request with a body to ``fetch`` as soon as
+                its head has arrived: its body is then read with ``await request.read()``,
+                ``text()``, ``json()`` or piece by piece with ``request.stream()`` (``body``
+                is available only once read). Off: the core reads the whole body first, as
+                ``request.body``. See docs/topics/streaming.md.
         """
         if metrics_port is not None and not (
             isinstance(metrics_port, int) and 0 <= metrics_port <= 65535
@@ -138,6 +144,7 @@ class App:
         self.durability = durability
         self.allowed_origins = None if allowed_origins is None else list(allowed_origins)
         self.compression = compression
+        self.stream_request_bodies = stream_request_bodies
         self.cluster = Cluster(cluster) if isinstance(cluster, str) else cluster
         if self.cluster is not None and not isinstance(self.cluster, Cluster):
             raise TypeError("cluster is a sockworker.Cluster or a postgresql:// DSN")

@@ -82,10 +82,12 @@ class DurableObjectStub:
             request = Request(method, request, Headers(headers), body)
         nodes = running("reaching a Durable Object").services.nodes
         if nodes is not None:
+            # (A body read as it arrives is read whole first: it may travel to another node.)
+            body = await request.read()
             forwarded = await self._namespace._forward(
                 self.id,
                 "fetch",
-                (request.method, request.url, list(request.headers.items()), request.body),
+                (request.method, request.url, list(request.headers.items()), body),
             )
             if forwarded is not None:
                 return nodes.response(self._namespace, self.id, forwarded)

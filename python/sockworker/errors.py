@@ -28,6 +28,7 @@ __all__ = [
     "InvalidArgument",
     "LimitExceeded",
     "ProtocolError",
+    "RequestBodyError",
     "ResponseError",
     "ServerStartError",
     "SockworkerError",
@@ -46,6 +47,13 @@ class InvalidArgument(SockworkerError, ValueError):
 
 class ResponseError(SockworkerError, RuntimeError):
     """A handler's answer cannot be sent (answered twice, or a WebSocket for a plain request)."""
+
+
+class RequestBodyError(SockworkerError, OSError):
+    """A request body read as it arrives (``App(stream_request_bodies=True)``) cannot be read
+    (further): it is larger than ``Limits.max_body_size``, the client took longer than
+    ``Limits.handshake_timeout`` to send it, or the client went away. If the handler had not
+    answered yet, the core has answered (413, 408 or 400)."""
 
 
 class LimitExceeded(SockworkerError):

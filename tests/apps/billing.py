@@ -14,6 +14,7 @@ import json
 import os
 import time
 import weakref
+from collections.abc import AsyncIterator
 from typing import Any
 
 import sockworker as sw
@@ -97,6 +98,9 @@ class Room(sw.DurableObject):
         constructed[name] = constructed.get(name, 0) + 1
 
     async def fetch(self, request: sw.Request) -> sw.Response:
+        if request.path.endswith("/stream-burn"):
+            query = request.query
+            return sw.Response(burnt_chunks(float(query["ms"]), int(query["n"])))
         if request.path.endswith("/spin"):
             spin()
         if request.path.endswith("/dial"):
@@ -128,6 +132,14 @@ class Room(sw.DurableObject):
 
     def ping(self) -> str:
         return "pong"
+
+
+async def burnt_chunks(ms: float, steps: int) -> AsyncIterator[str]:
+    """A streamed body: each chunk burns ``ms`` of CPU first."""
+    for i in range(steps):
+        burn(ms)
+        yield f"{i}\n"
+        await asyncio.sleep(0)
 
 
 async def burn_in_steps(ms: float, steps: int) -> None:
@@ -164,6 +176,8 @@ async def fetch_async(request: sw.Request, env: sw.Env, ctx: sw.ExecutionContext
     if request.path == "/steps":
         await burn_in_steps(float(query["ms"]), int(query["n"]))
         return sw.Response("burnt in steps")
+    if request.path == "/stream-burn":
+        return sw.Response(burnt_chunks(float(query["ms"]), int(query["n"])))
     if request.path == "/spawn":
         # A task the handler creates is charged to the same account; current_task and
         # timeout keep working inside accounted coroutines.

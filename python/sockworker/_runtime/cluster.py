@@ -352,6 +352,14 @@ class Nodes:
                 raise ClusterError(f"{host.cls.__name__}.fetch must return a Response")
             if response.websocket is not None:
                 return self._accept_for_peer(host, peer, url, response)
+            if response.stream is not None:
+                close = getattr(response.stream, "aclose", None)
+                if close is not None:
+                    await close()
+                raise ClusterError(
+                    f"{host.cls.__name__}.fetch answered a streamed body, which is not forwarded "
+                    "between nodes (yet): stream from a Worker, or return bytes"
+                )
             host.returned(response)
             return ("http", response.status, list(response.headers.items()), response.body)
         if op == "rpc":

@@ -45,6 +45,8 @@ _EV_CONNECTED: Final = _native.EV_CONNECTED
 _EV_ALARM: Final = _native.EV_ALARM
 _EV_RELEASED: Final = _native.EV_RELEASED
 _EV_COMMIT_FAILED: Final = _native.EV_COMMIT_FAILED
+_EV_BODY: Final = _native.EV_BODY
+_EV_REQUEST_BODY: Final = _native.EV_REQUEST_BODY
 
 
 def _cluster_args(app: AppLike) -> tuple[str, str, str, float, float] | None:
@@ -127,6 +129,7 @@ class Runtime:
             metrics=_metrics_args(app),
             meter=app.meter._native,
             access_log=app.access_log,
+            stream_request_bodies=app.stream_request_bodies,
         )
         self.access_log = app.access_log
         self.shutdown_timeout = float(shutdown_timeout)
@@ -279,6 +282,10 @@ class Runtime:
                         self._stop()
                     elif event[0] == _EV_CONNECTED:
                         self.outgoing.on_connected(*event[1:])
+                    elif event[0] == _EV_BODY:
+                        self.requests.streams.on_body(event[1], event[2])
+                    elif event[0] == _EV_REQUEST_BODY:
+                        self.requests.streams.on_request_body(event[1], event[2], event[3])
                 done = True
             except Exception:
                 shown = event[:2] if event is not None else None

@@ -15,8 +15,8 @@ import inspect
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
-from contextvars import ContextVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextvars import ContextVar, copy_context
 from typing import Any, TypeVar
 
 from .. import _native
@@ -529,6 +529,8 @@ class ObjectHost:
                 failure = error
             if slot is not None and not accepted_here(result, slot):
                 slot.add(_native.UNIT_REQUESTS, 1)
+            if isinstance(result, Response) and result.stream is not None:
+                result.stream = self._streamed(result.stream, slot)
             self.charge_rows()
             # What the call answers (or raises) may depend on what it wrote.
             await self.services.gate.released(self.native.key)
@@ -538,6 +540,36 @@ class ObjectHost:
         finally:
             self.in_flight -= 1
             self.touch()
+
+    async def _streamed(
+        self, body: AsyncIterator[bytes | str], slot: _native.Slot | None
+    ) -> AsyncIterator[bytes | str]:
+        """The streamed body of this object's fetch, as the caller iterates it: each step runs
+        as a task of this object (billed to it, as the fetch was), and each chunk waits at the
+        output gate until what the object wrote before it is durable."""
+        services = self.services
+        context = copy_context()
+        context.run(current_host.set, self)
+        self.in_flight += 1
+        try:
+            while True:
+                step = as_coroutine(anext(body))
+                if slot is not None:
+                    step = services.server.metered(step, slot)
+                try:
+                    chunk = await asyncio.Task(step, loop=services.loop, context=context)
+                except StopAsyncIteration:
+                    return
+                finally:
+                    self.charge_rows()
+                await services.gate.released(self.native.key)
+                yield chunk
+        finally:
+            self.in_flight -= 1
+            self.touch()
+            close = getattr(body, "aclose", None)
+            if close is not None:
+                await asyncio.Task(as_coroutine(close()), loop=services.loop, context=context)
 
     def fire_alarm(self, retry: int, *, early: bool = False) -> asyncio.Task[None] | None:
         """The alarm is due (``retry``: failures so far): runs ``alarm()`` if the object's

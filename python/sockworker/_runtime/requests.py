@@ -17,6 +17,7 @@ from .cluster import CLUSTER_PATH
 from .host import ObjectHost, accepted_here
 from .remote import Accepted
 from .services import Services
+from .streaming import Streams
 
 logger = logging.getLogger("sockworker")
 
@@ -48,6 +49,7 @@ class Requests:
     def __init__(self, services: Services) -> None:
         self.services = services
         self.ctx = ExecutionContext(services)
+        self.streams = Streams(services.loop)
 
     def on_request(
         self,
@@ -57,8 +59,11 @@ class Requests:
         headers: list[tuple[str, bytes]],
         body: bytes,
         peer: str,
+        feed: _native.RequestFeed | None,
     ) -> None:
-        request = Request._from_core(method, target, headers, body, peer)
+        request = Request._from_core(
+            method, target, headers, body, peer, None if feed is None else self.streams.feed(feed)
+        )
         services = self.services
         app = services.app
         nodes = services.nodes
@@ -139,6 +144,10 @@ class Requests:
         error: BaseException,
     ) -> None:
         self._count(slot, None)
+        self._answer_error(reply, request, error)
+
+    @staticmethod
+    def _answer_error(reply: _native.PendingReply, request: Request, error: BaseException) -> None:
         if isinstance(error, CpuLimitExceeded):
             logger.error("fetch for %s %s exceeded its CPU limit", request.method, request.url)
             reply.respond(503, _PLAIN, b"Service Unavailable: CPU limit exceeded")
@@ -164,7 +173,9 @@ class Requests:
                 raise ResponseError(
                     f"fetch must return a sockworker.Response, not {type(response).__name__}"
                 )
-            if response.websocket is None:
+            if response.stream is not None:
+                self._stream(reply, request, response)
+            elif response.websocket is None:
                 reply.respond(response.status, response.headers.raw(), response.body)
             else:
                 self._upgrade(reply, request, response)
@@ -172,6 +183,17 @@ class Requests:
             self._fail(reply, request, slot, error)
             return
         self._count(slot, response)
+
+    def _stream(self, reply: _native.PendingReply, request: Request, response: Response) -> None:
+        if response.websocket is not None:
+            raise ResponseError("a Response with a websocket has no body to stream")
+        what = f"{request.method} {request.url}"
+
+        def failed(error: BaseException) -> None:
+            self._answer_error(reply, request, error)
+
+        # A task of the request's (its steps are billed to it, as the handler's were).
+        self.services.spawn(self.streams.respond(reply, response, what, failed), "a streamed body")
 
     def _upgrade(self, reply: _native.PendingReply, request: Request, response: Response) -> None:
         client = response.websocket

@@ -56,6 +56,7 @@ fn main() {
         link_addr: None,
         metrics: None,
         access_log: false,
+        stream_request_bodies: false,
     })
     .unwrap();
     let addr = server.local_addr();

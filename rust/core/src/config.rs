@@ -110,4 +110,7 @@ pub struct ServerConfig {
     pub metrics: Option<crate::metrics::MetricsConfig>,
     /// Every accepted socket counts its own messages and bytes, for the access log.
     pub access_log: bool,
+    /// Hand a request with a body to the application at its head, the body read on demand
+    /// (`PendingRequest::feed`), instead of once the whole body has arrived.
+    pub stream_request_bodies: bool,
 }

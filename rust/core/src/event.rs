@@ -2,12 +2,15 @@
 //! that wait for its answer. [`Events`] is the queue with the socket registry: a socket is
 //! registered and its end reported in one place.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 use parking_lot::Mutex;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Notify};
 
 use crate::bridge::EventQueue;
 use crate::config::Limits;
@@ -56,6 +59,12 @@ pub enum Event {
     Released { token: u64, ok: bool },
     /// A storage commit of the object with this key failed; its held output was dropped.
     CommitFailed { owner: u64, message: String },
+    /// A streamed response body has room for more chunks again (`open`), or its client is gone
+    /// and nothing more will be sent (`!open`; the last event of the stream).
+    Body { stream: u64, open: bool },
+    /// A piece of a request body the application asked for (`RequestBody::read`): `Ok(Some)`
+    /// data, `Ok(None)` the end, `Err` why the body cannot be read (the last event of it).
+    RequestBody { feed: u64, data: Result<Option<Bytes>, String> },
 }
 
 /// The event queue and the registry of the sockets whose events it carries.
@@ -180,6 +189,9 @@ pub struct PendingRequest {
     pub body: Bytes,
     pub peer: SocketAddr,
     pub reply: Reply,
+    /// Set when the request was handed over at its head (`stream_request_bodies`): `body` is
+    /// empty, and the body is read on demand through this.
+    pub feed: Option<RequestBody>,
 }
 
 /// What the application answers.
@@ -187,6 +199,8 @@ pub struct PendingRequest {
 pub enum Answer {
     Http { status: u16, headers: Vec<(String, Bytes)>, body: Bytes },
     Upgrade { headers: Vec<(String, Bytes)>, socket: Opening },
+    /// A head whose body follows in chunks, as the application produces them.
+    Stream { status: u16, headers: Vec<(String, Bytes)>, body: StreamBody },
 }
 
 /// A socket made for a 101 and not yet handed to its connection. Dropped before that (the
@@ -271,6 +285,22 @@ impl Reply {
         Answering { tx: self.tx, answer: Answer::Http { status, headers, body } }
     }
 
+    /// The head of an HTTP answer whose body the application writes in chunks through the
+    /// [`BodyWriter`] (chunked unless `headers` has a Content-Length). The head goes out when
+    /// the answer is sent (now, or once the output gate releases it); chunks written before
+    /// wait behind it.
+    #[must_use]
+    pub fn respond_stream(self, status: u16, headers: Vec<(String, Bytes)>) -> (BodyWriter, Answering) {
+        let stream = Arc::new(BodyStream {
+            id: NEXT_STREAM.fetch_add(1, Ordering::Relaxed),
+            events: self.events.clone(),
+            state: Mutex::new(StreamState::default()),
+        });
+        let body = StreamBody { stream: stream.clone() };
+        let answer = Answer::Stream { status, headers, body };
+        (BodyWriter { stream }, Answering { tx: self.tx, answer })
+    }
+
     /// Makes the socket the connection will become, and the 101 answer that opens it; `slot` is
     /// billed the connection (when the 101 goes out) and then the socket's traffic.
     ///
@@ -330,5 +360,323 @@ impl Answering {
         if let Answer::Upgrade { socket, .. } = self.answer {
             socket.end(close_code::INTERNAL_ERROR, "the answer was dropped");
         }
+    }
+}
+
+/// Bytes of a streamed body queued in the core past which the application is asked to wait
+/// (the next chunk is pulled once the connection has taken some): a slow client holds at most
+/// this much (plus one chunk) per response.
+pub const STREAM_HIGH_WATER: usize = 64 * 1024;
+
+static NEXT_STREAM: AtomicU64 = AtomicU64::new(1);
+
+/// The chunks of one streamed response body, between the application (its [`BodyWriter`]) and
+/// the connection (its [`StreamBody`]).
+struct BodyStream {
+    id: u64,
+    events: Arc<Events>,
+    state: Mutex<StreamState>,
+}
+
+#[derive(Default)]
+struct StreamState {
+    chunks: VecDeque<Bytes>,
+    queued: usize,
+    /// Set once the writer has ended the body: completely (`Some(true)`) or failed.
+    end: Option<bool>,
+    /// The connection's task, waiting for a chunk.
+    waker: Option<Waker>,
+    /// The writer was told the queue is full: an `Event::Body` follows when it has room.
+    want_room: bool,
+    /// The connection dropped the body (sent, refused, or the client went away).
+    gone: bool,
+    /// The body failed and the connection was given a turn to flush what came before.
+    flushed: bool,
+}
+
+/// What [`BodyWriter::write`] answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Written {
+    /// Queued; there is room for more.
+    Room,
+    /// Queued; wait for an `Event::Body` before writing more.
+    Full,
+    /// Dropped: the client is gone (an `Event::Body` that says so follows, if not already sent).
+    Gone,
+}
+
+/// The application's end of a streamed body. Dropped before [`Self::finish`], the body fails
+/// (the connection is closed: the client sees it truncated).
+pub struct BodyWriter {
+    stream: Arc<BodyStream>,
+}
+
+impl BodyWriter {
+    /// The stream's number, as `Event::Body` names it.
+    #[must_use]
+    pub fn id(&self) -> u64 {
+        self.stream.id
+    }
+
+    /// Queues a chunk (an empty one is not sent: it would end a chunked body).
+    pub fn write(&self, chunk: Bytes) -> Written {
+        let mut state = self.stream.state.lock();
+        if state.gone {
+            return Written::Gone;
+        }
+        if state.end.is_some() {
+            return Written::Gone;
+        }
+        if !chunk.is_empty() {
+            state.queued += chunk.len();
+            state.chunks.push_back(chunk);
+            if let Some(waker) = state.waker.take() {
+                waker.wake();
+            }
+        }
+        if state.queued >= STREAM_HIGH_WATER {
+            state.want_room = true;
+            Written::Full
+        } else {
+            Written::Room
+        }
+    }
+
+    /// Ends the body: completely (`ok`), or failed (the connection is closed after what was
+    /// queued, without the final chunk). Later calls change nothing.
+    pub fn finish(&self, ok: bool) {
+        let mut state = self.stream.state.lock();
+        if state.end.is_none() {
+            state.end = Some(ok);
+            if let Some(waker) = state.waker.take() {
+                waker.wake();
+            }
+        }
+    }
+}
+
+impl Drop for BodyWriter {
+    fn drop(&mut self) {
+        self.finish(false);
+    }
+}
+
+impl std::fmt::Debug for BodyWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BodyWriter").field("id", &self.stream.id).finish_non_exhaustive()
+    }
+}
+
+/// The connection's end of a streamed body. Dropped before the body ended (the client went away,
+/// or the answer was never sent), the application is told with `Event::Body { open: false }`.
+pub struct StreamBody {
+    stream: Arc<BodyStream>,
+}
+
+/// Why a streamed body failed: the application's iterator raised (its traceback is logged by
+/// the application).
+#[derive(Debug)]
+pub struct BodyFailed;
+
+impl std::fmt::Display for BodyFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the application failed while streaming the response body")
+    }
+}
+
+impl std::error::Error for BodyFailed {}
+
+impl StreamBody {
+    /// The next chunk: `Some(Ok)`, `None` at the end, `Some(Err)` when the body failed.
+    pub fn poll_chunk(&self, cx: &Context<'_>) -> Poll<Option<Result<Bytes, BodyFailed>>> {
+        let mut state = self.stream.state.lock();
+        if let Some(chunk) = state.chunks.pop_front() {
+            state.queued -= chunk.len();
+            if state.want_room && state.queued < STREAM_HIGH_WATER {
+                state.want_room = false;
+                drop(state);
+                self.stream.events.push(Event::Body { stream: self.stream.id, open: true });
+            }
+            return Poll::Ready(Some(Ok(chunk)));
+        }
+        match state.end {
+            Some(true) => Poll::Ready(None),
+            // hyper drops its write buffer when a body fails: a turn (Pending, woken at once)
+            // lets it flush the head and the chunks before, so the client sees the cut.
+            Some(false) if !state.flushed => {
+                state.flushed = true;
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+            Some(false) => Poll::Ready(Some(Err(BodyFailed))),
+            None => {
+                if !state.waker.as_ref().is_some_and(|waker| waker.will_wake(cx.waker())) {
+                    state.waker = Some(cx.waker().clone());
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    /// The body is complete (nothing queued, and the writer ended it).
+    #[must_use]
+    pub fn is_end(&self) -> bool {
+        let state = self.stream.state.lock();
+        state.chunks.is_empty() && state.end == Some(true)
+    }
+}
+
+impl Drop for StreamBody {
+    fn drop(&mut self) {
+        let mut state = self.stream.state.lock();
+        state.gone = true;
+        state.chunks.clear();
+        let ended = state.end.is_some();
+        drop(state);
+        if !ended {
+            self.stream.events.push(Event::Body { stream: self.stream.id, open: false });
+        }
+    }
+}
+
+impl std::fmt::Debug for StreamBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamBody").field("id", &self.stream.id).finish_non_exhaustive()
+    }
+}
+
+/// A request body read on demand: the application asks for a piece (`read`), the connection's
+/// task reads it from the client and answers with an `Event::RequestBody`. Dropped, the rest of
+/// the body is not read.
+pub struct RequestBody {
+    feed: Arc<Feed>,
+}
+
+/// What the application's [`RequestBody`] and the connection's reader share.
+pub struct Feed {
+    pub id: u64,
+    /// Pieces asked for and not yet read.
+    wanted: AtomicU64,
+    /// The application dropped its end.
+    closed: std::sync::atomic::AtomicBool,
+    wake: Notify,
+}
+
+impl RequestBody {
+    /// A body fed through a new [`Feed`] (the reader's end).
+    #[must_use]
+    pub fn new() -> (Self, Arc<Feed>) {
+        let feed = Arc::new(Feed {
+            id: NEXT_STREAM.fetch_add(1, Ordering::Relaxed),
+            wanted: AtomicU64::new(0),
+            closed: std::sync::atomic::AtomicBool::new(false),
+            wake: Notify::new(),
+        });
+        (Self { feed: feed.clone() }, feed)
+    }
+
+    /// The number `Event::RequestBody` names the body by.
+    #[must_use]
+    pub fn id(&self) -> u64 {
+        self.feed.id
+    }
+
+    /// Asks for the next piece (an `Event::RequestBody` answers).
+    pub fn read(&self) {
+        self.feed.wanted.fetch_add(1, Ordering::AcqRel);
+        self.feed.wake.notify_one();
+    }
+}
+
+impl Drop for RequestBody {
+    fn drop(&mut self) {
+        self.feed.closed.store(true, Ordering::Release);
+        self.feed.wake.notify_one();
+    }
+}
+
+impl std::fmt::Debug for RequestBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RequestBody").field("id", &self.feed.id).finish_non_exhaustive()
+    }
+}
+
+impl Feed {
+    /// Waits until a piece is asked for (true) or the application dropped its end (false).
+    pub async fn wanted(&self) -> bool {
+        loop {
+            if self.closed.load(Ordering::Acquire) {
+                return false;
+            }
+            let wanted = self.wanted.load(Ordering::Acquire);
+            if wanted > 0 {
+                self.wanted.fetch_sub(1, Ordering::AcqRel);
+                return true;
+            }
+            // (A read between the check and here left a permit: no lost wake-up.)
+            self.wake.notified().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::task::{Context, Poll, Waker};
+
+    use bytes::Bytes;
+    use tokio::sync::oneshot;
+
+    use super::{Answer, Event, Events, Reply, Written, STREAM_HIGH_WATER};
+    use crate::config::Limits;
+
+    fn streamed() -> (Arc<Events>, super::BodyWriter, super::StreamBody) {
+        let events = Arc::new(Events::new().expect("an eventfd"));
+        let (tx, mut rx) = oneshot::channel();
+        let reply = Reply::new(tx, false, events.clone(), Arc::new(Limits::default()), None);
+        let (writer, answering) = reply.respond_stream(200, Vec::new());
+        answering.send();
+        let Ok(Answer::Stream { body, .. }) = rx.try_recv() else { panic!("a streamed answer") };
+        (events, writer, body)
+    }
+
+    fn body_events(events: &Events) -> Vec<bool> {
+        events
+            .drain()
+            .into_iter()
+            .filter_map(|e| if let Event::Body { open, .. } = e { Some(open) } else { None })
+            .collect()
+    }
+
+    #[test]
+    fn a_full_stream_asks_to_wait_and_says_when_it_has_room() {
+        let (events, writer, body) = streamed();
+        let cx = Context::from_waker(Waker::noop());
+        let half = Bytes::from(vec![b'x'; STREAM_HIGH_WATER / 2]);
+        assert_eq!(writer.write(half.clone()), Written::Room);
+        assert_eq!(writer.write(half.clone()), Written::Full);
+        assert!(body_events(&events).is_empty());
+        assert!(matches!(body.poll_chunk(&cx), Poll::Ready(Some(Ok(chunk))) if chunk.len() == half.len()));
+        assert_eq!(body_events(&events), vec![true], "room again: one event");
+        assert!(matches!(body.poll_chunk(&cx), Poll::Ready(Some(Ok(_)))));
+        assert!(body.poll_chunk(&cx).is_pending());
+        writer.finish(true);
+        assert!(matches!(body.poll_chunk(&cx), Poll::Ready(None)));
+        drop(body);
+        assert!(body_events(&events).is_empty(), "ended: no departure to report");
+    }
+
+    #[test]
+    fn a_failed_stream_flushes_once_then_fails_and_a_dropped_one_is_reported() {
+        let (_events, writer, body) = streamed();
+        let cx = Context::from_waker(Waker::noop());
+        drop(writer); // unfinished: failed
+        assert!(body.poll_chunk(&cx).is_pending(), "a turn to flush first");
+        assert!(matches!(body.poll_chunk(&cx), Poll::Ready(Some(Err(_)))));
+
+        let (events, writer, body) = streamed();
+        drop(body); // the client went away
+        assert_eq!(body_events(&events), vec![false]);
+        assert_eq!(writer.write(Bytes::from_static(b"late")), Written::Gone);
     }
 }

@@ -34,7 +34,7 @@ pub use bridge::EventQueue;
 pub use client::ConnectRequest;
 pub use config::{Limits, ServerConfig};
 pub use error::CoreError;
-pub use event::{Answer, Answering, Event, Events, PendingRequest, Reply};
+pub use event::{Answer, Answering, BodyWriter, Event, Events, PendingRequest, Reply, RequestBody, Written};
 pub use frame::Payload;
 pub use meter::{Label, Meter, Slot, Unit};
 pub use object::{ObjectRegistry, ObjectShared, SocketMeta};

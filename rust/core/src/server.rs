@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming as IncomingBody;
 use hyper::header::{HeaderName, HeaderValue};
 use hyper::server::conn::http1;
@@ -24,7 +24,7 @@ use crate::client::{self, ConnectRequest};
 use crate::config::{Limits, ServerConfig, HANDSHAKE_HEADERS, MAX_HEADERS};
 use crate::connection;
 use crate::error::CoreError;
-use crate::event::{Answer, Event, Events, PendingRequest, Reply};
+use crate::event::{Answer, BodyFailed, Event, Events, Feed, PendingRequest, Reply, RequestBody, StreamBody};
 use crate::gate::OutputGate;
 use crate::handshake::{self, Upgrade};
 use crate::metrics::{MetricsServer, Sources};
@@ -47,6 +47,8 @@ pub struct ServerCtx {
     http_served: AtomicU64,
     allowed_origins: Option<Vec<String>>,
     compression: bool,
+    /// Requests with a body are handed over at their head (see `ServerConfig`).
+    stream_request_bodies: bool,
     stop_accepting: Notify,
     /// Set when the server speaks TLS (https:// and wss://).
     tls: Option<tokio_rustls::TlsAcceptor>,
@@ -61,6 +63,7 @@ impl ServerCtx {
             http_served: AtomicU64::new(0),
             allowed_origins: config.allowed_origins.take(),
             compression: config.compression,
+            stream_request_bodies: config.stream_request_bodies,
             stop_accepting: Notify::new(),
             tls: config.tls.take().map(tokio_rustls::TlsAcceptor::from),
         })
@@ -91,7 +94,29 @@ impl ServerCtx {
     }
 }
 
-type Body = Full<Bytes>;
+/// A response body: whole (every answer but a streamed one), or in chunks as the application
+/// writes them.
+type Body = Either<Full<Bytes>, StreamBody>;
+
+impl hyper::body::Body for StreamBody {
+    type Data = Bytes;
+    type Error = BodyFailed;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BodyFailed>>> {
+        self.poll_chunk(cx).map(|chunk| chunk.map(|chunk| chunk.map(hyper::body::Frame::data)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.is_end()
+    }
+}
+
+fn whole(body: Bytes) -> Body {
+    Either::Left(Full::new(body))
+}
 
 /// Checks headers the application wants to send: a name that is not a token, or a value with
 /// CR, LF or NUL, would make hyper fail the response.
@@ -122,7 +147,7 @@ pub fn check_headers(headers: &[(String, Bytes)]) -> Result<(), CoreError> {
 }
 
 fn plain(status: StatusCode, text: &'static str) -> Response<Body> {
-    let mut response = Response::new(Full::new(Bytes::from_static(text.as_bytes())));
+    let mut response = Response::new(whole(Bytes::from_static(text.as_bytes())));
     *response.status_mut() = status;
     response
         .headers_mut()
@@ -182,19 +207,16 @@ async fn handle(
     };
     let on_upgrade = accept.as_ref().map(|_| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
-    // The body is bounded in time as the head is: a client trickling it would otherwise hold
-    // the connection (and its buffers) forever.
-    let collect = Limited::new(body, ctx.limits.max_body_size).collect();
-    let body = match tokio::time::timeout(ctx.limits.handshake_timeout, collect).await {
-        Ok(Ok(collected)) => collected.to_bytes(),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
-            return Ok(plain(StatusCode::PAYLOAD_TOO_LARGE, "request body too large"))
-        }
-        Ok(Err(_)) => return Ok(plain(StatusCode::BAD_REQUEST, "could not read the request body")),
-        Err(_) => {
-            let mut response = plain(StatusCode::REQUEST_TIMEOUT, "request body not received in time");
-            response.headers_mut().insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
-            return Ok(response);
+    let streamed = ctx.stream_request_bodies && accept.is_none() && !hyper::body::Body::is_end_stream(&body);
+    let (body, feed, body_failed) = if streamed {
+        let (request_body, feed) = RequestBody::new();
+        let (failed, body_failed) = oneshot::channel();
+        runtime::spawn(feed_body(body, feed, ctx.limits.clone(), ctx.events.clone(), failed));
+        (Bytes::new(), Some(request_body), Some(body_failed))
+    } else {
+        match read_body(body, &ctx.limits).await {
+            Ok(body) => (body, None, None),
+            Err(why) => return Ok(why.response()),
         }
     };
     let headers = parts
@@ -211,13 +233,29 @@ async fn handle(
         body,
         peer,
         reply: Reply::new(tx, accept.is_some(), ctx.events.clone(), ctx.limits.clone(), deflate),
+        feed,
     }));
-    let Ok(answer) = rx.await else {
+    let answer = match body_failed {
+        None => rx.await,
+        // A streamed body that fails before the application answered is answered by the core.
+        Some(body_failed) => tokio::select! {
+            answer = rx => answer,
+            Ok(why) = body_failed => return Ok(why.response()),
+        },
+    };
+    let Ok(answer) = answer else {
         return Ok(plain(StatusCode::INTERNAL_SERVER_ERROR, "Internal Server Error"));
     };
     let response = match answer {
         Answer::Http { status, headers, body } => {
-            let mut response = Response::new(Full::new(body));
+            let mut response = Response::new(whole(body));
+            *response.status_mut() =
+                StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            with_headers(response, headers)
+        }
+        Answer::Stream { status, headers, body } => {
+            // Without a Content-Length of the application's, hyper sends it chunked (HTTP/1.1).
+            let mut response = Response::new(Either::Right(body));
             *response.status_mut() =
                 StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
             with_headers(response, headers)
@@ -230,7 +268,7 @@ async fn handle(
             // open its next connection: never as both.
             counted.release();
             runtime::spawn(upgraded(on_upgrade, socket.open(), ctx.events.clone()));
-            let mut response = Response::new(Full::new(Bytes::new()));
+            let mut response = Response::new(whole(Bytes::new()));
             *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
             let h = response.headers_mut();
             h.insert(hyper::header::UPGRADE, HeaderValue::from_static("websocket"));
@@ -252,6 +290,108 @@ async fn handle(
         log::error!("invalid response from the application to {} {}: {e}", parts.method, parts.uri.path());
         plain(StatusCode::INTERNAL_SERVER_ERROR, "Internal Server Error")
     }))
+}
+
+/// Why a request body could not be read.
+#[derive(Debug, Clone, Copy)]
+enum BodyError {
+    TooLarge,
+    Unreadable,
+    TooSlow,
+}
+
+impl BodyError {
+    fn response(self) -> Response<Body> {
+        match self {
+            Self::TooLarge => plain(StatusCode::PAYLOAD_TOO_LARGE, "request body too large"),
+            Self::Unreadable => plain(StatusCode::BAD_REQUEST, "could not read the request body"),
+            Self::TooSlow => {
+                let mut response = plain(StatusCode::REQUEST_TIMEOUT, "request body not received in time");
+                response.headers_mut().insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
+                response
+            }
+        }
+    }
+
+    fn message(self, limits: &Limits) -> String {
+        match self {
+            Self::TooLarge => {
+                format!("the request body is larger than max_body_size ({} bytes)", limits.max_body_size)
+            }
+            Self::Unreadable => "the request body could not be read (the client went away or sent bad \
+                                 chunked encoding)"
+                .into(),
+            Self::TooSlow => format!(
+                "the request body did not arrive within handshake_timeout ({:.1} s)",
+                limits.handshake_timeout.as_secs_f64()
+            ),
+        }
+    }
+}
+
+fn body_error(error: &(dyn std::error::Error + Send + Sync + 'static)) -> BodyError {
+    if error.is::<http_body_util::LengthLimitError>() {
+        BodyError::TooLarge
+    } else {
+        BodyError::Unreadable
+    }
+}
+
+/// The whole body, bounded in size, and in time as the head is: a client trickling it would
+/// otherwise hold the connection (and its buffers) forever.
+async fn read_body(body: IncomingBody, limits: &Limits) -> Result<Bytes, BodyError> {
+    let collect = Limited::new(body, limits.max_body_size).collect();
+    match tokio::time::timeout(limits.handshake_timeout, collect).await {
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) => Err(body_error(&*e)),
+        Err(_) => Err(BodyError::TooSlow),
+    }
+}
+
+/// Reads a streamed request body for the application, a piece each time it asks, until the end,
+/// an error, or the application drops its end. The limits are those of a whole body: at most
+/// `max_body_size` bytes, and at most `handshake_timeout` spent waiting for the client (time
+/// the application takes between two pieces is not the client's). A failure is answered by the
+/// core through `failed` while the application has not answered.
+async fn feed_body(
+    body: IncomingBody,
+    feed: Arc<Feed>,
+    limits: Arc<Limits>,
+    events: Arc<Events>,
+    failed: oneshot::Sender<BodyError>,
+) {
+    let mut body = Limited::new(body, limits.max_body_size);
+    let mut budget = limits.handshake_timeout;
+    while feed.wanted().await {
+        let started = tokio::time::Instant::now();
+        let piece = loop {
+            let left = budget.saturating_sub(started.elapsed());
+            match tokio::time::timeout(left, body.frame()).await {
+                Ok(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) if !data.is_empty() => break Ok(Some(data)),
+                    _ => {} // (trailers, or an empty frame)
+                },
+                Ok(None) => break Ok(None),
+                Ok(Some(Err(e))) => break Err(body_error(&*e)),
+                Err(_) => break Err(BodyError::TooSlow),
+            }
+        };
+        budget = budget.saturating_sub(started.elapsed());
+        match piece {
+            Ok(data) => {
+                let end = data.is_none();
+                events.push(Event::RequestBody { feed: feed.id, data: Ok(data) });
+                if end {
+                    return;
+                }
+            }
+            Err(why) => {
+                let _ = failed.send(why);
+                events.push(Event::RequestBody { feed: feed.id, data: Err(why.message(&limits)) });
+                return;
+            }
+        }
+    }
 }
 
 /// The stream a WebSocket task drives, once hyper has handed it over.

@@ -1,6 +1,6 @@
 //! Core events to Python tuples, a whole batch under one GIL acquisition.
 //! Tuple shapes (the first item is the kind):
-//!   (REQUEST, reply, method, target, headers: list[(str, bytes)], body, peer)
+//!   (REQUEST, reply, method, target, headers: list[(str, bytes)], body, peer, RequestFeed | None)
 //!   (MESSAGE, socket_id, str | bytes)
 //!   (CLOSE, socket_id, code, reason, was_clean, SocketHandle of an object's socket | None)
 //!   (ERROR, socket_id, message)
@@ -10,6 +10,8 @@
 //!   (ALARM, namespace, object_id, id name | None, retry)
 //!   (RELEASED, token, ok)
 //!   (COMMIT_FAILED, owner key, message)
+//!   (BODY, stream id, open)
+//!   (REQUEST_BODY, feed id, bytes | None at the end, error message | None)
 
 use std::sync::Arc;
 
@@ -18,7 +20,7 @@ use pyo3::types::{PyBytes, PyList};
 use sockworker_core::{Event, Slot};
 
 use crate::message::to_python;
-use crate::reply::PendingReply;
+use crate::reply::{PendingReply, RequestFeed};
 use crate::socket::SocketHandle;
 
 const REQUEST: u8 = 0;
@@ -31,6 +33,8 @@ const CONNECTED: u8 = 6;
 const ALARM: u8 = 7;
 const RELEASED: u8 = 8;
 const COMMIT_FAILED: u8 = 9;
+const BODY: u8 = 10;
+const REQUEST_BODY: u8 = 11;
 
 pub fn add_event_kinds(m: &Bound<'_, PyModule>) -> PyResult<()> {
     for (name, value) in [
@@ -44,6 +48,8 @@ pub fn add_event_kinds(m: &Bound<'_, PyModule>) -> PyResult<()> {
         ("EV_ALARM", ALARM),
         ("EV_RELEASED", RELEASED),
         ("EV_COMMIT_FAILED", COMMIT_FAILED),
+        ("EV_BODY", BODY),
+        ("EV_REQUEST_BODY", REQUEST_BODY),
         ("EV_STEP", STEP),
     ] {
         m.add(name, value)?;
@@ -105,6 +111,8 @@ fn kind_of(event: &Event) -> u8 {
         Event::Alarm { .. } => ALARM,
         Event::Released { .. } => RELEASED,
         Event::CommitFailed { .. } => COMMIT_FAILED,
+        Event::Body { .. } => BODY,
+        Event::RequestBody { .. } => REQUEST_BODY,
     }
 }
 
@@ -123,6 +131,7 @@ fn event_tuple(py: Python<'_>, event: Event) -> PyResult<Bound<'_, PyAny>> {
                     headers.append((name.as_str(), PyBytes::new(py, value)))?;
                 }
                 let reply = Bound::new(py, PendingReply::new(request.reply))?;
+                let feed = request.feed.map(|body| RequestFeed { body });
                 (
                     REQUEST,
                     reply,
@@ -131,6 +140,7 @@ fn event_tuple(py: Python<'_>, event: Event) -> PyResult<Bound<'_, PyAny>> {
                     headers,
                     PyBytes::new(py, &request.body),
                     request.peer.to_string(),
+                    feed,
                 )
                     .into_pyobject(py)?
                     .into_any()
@@ -149,6 +159,15 @@ fn event_tuple(py: Python<'_>, event: Event) -> PyResult<Bound<'_, PyAny>> {
             Event::CommitFailed { owner, message } => {
                 (COMMIT_FAILED, owner, message).into_pyobject(py)?.into_any()
             }
+            Event::Body { stream, open } => (BODY, stream, open).into_pyobject(py)?.into_any(),
+            Event::RequestBody { feed, data } => match data {
+                Ok(data) => (REQUEST_BODY, feed, data.map(|data| PyBytes::new(py, &data)), None::<String>)
+                    .into_pyobject(py)?
+                    .into_any(),
+                Err(why) => {
+                    (REQUEST_BODY, feed, None::<Bound<'_, PyBytes>>, Some(why)).into_pyobject(py)?.into_any()
+                }
+            },
             Event::Connected { token, result } => match result {
                 Ok((socket, protocol)) => {
                     (CONNECTED, token, Some(SocketHandle { socket }), protocol, None::<String>)

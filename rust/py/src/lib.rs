@@ -58,6 +58,11 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<server::Server>()?;
     m.add_class::<step::Metered>()?;
     m.add_class::<reply::PendingReply>()?;
+    m.add_class::<reply::ResponseStream>()?;
+    m.add_class::<reply::RequestFeed>()?;
+    m.add("STREAM_ROOM", reply::STREAM_ROOM)?;
+    m.add("STREAM_FULL", reply::STREAM_FULL)?;
+    m.add("STREAM_GONE", reply::STREAM_GONE)?;
     m.add_class::<server::Batch>()?;
     m.add_class::<meter::Meter>()?;
     m.add_class::<meter::Slot>()?;

@@ -3,7 +3,7 @@
 use bytes::Bytes;
 use parking_lot::Mutex;
 use pyo3::prelude::*;
-use sockworker_core::{CoreError, Reply};
+use sockworker_core::{BodyWriter, CoreError, Reply, RequestBody, Written};
 
 use crate::errors::Result;
 use crate::meter::Slot;
@@ -46,6 +46,17 @@ impl PendingReply {
         Ok(())
     }
 
+    /// Answers with a head whose body follows through the `ResponseStream` returned (chunked
+    /// unless the headers have a Content-Length). The output gate may hold the head; chunks
+    /// written meanwhile wait behind it.
+    fn respond_stream(&self, status: u16, headers: Vec<(String, Vec<u8>)>) -> Result<ResponseStream> {
+        let headers = header_list(headers);
+        sockworker_core::server::check_headers(&headers)?;
+        let (writer, answering) = self.take()?.respond_stream(status, headers);
+        sockworker_core::gate::answer(answering);
+        Ok(ResponseStream { writer: Mutex::new(Some(writer)) })
+    }
+
     /// Answers 101; the socket is held to `limits` (a namespace's) instead of the app's.
     #[pyo3(signature = (headers, slot=None, limits=None))]
     fn accept_websocket(
@@ -68,5 +79,65 @@ impl PendingReply {
                 Err(error.into())
             }
         }
+    }
+}
+
+/// `ResponseStream.write` answers: queued, room for more.
+pub const STREAM_ROOM: u8 = 0;
+/// Queued; wait for a BODY event (open) before writing more.
+pub const STREAM_FULL: u8 = 1;
+/// Dropped: the client is gone (a BODY event, not open, follows unless already sent).
+pub const STREAM_GONE: u8 = 2;
+
+/// The application's end of a streamed response body. Dropped (or `finish(False)`) before
+/// `finish(True)`, the connection is closed and the client sees the body cut short.
+#[pyclass(frozen, module = "sockworker._native")]
+pub struct ResponseStream {
+    writer: Mutex<Option<BodyWriter>>,
+}
+
+#[pymethods]
+impl ResponseStream {
+    /// The number BODY events name the stream by (0 once finished).
+    #[getter]
+    fn id(&self) -> u64 {
+        self.writer.lock().as_ref().map_or(0, BodyWriter::id)
+    }
+
+    /// Queues a chunk: `STREAM_ROOM`, `STREAM_FULL` or `STREAM_GONE`.
+    fn write(&self, chunk: Vec<u8>) -> u8 {
+        match self.writer.lock().as_ref().map(|writer| writer.write(Bytes::from(chunk))) {
+            Some(Written::Room) => STREAM_ROOM,
+            Some(Written::Full) => STREAM_FULL,
+            Some(Written::Gone) | None => STREAM_GONE,
+        }
+    }
+
+    /// Ends the body: completely (`ok`), or cut short. Later calls do nothing.
+    fn finish(&self, ok: bool) {
+        if let Some(writer) = self.writer.lock().take() {
+            writer.finish(ok);
+        }
+    }
+}
+
+/// A request body read on demand (`App(stream_request_bodies=True)`): `read()` asks for the
+/// next piece, a REQUEST_BODY event brings it. Dropped, the rest of the body is not read.
+#[pyclass(frozen, module = "sockworker._native")]
+pub struct RequestFeed {
+    pub body: RequestBody,
+}
+
+#[pymethods]
+impl RequestFeed {
+    /// The number REQUEST_BODY events name the body by.
+    #[getter]
+    fn id(&self) -> u64 {
+        self.body.id()
+    }
+
+    /// Asks for the next piece of the body.
+    fn read(&self) {
+        self.body.read();
     }
 }

@@ -122,7 +122,7 @@ fn seconds(value: f64, name: &str) -> Result<Duration, CoreError> {
 #[pymethods]
 impl Server {
     #[new]
-    #[pyo3(signature = (host, port, *, limits, io_threads, metering=true, certfile=None, keyfile=None, smallest_cpu_limit=30.0, allowed_origins=None, log_blocked_after=1.0, on_blocked=None, compression=false, data_dir=None, durability="full", reactor=None, cluster=None, reuse_port=false, link_port=None, metrics=None, meter=None, access_log=false))]
+    #[pyo3(signature = (host, port, *, limits, io_threads, metering=true, certfile=None, keyfile=None, smallest_cpu_limit=30.0, allowed_origins=None, log_blocked_after=1.0, on_blocked=None, compression=false, data_dir=None, durability="full", reactor=None, cluster=None, reuse_port=false, link_port=None, metrics=None, meter=None, access_log=false, stream_request_bodies=false))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -147,6 +147,7 @@ impl Server {
         metrics: Option<(String, u16, bool, usize, f64)>,
         meter: Option<&Meter>,
         access_log: bool,
+        stream_request_bodies: bool,
     ) -> Result<Self> {
         let meter = meter.map(|meter| meter.inner.clone());
         let reactor = reactor.map(|reactor| reactor.inner.clone());
@@ -215,6 +216,7 @@ impl Server {
                 link_addr,
                 metrics,
                 access_log,
+                stream_request_bodies,
             };
             match reactor {
                 Some(reactor) => sockworker_core::Server::start_in(config, reactor),
