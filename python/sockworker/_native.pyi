@@ -21,6 +21,7 @@ EV_CONNECTED: Final = 6
 EV_ALARM: Final = 7
 EV_RELEASED: Final = 8
 EV_COMMIT_FAILED: Final = 9
+EV_FETCHED: Final = 10
 #: The kind of an async step, in the watchdog's report of a blocked loop (never in a batch).
 EV_STEP: Final = 255
 
@@ -43,6 +44,13 @@ AlarmEvent = tuple[Literal[7], str, str, str | None, int]
 ReleasedEvent = tuple[Literal[8], int, bool]
 #: (kind, owner key, message)
 CommitFailedEvent = tuple[Literal[9], int, str]
+#: (kind, token, (status, headers, body, url, redirected) or None, (error kind, message) or None)
+FetchedEvent = tuple[
+    Literal[10],
+    int,
+    tuple[int, list[tuple[str, bytes]], bytes, str, bool] | None,
+    tuple[str, str] | None,
+]
 Event = (
     RequestEvent
     | MessageEvent
@@ -54,6 +62,7 @@ Event = (
     | AlarmEvent
     | ReleasedEvent
     | CommitFailedEvent
+    | FetchedEvent
 )
 
 # -- facts of the core, read by Python rather than repeated ----------------------------------
@@ -205,6 +214,7 @@ UNIT_BYTES_OUT: Final[int]
 UNIT_STORAGE_ROWS_READ: Final[int]
 UNIT_STORAGE_ROWS_WRITTEN: Final[int]
 UNIT_PROTOCOL_PINGS: Final[int]
+UNIT_SUBREQUESTS: Final[int]
 #: The names of the units, in the order of usage vectors (UNIT_<NAME> is the index).
 UNIT_NAMES: Final[tuple[str, ...]]
 UNITS: Final[int]
@@ -305,6 +315,19 @@ class Server:
         headers: list[tuple[str, str]],
         slot: Slot | None,
         token: int,
+        ca_file: str | None = None,
+    ) -> None: ...
+    def fetch(
+        self,
+        url: str,
+        method: str,
+        headers: list[tuple[str, str]],
+        body: bytes,
+        token: int,
+        timeout: float,
+        connect_timeout: float,
+        max_response_size: int,
+        max_redirects: int | None,
         ca_file: str | None = None,
     ) -> None: ...
     @property

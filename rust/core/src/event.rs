@@ -13,6 +13,7 @@ use crate::bridge::EventQueue;
 use crate::config::Limits;
 use crate::deflate::Deflate;
 use crate::error::CoreError;
+use crate::fetch::{FetchError, FetchResponse};
 use crate::frame::{close_code, Payload};
 use crate::meter::{Slot, Unit};
 use crate::registry::Registry;
@@ -48,6 +49,8 @@ pub enum Event {
     AllClosed,
     /// The outcome of `Server::connect`: the new outgoing socket and its subprotocol, or why not.
     Connected { token: u64, result: Result<(Arc<SocketShared>, String), String> },
+    /// The outcome of `Server::fetch`: the whole response, or why there is none.
+    Fetched { token: u64, result: Result<FetchResponse, FetchError> },
     /// An object's alarm is due (`retry`: how many times it failed before; `id_name`: the name
     /// its id was made from, if known).
     Alarm { namespace: String, object_id: String, id_name: Option<String>, retry: u32 },

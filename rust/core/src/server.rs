@@ -25,6 +25,7 @@ use crate::config::{Limits, ServerConfig, HANDSHAKE_HEADERS, MAX_HEADERS};
 use crate::connection;
 use crate::error::CoreError;
 use crate::event::{Answer, Event, Events, PendingRequest, Reply};
+use crate::fetch::{self, FetchError, FetchErrorKind, FetchRequest};
 use crate::gate::OutputGate;
 use crate::handshake::{self, Upgrade};
 use crate::object::ObjectRegistry;
@@ -644,6 +645,19 @@ impl Server {
         if let Some(io) = &self.io {
             let _guard = io.handle().enter();
             runtime::spawn(client::connect(self.ctx.limits.clone(), self.ctx.events.clone(), request));
+        }
+    }
+
+    /// Sends an outgoing HTTP request in the background; an `Event::Fetched` with the request's
+    /// token reports the outcome (an error if the I/O runtime is gone).
+    pub fn fetch(&self, request: FetchRequest) {
+        if let Some(io) = &self.io {
+            let _guard = io.handle().enter();
+            runtime::spawn(fetch::fetch(self.ctx.events.clone(), request));
+        } else {
+            let result =
+                Err(FetchError { kind: FetchErrorKind::Connect, message: "the server stopped".to_owned() });
+            self.ctx.events.push(Event::Fetched { token: request.token, result });
         }
     }
 

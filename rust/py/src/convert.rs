@@ -10,6 +10,8 @@
 //!   (ALARM, namespace, object_id, id name | None, retry)
 //!   (RELEASED, token, ok)
 //!   (COMMIT_FAILED, owner key, message)
+//!   (FETCHED, token, (status, headers: list[(str, bytes)], body, url, redirected) | None,
+//!    (error kind, message) | None)
 
 use std::sync::Arc;
 
@@ -31,6 +33,7 @@ const CONNECTED: u8 = 6;
 const ALARM: u8 = 7;
 const RELEASED: u8 = 8;
 const COMMIT_FAILED: u8 = 9;
+const FETCHED: u8 = 10;
 
 pub fn add_event_kinds(m: &Bound<'_, PyModule>) -> PyResult<()> {
     for (name, value) in [
@@ -44,6 +47,7 @@ pub fn add_event_kinds(m: &Bound<'_, PyModule>) -> PyResult<()> {
         ("EV_ALARM", ALARM),
         ("EV_RELEASED", RELEASED),
         ("EV_COMMIT_FAILED", COMMIT_FAILED),
+        ("EV_FETCHED", FETCHED),
         ("EV_STEP", STEP),
     ] {
         m.add(name, value)?;
@@ -105,6 +109,7 @@ fn kind_of(event: &Event) -> u8 {
         Event::Alarm { .. } => ALARM,
         Event::Released { .. } => RELEASED,
         Event::CommitFailed { .. } => COMMIT_FAILED,
+        Event::Fetched { .. } => FETCHED,
     }
 }
 
@@ -157,6 +162,23 @@ fn event_tuple(py: Python<'_>, event: Event) -> PyResult<Bound<'_, PyAny>> {
                 }
                 Err(error) => {
                     (CONNECTED, token, None::<SocketHandle>, "", Some(error)).into_pyobject(py)?.into_any()
+                }
+            },
+            Event::Fetched { token, result } => match result {
+                Ok(response) => {
+                    let headers = PyList::empty(py);
+                    for (name, value) in &response.headers {
+                        headers.append((name.as_str(), PyBytes::new(py, value)))?;
+                    }
+                    let body = PyBytes::new(py, &response.body);
+                    let answer = (response.status, headers, body, response.url, response.redirected);
+                    (FETCHED, token, Some(answer), None::<(&str, String)>).into_pyobject(py)?.into_any()
+                }
+                Err(error) => {
+                    let failure = Some((error.kind.name(), error.message));
+                    (FETCHED, token, None::<(u16, Vec<u8>, Vec<u8>, String, bool)>, failure)
+                        .into_pyobject(py)?
+                        .into_any()
                 }
             },
         }
