@@ -13,7 +13,6 @@ use crate::bridge::EventQueue;
 use crate::config::Limits;
 use crate::deflate::Deflate;
 use crate::error::CoreError;
-use crate::fetch::{FetchError, FetchResponse};
 use crate::frame::{close_code, Payload};
 use crate::meter::{Slot, Unit};
 use crate::registry::Registry;
@@ -58,6 +57,52 @@ pub enum Event {
     Released { token: u64, ok: bool },
     /// A storage commit of the object with this key failed; its held output was dropped.
     CommitFailed { owner: u64, message: String },
+}
+
+/// The response of `Server::fetch`, read whole.
+#[derive(Debug)]
+pub struct FetchResponse {
+    pub status: u16,
+    /// Lowercase names, raw values (the values of one name together, in the order received).
+    pub headers: Vec<(String, Bytes)>,
+    pub body: Bytes,
+    /// The URL of the response: the last one after redirects.
+    pub url: String,
+    pub redirected: bool,
+}
+
+/// Why a fetch failed: `kind` says what to raise (see [`FetchError::kind`]).
+#[derive(Debug)]
+pub struct FetchError {
+    pub kind: FetchErrorKind,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FetchErrorKind {
+    /// A bad URL, method or header; nothing was sent.
+    Invalid,
+    /// Refused, unknown host, TLS failure, a connection closed before the whole response.
+    Connect,
+    /// The total or the connect timeout passed.
+    Timeout,
+    /// The response body is longer than `max_response_size`.
+    TooLarge,
+    /// More redirects than `max_redirects`.
+    TooManyRedirects,
+}
+
+impl FetchErrorKind {
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            FetchErrorKind::Invalid => "invalid",
+            FetchErrorKind::Connect => "connect",
+            FetchErrorKind::Timeout => "timeout",
+            FetchErrorKind::TooLarge => "too_large",
+            FetchErrorKind::TooManyRedirects => "redirects",
+        }
+    }
 }
 
 /// The event queue and the registry of the sockets whose events it carries.

@@ -16,7 +16,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 use crate::client::{parse_target, tls_config, Target};
-use crate::event::{Event, Events};
+use crate::event::{Event, Events, FetchError, FetchErrorKind, FetchResponse};
 
 /// What to request.
 #[derive(Debug, Clone)]
@@ -37,52 +37,6 @@ pub struct FetchRequest {
     pub max_redirects: Option<u32>,
     /// Handed back in the [`Event::Fetched`] that reports the outcome.
     pub token: u64,
-}
-
-/// The response, read whole.
-#[derive(Debug)]
-pub struct FetchResponse {
-    pub status: u16,
-    /// Lowercase names, raw values (the values of one name together, in the order received).
-    pub headers: Vec<(String, Bytes)>,
-    pub body: Bytes,
-    /// The URL of the response: the last one after redirects.
-    pub url: String,
-    pub redirected: bool,
-}
-
-/// Why a fetch failed: `kind` says what to raise (see [`FetchError::kind`]).
-#[derive(Debug)]
-pub struct FetchError {
-    pub kind: FetchErrorKind,
-    pub message: String,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FetchErrorKind {
-    /// A bad URL, method or header; nothing was sent.
-    Invalid,
-    /// Refused, unknown host, TLS failure, a connection closed before the whole response.
-    Connect,
-    /// The total or the connect timeout passed.
-    Timeout,
-    /// The response body is longer than `max_response_size`.
-    TooLarge,
-    /// More redirects than `max_redirects`.
-    TooManyRedirects,
-}
-
-impl FetchErrorKind {
-    #[must_use]
-    pub const fn name(self) -> &'static str {
-        match self {
-            FetchErrorKind::Invalid => "invalid",
-            FetchErrorKind::Connect => "connect",
-            FetchErrorKind::Timeout => "timeout",
-            FetchErrorKind::TooLarge => "too_large",
-            FetchErrorKind::TooManyRedirects => "redirects",
-        }
-    }
 }
 
 fn failed(kind: FetchErrorKind, message: String) -> FetchError {

@@ -33,8 +33,10 @@ pub use bridge::EventQueue;
 pub use client::ConnectRequest;
 pub use config::{Limits, ServerConfig};
 pub use error::CoreError;
-pub use event::{Answer, Answering, Event, Events, PendingRequest, Reply};
-pub use fetch::{FetchError, FetchErrorKind, FetchRequest, FetchResponse};
+pub use event::{
+    Answer, Answering, Event, Events, FetchError, FetchErrorKind, FetchResponse, PendingRequest, Reply,
+};
+pub use fetch::FetchRequest;
 pub use frame::Payload;
 pub use meter::{Label, Meter, Slot, Unit};
 pub use object::{ObjectRegistry, ObjectShared, SocketMeta};
