@@ -147,6 +147,21 @@ async def test_get_and_post_with_headers_both_ways(fetcher: ServerProcess, where
         assert ["content-type", "application/json"] in echoed["headers"]
 
 
+async def test_a_request_object_is_sent_with_its_method_headers_and_body(
+    fetcher: ServerProcess,
+) -> None:
+    async with upstream() as up:
+        request = {"method": "patch", "headers": {"x-from": "request"}, "body": "payload"}
+        spec = {"url": f"{up.url}/echo", "request": request}
+        echoed = json.loads((await ask(fetcher, spec))["body"])
+        assert echoed["method"] == "PATCH" and echoed["body"] == "payload"
+        assert ["x-from", "request"] in echoed["headers"]
+        # Arguments beside the Request win over its own.
+        spec = {"url": f"{up.url}/echo", "request": request, "method": "POST", "body": "other"}
+        echoed = json.loads((await ask(fetcher, spec))["body"])
+        assert echoed["method"] == "POST" and echoed["body"] == "other"
+
+
 @pytest.mark.parametrize("where", WHERE)
 async def test_error_statuses_are_responses(fetcher: ServerProcess, where: str) -> None:
     async with upstream() as up:

@@ -2,7 +2,8 @@
 
 ``POST /fetch`` (the Worker) and ``POST /object/NAME/fetch`` (the object NAME) take a JSON
 description of the request (``url``, and optionally ``method``, ``headers``, ``body``, ``json``,
-``timeout``, ``max_response_size``, ``redirect``, ``ca_file``), send it with ``sw.fetch`` and
+``timeout``, ``max_response_size``, ``redirect``, ``ca_file``; ``request``: send a ``sw.Request``
+made of it), send it with ``sw.fetch`` and
 answer what came back as JSON: the response (``status``, ``headers`` as pairs, ``body`` as
 Latin-1 text, ``url``, ``redirected``, ``ok``) or the exception (``error``: its class and the
 classes it is an instance of, ``message``). ``GET /usage`` waits for the billing hook's next
@@ -20,9 +21,17 @@ import sockworker as sw
 
 
 async def run(spec: dict[str, Any]) -> sw.Response:
-    options = {k: v for k, v in spec.items() if k != "url"}
+    """Sends what ``spec`` says; with ``"request": {method, headers, body}``, as a ``sw.Request``
+    (the other keys are arguments beside it)."""
+    options = {k: v for k, v in spec.items() if k not in ("url", "request")}
+    target: str | sw.Request = spec["url"]
+    if "request" in spec:
+        given = spec["request"]
+        target = sw.Request(
+            given["method"], spec["url"], sw.Headers(given["headers"]), given["body"].encode()
+        )
     try:
-        response = await sw.fetch(spec["url"], **options)
+        response = await sw.fetch(target, **options)
     except Exception as error:
         kinds = [
             kind.__name__
