@@ -8,6 +8,7 @@ answer what came back as JSON: the response (``status``, ``headers`` as pairs, `
 Latin-1 text, ``url``, ``redirected``, ``ok``) or the exception (``error``: its class and the
 classes it is an instance of, ``message``). ``GET /usage`` waits for the billing hook's next
 delivery and answers the subrequests counted so far, by "worker" or "FETCHERS/<object id>".
+``GET /proxy?url=URL`` answers with the response of ``sw.fetch(URL)`` itself.
 """
 
 from __future__ import annotations
@@ -94,6 +95,8 @@ async def fetch(request: sw.Request, env: sw.Env, ctx: sw.ExecutionContext) -> s
         namespace = env.FETCHERS
         stub = namespace.get(namespace.id_from_name(parts[1]))
         return await stub.fetch(request)
+    if parts == ["proxy"]:
+        return await sw.fetch(request.query["url"])
     if parts == ["object-id"]:
         return sw.Response(str(env.FETCHERS.id_from_name(request.query["name"])))
     if parts == ["usage"]:

@@ -60,6 +60,10 @@ fn describe(error: &(dyn StdError + 'static)) -> String {
 /// Headers the exchange writes itself; given ones are left out.
 const OWN_HEADERS: [&str; 6] =
     ["host", "content-length", "transfer-encoding", "connection", "keep-alive", "te"];
+/// Hop-by-hop headers of the upstream's connection, left out of the response: its body is read
+/// whole (de-chunked), so a handler can return the response as its own.
+const HOP_HEADERS: [&str; 7] =
+    ["connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection"];
 /// Headers describing a request body, dropped when a redirect turns the request into a GET.
 const BODY_HEADERS: [&str; 4] = ["content-type", "content-encoding", "content-language", "content-location"];
 
@@ -253,6 +257,7 @@ where
         let headers = parts
             .headers
             .iter()
+            .filter(|(name, _)| !HOP_HEADERS.contains(&name.as_str()))
             .map(|(name, value)| (name.as_str().to_owned(), Bytes::copy_from_slice(value.as_bytes())))
             .collect();
         Ok(FetchResponse {
