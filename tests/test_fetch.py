@@ -220,6 +220,27 @@ async def test_a_timeout_against_an_upstream_that_never_answers(
         assert "timed out" in got["message"]
 
 
+async def test_a_cancelled_fetch_closes_its_connection(fetcher: ServerProcess) -> None:
+    got_request, closed = asyncio.Event(), asyncio.Event()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        got_request.set()
+        await reader.read()  # b"" once the fetch's connection is closed
+        closed.set()
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        # The handler stops waiting long before the fetch's own timeout (30 s by default).
+        spec = {"url": f"http://127.0.0.1:{port}/", "give_up_after": 0.5}
+        got = await asyncio.wait_for(ask(fetcher, spec), 10)
+        assert got["error"] == "TimeoutError" and "FetchError" not in got["is"], got
+        assert got_request.is_set()
+        await asyncio.wait_for(closed.wait(), 10)
+
+
 async def test_refused_unknown_host_and_bad_urls_fail_clearly(fetcher: ServerProcess) -> None:
     probe = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
     closed_port = probe.sockets[0].getsockname()[1]

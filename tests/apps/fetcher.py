@@ -23,8 +23,9 @@ import sockworker as sw
 
 async def run(spec: dict[str, Any]) -> sw.Response:
     """Sends what ``spec`` says; with ``"request": {method, headers, body}``, as a ``sw.Request``
-    (the other keys are arguments beside it)."""
-    options = {k: v for k, v in spec.items() if k not in ("url", "request")}
+    (the other keys are arguments beside it); ``give_up_after``: seconds the handler waits for
+    the response before it cancels the call."""
+    options = {k: v for k, v in spec.items() if k not in ("url", "request", "give_up_after")}
     target: str | sw.Request = spec["url"]
     if "request" in spec:
         given = spec["request"]
@@ -32,7 +33,7 @@ async def run(spec: dict[str, Any]) -> sw.Response:
             given["method"], spec["url"], sw.Headers(given["headers"]), given["body"].encode()
         )
     try:
-        response = await sw.fetch(target, **options)
+        response = await asyncio.wait_for(sw.fetch(target, **options), spec.get("give_up_after"))
     except Exception as error:
         kinds = [
             kind.__name__

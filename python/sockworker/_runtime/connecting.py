@@ -107,6 +107,10 @@ class Outgoing:
                 ca_file,
             )
             return await future
+        except asyncio.CancelledError:
+            # The caller gave up: the core drops the exchange and closes its connection now.
+            services.server.cancel_fetch(token)
+            raise
         finally:
             self.fetching.pop(token, None)
 

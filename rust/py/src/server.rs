@@ -501,6 +501,13 @@ impl Server {
         Ok(())
     }
 
+    /// Drops the fetch of `token` if it is still in flight (no FETCHED event comes for it).
+    fn cancel_fetch(&self, token: u64) {
+        if let Some(server) = &*self.inner.lock() {
+            server.cancel_fetch(token);
+        }
+    }
+
     /// Stops accepting and closes every socket with `code` (after what the output gate holds
     /// is released); an ALL_CLOSED event follows.
     fn shutdown(&self, py: Python<'_>, code: u16, reason: &str) {
