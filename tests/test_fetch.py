@@ -1,6 +1,7 @@
 """Outgoing HTTP (``sw.fetch``): a Worker and a Durable Object of tests/apps/fetcher.py, served by
 the real server, send requests to an aiohttp upstream the test starts on an ephemeral port (and
-one over HTTPS, with the trustme certificates of the TLS tests) and report what came back."""
+one over HTTPS, with the trustme certificates of the TLS tests) and report what came back; and an
+app served in-process by sockworker.testing does the same."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from typing import Any
 
 import aiohttp
 import pytest
+import sockworker as sw
 from aiohttp import web
+from sockworker.testing import TestServer
 
 from tests.support import ServerProcess
 from tests.test_tls import Certs
@@ -300,3 +303,18 @@ async def test_each_fetch_is_a_subrequest_of_its_caller(fetcher: ServerProcess) 
             after = await response.json()
     assert after.get(object_key, 0) == 3, after
     assert after["worker"] - before.get("worker", 0) == 1, (before, after)
+
+
+async def test_fetch_from_an_app_served_in_process() -> None:
+    """The testing harness (TestServer) serves the app on the test's own loop: the upstream and
+    the app share it, and the exchange runs in the core."""
+    async with upstream() as up:
+
+        async def fetch(request: sw.Request, env: sw.Env, ctx: sw.ExecutionContext) -> sw.Response:
+            got = await sw.fetch(f"{up.url}/status/404")
+            return sw.Response(await got.text(), status=got.status)
+
+        async with TestServer(sw.App(fetch=fetch)) as server:
+            response = await server.fetch("/")
+            assert (response.status, response.text()) == (404, "status 404")
+            assert sum(record.subrequests for record in server.usage()) == 1
