@@ -154,11 +154,14 @@ async def test_a_request_object_is_sent_with_its_method_headers_and_body(
     fetcher: ServerProcess,
 ) -> None:
     async with upstream() as up:
-        request = {"method": "patch", "headers": {"x-from": "request"}, "body": "payload"}
+        headers = [["x-from", "request"], ["x-twice", "1"], ["x-twice", "2"]]
+        request = {"method": "patch", "headers": headers, "body": "payload"}
         spec = {"url": f"{up.url}/echo", "request": request}
         echoed = json.loads((await ask(fetcher, spec))["body"])
         assert echoed["method"] == "PATCH" and echoed["body"] == "payload"
         assert ["x-from", "request"] in echoed["headers"]
+        # A repeated header is sent as given, one line each.
+        assert [v for k, v in echoed["headers"] if k == "x-twice"] == ["1", "2"]
         # Arguments beside the Request win over its own.
         spec = {"url": f"{up.url}/echo", "request": request, "method": "POST", "body": "other"}
         echoed = json.loads((await ask(fetcher, spec))["body"])

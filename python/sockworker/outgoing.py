@@ -123,7 +123,8 @@ async def fetch(
     if given.get("upgrade", "").lower() == "websocket":
         return await _fetch_websocket(url, given, ca_file)
     method = (method or "GET").upper()
-    given = Headers(given.items())  # a copy: the caller's headers are left as they are
+    # A copy, every value of a repeated header on its own line: the caller's are left as they are.
+    given = Headers([(name, value) for name in given for value in given.get_all(name)])
     data = _body(method, body, json, given)
     if redirect not in ("follow", "manual"):
         raise ValueError(f'redirect is "follow" or "manual", not {redirect!r}')
@@ -135,7 +136,7 @@ async def fetch(
     response: Response = await running("sending an HTTP request").outgoing.fetch(
         url,
         method,
-        list(given.items()),
+        [(name, value) for name in given for value in given.get_all(name)],
         data,
         float(timeout),
         float(min(connect_timeout, timeout)),
