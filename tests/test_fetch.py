@@ -138,6 +138,11 @@ async def test_get_and_post_with_headers_both_ways(fetcher: ServerProcess, where
         assert ["x-test", "one"] in echoed["headers"]
         assert ["host", up.url.removeprefix("http://")] in echoed["headers"]
 
+        # A space and non-ASCII are percent-encoded (UTF-8), escapes already there kept.
+        got = await ask(fetcher, {"url": f"{up.url}/echo?q=a b&é=%41"}, where)
+        assert json.loads(got["body"])["path"] == "/echo?q=a%20b&%C3%A9=%41"
+        assert got["url"] == f"{up.url}/echo?q=a%20b&%C3%A9=%41"
+
         spec = {"url": f"{up.url}/echo", "method": "POST", "body": "héllo", "headers": {"a": "b"}}
         echoed = json.loads((await ask(fetcher, spec, where))["body"])
         assert echoed["method"] == "POST" and echoed["body"] == "héllo".encode().decode("latin-1")

@@ -13,6 +13,7 @@ import json as _json
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from ._runtime import running
 from .errors import ConnectError, FetchError, FetchTimeout
@@ -86,9 +87,10 @@ async def fetch(
     ca_file: str | None = None,
 ) -> Response:
     """Sends an HTTP/1.1 request to ``url_or_request`` (an ``http://``/``https://`` URL, or a
-    ``Request`` whose method, headers and body are used unless given here) and returns the
-    whole ``Response``: ``status``, ``headers``, ``body`` (bytes), ``url``, ``redirected``,
-    ``ok``, ``await text()``. Any status, 404 or 500 too, is a response, not an exception.
+    ``Request`` whose method, headers and body are used unless given here; a space or non-ASCII
+    in its path or query is percent-encoded) and returns the whole ``Response``: ``status``,
+    ``headers``, ``body`` (bytes), ``url``, ``redirected``, ``ok``, ``await text()``. Any
+    status, 404 or 500 too, is a response, not an exception.
 
     ``body`` is bytes or str (UTF-8, ``text/plain;charset=UTF-8`` unless a content type is
     given); ``json=value`` sends ``value`` as JSON (``application/json``). GET and HEAD take
@@ -134,7 +136,7 @@ async def fetch(
     if not isinstance(max_response_size, int) or max_response_size < 0:
         raise ValueError(f"max_response_size is a number of bytes >= 0, not {max_response_size!r}")
     response: Response = await running("sending an HTTP request").outgoing.fetch(
-        url,
+        _encoded(url),
         method,
         [(name, value) for name in given for value in given.get_all(name)],
         data,
@@ -145,6 +147,25 @@ async def fetch(
         _path(ca_file),
     )
     return response
+
+
+# What stays as it is in a path, and in a query (RFC 3986's characters, and "%" of an escape).
+_PATH_SAFE = "/%:@!$&'()*+,;=~"
+_QUERY_SAFE = _PATH_SAFE + "?"
+
+
+def _encoded(url: str) -> str:
+    """``url`` with its path and query percent-encoded where HTTP needs it (a space, non-ASCII),
+    as a browser sends them; escapes already there are kept. A URL that does not split is left
+    for the core to refuse."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    path, query = quote(parts.path, safe=_PATH_SAFE), quote(parts.query, safe=_QUERY_SAFE)
+    if (path, query) == (parts.path, parts.query):
+        return url
+    return urlunsplit(parts._replace(path=path, query=query))
 
 
 def _body(
