@@ -276,6 +276,14 @@ async def test_an_oversized_response_fails(fetcher: ServerProcess) -> None:
     async with upstream() as up:
         ok = await ask(fetcher, {"url": f"{up.url}/big?size=1000", "max_response_size": 1000})
         assert ok["status"] == 200 and len(ok["body"]) == 1000
+        # A HEAD's Content-Length is the length of a body it does not get.
+        spec = {"url": f"{up.url}/big?size=5000", "method": "HEAD", "max_response_size": 10}
+        head = await ask(fetcher, spec)
+        assert (
+            head["status"] == 200
+            and head["body"] == ""
+            and header(head, "content-length") == ["5000"]
+        )
         # Declared by Content-Length: refused before the body is read.
         big = await ask(fetcher, {"url": f"{up.url}/big?size=1001", "max_response_size": 1000})
         assert big["error"] == "FetchError" and "over 1000 bytes" in big["message"]

@@ -231,6 +231,8 @@ where
             .await
             .map_err(broken)?;
     let limit = request.max_response_size;
+    // The Content-Length of a HEAD's answer is that of the body a GET would get.
+    let head_only = request.method.eq_ignore_ascii_case("HEAD");
     let work = async move {
         let response = sender.send_request(head).await.map_err(broken)?;
         let (parts, mut body) = response.into_parts();
@@ -241,7 +243,8 @@ where
             .get(hyper::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok());
-        if declared.is_some_and(|length| length > limit as u64) {
+        let bodyless = head_only || matches!(parts.status.as_u16(), 100..=199 | 204 | 304);
+        if !bodyless && declared.is_some_and(|length| length > limit as u64) {
             return Err(too_large());
         }
         let mut data = BytesMut::new();
