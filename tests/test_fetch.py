@@ -6,7 +6,9 @@ app served in-process by sockworker.testing does the same."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -229,6 +231,28 @@ async def test_a_timeout_against_an_upstream_that_never_answers(
         assert got["error"] == "FetchTimeout" and "TimeoutError" in got["is"], got
         assert "FetchError" in got["is"] and f"{up.url}/hang" in got["message"]
         assert "timed out" in got["message"]
+
+
+async def test_a_connect_that_does_not_complete_times_out(fetcher: ServerProcess) -> None:
+    # A listening socket whose accept queue is full (backlog 0, never accepted): Linux drops
+    # the SYN of any further connect, which then never completes.
+    listener = socket.socket()
+    fillers = [socket.socket() for _ in range(3)]
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        for filler in fillers:
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect(("127.0.0.1", port))
+        spec = {"url": f"http://127.0.0.1:{port}/", "connect_timeout": 0.3, "timeout": 20}
+        got = await ask(fetcher, spec)
+    finally:
+        for sock in (listener, *fillers):
+            sock.close()
+    assert got["error"] == "FetchTimeout", got
+    assert f"connecting to http://127.0.0.1:{port}/ timed out" in got["message"]
 
 
 async def test_a_cancelled_fetch_closes_its_connection(fetcher: ServerProcess) -> None:
