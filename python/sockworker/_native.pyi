@@ -23,6 +23,7 @@ EV_RELEASED: Final = 8
 EV_COMMIT_FAILED: Final = 9
 EV_BODY: Final = 10
 EV_REQUEST_BODY: Final = 11
+EV_FETCHED: Final = 12
 #: The kind of an async step, in the watchdog's report of a blocked loop (never in a batch).
 EV_STEP: Final = 255
 
@@ -51,6 +52,13 @@ CommitFailedEvent = tuple[Literal[9], int, str]
 BodyEvent = tuple[Literal[10], int, bool]
 #: (kind, feed id, a piece or None at the end, why the body cannot be read or None)
 RequestBodyEvent = tuple[Literal[11], int, bytes | None, str | None]
+#: (kind, token, (status, headers, body, url, redirected) or None, (error kind, message) or None)
+FetchedEvent = tuple[
+    Literal[12],
+    int,
+    tuple[int, list[tuple[str, bytes]], bytes, str, bool] | None,
+    tuple[str, str] | None,
+]
 Event = (
     RequestEvent
     | MessageEvent
@@ -64,6 +72,7 @@ Event = (
     | CommitFailedEvent
     | BodyEvent
     | RequestBodyEvent
+    | FetchedEvent
 )
 
 # -- facts of the core, read by Python rather than repeated ----------------------------------
@@ -237,6 +246,7 @@ UNIT_BYTES_OUT: Final[int]
 UNIT_STORAGE_ROWS_READ: Final[int]
 UNIT_STORAGE_ROWS_WRITTEN: Final[int]
 UNIT_PROTOCOL_PINGS: Final[int]
+UNIT_SUBREQUESTS: Final[int]
 #: The names of the units, in the order of usage vectors (UNIT_<NAME> is the index).
 UNIT_NAMES: Final[tuple[str, ...]]
 UNITS: Final[int]
@@ -345,6 +355,20 @@ class Server:
         token: int,
         ca_file: str | None = None,
     ) -> None: ...
+    def fetch(
+        self,
+        url: str,
+        method: str,
+        headers: list[tuple[str, str]],
+        body: bytes,
+        token: int,
+        timeout: float,
+        connect_timeout: float,
+        max_response_size: int,
+        max_redirects: int | None,
+        ca_file: str | None = None,
+    ) -> None: ...
+    def cancel_fetch(self, token: int) -> None: ...
     @property
     def open_sockets(self) -> int: ...
     def shutdown(self, code: int, reason: str) -> None: ...

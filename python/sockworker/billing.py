@@ -66,6 +66,8 @@ class UsageRecord:
     protocol_pings: int = 0
     storage_rows_read: int = 0
     storage_rows_written: int = 0
+    #: Outgoing HTTP requests (``sw.fetch``), each a subrequest: counted, not billed.
+    subrequests: int = 0
     #: The node that counted it (SPEC §7); None on a single node.
     node: str | None = None
     billable_requests: float = 0.0
@@ -100,6 +102,7 @@ class UsageRecord:
             protocol_pings=counts["protocol_pings"],
             storage_rows_read=counts["storage_rows_read"],
             storage_rows_written=counts["storage_rows_written"],
+            subrequests=counts["subrequests"],
             billable_requests=counts["requests"]
             + counts["connections"]
             + counts["messages_in"] / pricing.messages_per_request,
@@ -248,6 +251,7 @@ _METRICS = (
     ("storage_rows_read", "counter", "Durable Object storage rows (KV keys) read."),
     ("storage_rows_written", "counter", "Durable Object storage rows (KV keys) written."),
     ("protocol_pings", "counter", "Protocol pings answered or sent by the core (free)."),
+    ("subrequests", "counter", "Outgoing HTTP requests (sw.fetch), counted, not billed."),
     ("billable_requests", "counter", "Requests as billed, messages at the configured ratio."),
 )
 

@@ -14,6 +14,9 @@ and ``except ConnectionError`` keep working::
      ├── ConnectionClosed(SockworkerError, ConnectionError)   the WebSocket is closing or closed
      ├── ProtocolError(SockworkerError, ConnectionError)   the peer broke RFC 6455 (event.error)
      ├── ServerStartError(SockworkerError, OSError)   the server could not bind or start
+ ├── ConnectError(SockworkerError, ConnectionError)   an outgoing WebSocket could not be opened
+ ├── FetchError(SockworkerError, ConnectionError)   an outgoing HTTP request (sw.fetch) failed
+ │    └── FetchTimeout(FetchError, TimeoutError)   ... because its timeout passed
      └── ClusterError(SockworkerError, ConnectionError)   cluster mode: an event could not reach
                                       the node that owns its object
 """
@@ -25,6 +28,8 @@ __all__ = [
     "ConnectError",
     "ConnectionClosed",
     "CpuLimitExceeded",
+    "FetchError",
+    "FetchTimeout",
     "InvalidArgument",
     "LimitExceeded",
     "ProtocolError",
@@ -100,6 +105,18 @@ class ServerStartError(SockworkerError, OSError):
 class ConnectError(SockworkerError, ConnectionError):
     """An outgoing WebSocket could not be opened: refused, unknown host, timeout, or a server
     that answered something other than 101 (the message says which, with the status)."""
+
+
+class FetchError(SockworkerError, ConnectionError):
+    """An outgoing HTTP request (``sw.fetch``) got no whole response: refused, unknown host, a
+    TLS failure, a connection closed before the response was complete, a response body over
+    ``max_response_size``, or more than 20 redirects. The message names the URL and says which.
+    An answer with any status (404, 500) is a response, not this error."""
+
+
+class FetchTimeout(FetchError, TimeoutError):
+    """``sw.fetch`` did not get its whole response within ``timeout`` seconds (redirects
+    included), or could not connect within ``connect_timeout``."""
 
 
 class ClusterError(SockworkerError, ConnectionError):

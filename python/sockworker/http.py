@@ -284,9 +284,12 @@ class Response:
     the client offered (``request.headers.get("sec-websocket-protocol")`` lists them). Returning
     a WebSocket for a request that is not a valid upgrade, with a status other than 101, or
     before ``server.accept()`` is a handler error: 500, and the reason is logged.
+
+    A response ``sw.fetch`` returns also has ``url`` (the URL it came from, the last one after
+    redirects) and ``redirected`` (a redirect was followed); ``ok`` and ``await text()`` read it.
     """
 
-    __slots__ = ("body", "headers", "status", "stream", "websocket")
+    __slots__ = ("body", "headers", "redirected", "status", "stream", "url", "websocket")
 
     def __init__(
         self,
@@ -327,11 +330,23 @@ class Response:
                 f"not {type(body).__name__}"
             )
         self.websocket = websocket
+        self.url = ""
+        self.redirected = False
 
     @property
     def webSocket(self) -> WebSocket | None:
         """Cloudflare's name of ``websocket``."""
         return self.websocket
+
+    @property
+    def ok(self) -> bool:
+        """The status is 2xx."""
+        return 200 <= self.status <= 299
+
+    async def text(self) -> str:
+        """The body decoded as UTF-8 (``UnicodeDecodeError`` if it is not). To parse it as JSON:
+        ``json.loads(response.body)`` (``Response.json(value)`` makes a response)."""
+        return self.body.decode("utf-8")
 
     @classmethod
     def json(cls, value: Any, status: int = 200, headers: HeadersInit = None) -> Response:

@@ -42,6 +42,7 @@ _EV_ERROR: Final = _native.EV_ERROR
 _EV_DRAINED: Final = _native.EV_DRAINED
 _EV_ALL_CLOSED: Final = _native.EV_ALL_CLOSED
 _EV_CONNECTED: Final = _native.EV_CONNECTED
+_EV_FETCHED: Final = _native.EV_FETCHED
 _EV_ALARM: Final = _native.EV_ALARM
 _EV_RELEASED: Final = _native.EV_RELEASED
 _EV_COMMIT_FAILED: Final = _native.EV_COMMIT_FAILED
@@ -286,6 +287,8 @@ class Runtime:
                         self.requests.streams.on_body(event[1], event[2])
                     elif event[0] == _EV_REQUEST_BODY:
                         self.requests.streams.on_request_body(event[1], event[2], event[3])
+                    elif event[0] == _EV_FETCHED:
+                        self.outgoing.on_fetched(event[1], event[2], event[3])
                 done = True
             except Exception:
                 shown = event[:2] if event is not None else None

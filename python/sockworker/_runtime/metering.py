@@ -24,6 +24,7 @@ _EVENT_KINDS = {
     _native.EV_ERROR: "error",
     _native.EV_DRAINED: "drained",
     _native.EV_CONNECTED: "connected",
+    _native.EV_FETCHED: "fetched",
     _native.EV_STEP: "async step",
 }
 

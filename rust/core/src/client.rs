@@ -35,23 +35,36 @@ pub struct ConnectRequest {
 
 /// The parts of a `ws://` or `wss://` URL.
 #[derive(Debug, PartialEq, Eq)]
-struct Target {
-    tls: bool,
-    host: String,
-    port: u16,
+pub(crate) struct Target {
+    pub(crate) tls: bool,
+    pub(crate) host: String,
+    pub(crate) port: u16,
     /// Path and query, at least "/".
-    resource: String,
+    pub(crate) resource: String,
     /// The Host header value.
-    authority: String,
+    pub(crate) authority: String,
 }
 
 fn parse_url(url: &str) -> Result<Target, String> {
-    let (tls, rest) = if let Some(rest) = url.strip_prefix("ws://") {
+    parse_target(url, "ws", "wss")
+}
+
+/// Parses a URL of scheme `plain` or `secure` (TLS); a fragment is left out.
+pub(crate) fn parse_target(url: &str, plain: &str, secure: &str) -> Result<Target, String> {
+    let url = url.split_once('#').map_or(url, |(before, _)| before);
+    let scheme = |name: &str| {
+        url.get(..name.len() + 3)
+            .filter(|head| {
+                head.as_bytes()[..name.len()].eq_ignore_ascii_case(name.as_bytes()) && head.ends_with("://")
+            })
+            .map(|head| &url[head.len()..])
+    };
+    let (tls, rest) = if let Some(rest) = scheme(plain) {
         (false, rest)
-    } else if let Some(rest) = url.strip_prefix("wss://") {
+    } else if let Some(rest) = scheme(secure) {
         (true, rest)
     } else {
-        return Err(format!("{url:?} is not a ws:// or wss:// URL"));
+        return Err(format!("{url:?} is not a {plain}:// or {secure}:// URL"));
     };
     let (authority, resource) = match rest.find(['/', '?']) {
         Some(at) if rest.as_bytes()[at] == b'/' => (&rest[..at], rest[at..].to_owned()),
@@ -119,6 +132,14 @@ fn system_roots() -> Result<Arc<rustls::ClientConfig>, String> {
     CONFIG.get_or_init(|| tls::client_config(None).map_err(|e| e.to_string())).clone()
 }
 
+/// The client configuration trusting the CA certificates of `ca_file`, or the system's.
+pub(crate) fn tls_config(ca_file: Option<&str>) -> Result<Arc<rustls::ClientConfig>, String> {
+    match ca_file {
+        Some(path) => tls::client_config(Some(std::path::Path::new(path))).map_err(|e| e.to_string()),
+        None => system_roots(),
+    }
+}
+
 async fn open(request: &ConnectRequest) -> Result<(Opened, Bytes, String), String> {
     let url = &request.url;
     let target = parse_url(url)?;
@@ -131,10 +152,7 @@ async fn open(request: &ConnectRequest) -> Result<(Opened, Bytes, String), Strin
         let (leftover, protocol) = handshake(&mut stream, request, &target).await?;
         return Ok((Opened::Plain(stream), leftover, protocol));
     }
-    let config = match &request.ca_file {
-        Some(path) => tls::client_config(Some(std::path::Path::new(path))).map_err(|e| e.to_string())?,
-        None => system_roots()?,
-    };
+    let config = tls_config(request.ca_file.as_deref())?;
     let name = rustls::pki_types::ServerName::try_from(target.host.clone())
         .map_err(|e| format!("{url}: bad TLS server name: {e}"))?;
     let mut session = tokio_rustls::TlsConnector::from(config)

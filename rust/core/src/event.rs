@@ -52,6 +52,8 @@ pub enum Event {
     AllClosed,
     /// The outcome of `Server::connect`: the new outgoing socket and its subprotocol, or why not.
     Connected { token: u64, result: Result<(Arc<SocketShared>, String), String> },
+    /// The outcome of `Server::fetch`: the whole response, or why there is none.
+    Fetched { token: u64, result: Result<FetchResponse, FetchError> },
     /// An object's alarm is due (`retry`: how many times it failed before; `id_name`: the name
     /// its id was made from, if known).
     Alarm { namespace: String, object_id: String, id_name: Option<String>, retry: u32 },
@@ -65,6 +67,52 @@ pub enum Event {
     /// A piece of a request body the application asked for (`RequestBody::read`): `Ok(Some)`
     /// data, `Ok(None)` the end, `Err` why the body cannot be read (the last event of it).
     RequestBody { feed: u64, data: Result<Option<Bytes>, String> },
+}
+
+/// The response of `Server::fetch`, read whole.
+#[derive(Debug)]
+pub struct FetchResponse {
+    pub status: u16,
+    /// Lowercase names, raw values (the values of one name together, in the order received).
+    pub headers: Vec<(String, Bytes)>,
+    pub body: Bytes,
+    /// The URL of the response: the last one after redirects.
+    pub url: String,
+    pub redirected: bool,
+}
+
+/// Why a fetch failed: `kind` says what to raise (see [`FetchError::kind`]).
+#[derive(Debug)]
+pub struct FetchError {
+    pub kind: FetchErrorKind,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FetchErrorKind {
+    /// A bad URL, method or header; nothing was sent.
+    Invalid,
+    /// Refused, unknown host, TLS failure, a connection closed before the whole response.
+    Connect,
+    /// The total or the connect timeout passed.
+    Timeout,
+    /// The response body is longer than `max_response_size`.
+    TooLarge,
+    /// More redirects than `max_redirects`.
+    TooManyRedirects,
+}
+
+impl FetchErrorKind {
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            FetchErrorKind::Invalid => "invalid",
+            FetchErrorKind::Connect => "connect",
+            FetchErrorKind::Timeout => "timeout",
+            FetchErrorKind::TooLarge => "too_large",
+            FetchErrorKind::TooManyRedirects => "redirects",
+        }
+    }
 }
 
 /// The event queue and the registry of the sockets whose events it carries.

@@ -10,6 +10,7 @@ pub mod connection;
 pub mod deflate;
 pub mod error;
 pub mod event;
+pub mod fetch;
 pub mod frame;
 pub mod gate;
 pub mod handshake;
@@ -34,7 +35,11 @@ pub use bridge::EventQueue;
 pub use client::ConnectRequest;
 pub use config::{Limits, ServerConfig};
 pub use error::CoreError;
-pub use event::{Answer, Answering, BodyWriter, Event, Events, PendingRequest, Reply, RequestBody, Written};
+pub use event::{
+    Answer, Answering, BodyWriter, Event, Events, FetchError, FetchErrorKind, FetchResponse, PendingRequest,
+    Reply, RequestBody, Written,
+};
+pub use fetch::FetchRequest;
 pub use frame::Payload;
 pub use meter::{Label, Meter, Slot, Unit};
 pub use object::{ObjectRegistry, ObjectShared, SocketMeta};

@@ -39,9 +39,11 @@ pub enum Unit {
     /// Durable Object storage (SPEC §6): a KV key or an SQL row read, or written.
     StorageRowsRead,
     StorageRowsWritten,
+    /// Outgoing HTTP requests (`sw.fetch`), one per call: counted, not billed.
+    Subrequests,
 }
 
-pub const UNITS: usize = 12;
+pub const UNITS: usize = 13;
 
 impl Unit {
     /// Every unit, in the order of a [`Usage`].
@@ -58,6 +60,7 @@ impl Unit {
         Unit::ProtocolPings,
         Unit::StorageRowsRead,
         Unit::StorageRowsWritten,
+        Unit::Subrequests,
     ];
 
     /// The unit's name: what the bindings call it (`UNIT_` and the name in capitals).
@@ -75,6 +78,7 @@ impl Unit {
             Unit::ProtocolPings => "protocol_pings",
             Unit::StorageRowsRead => "storage_rows_read",
             Unit::StorageRowsWritten => "storage_rows_written",
+            Unit::Subrequests => "subrequests",
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The listening server: accepts TCP, serves HTTP/1.1 with hyper, validates upgrades, hands each
 //! request to the application as an event and answers with what the application replies.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -15,16 +16,22 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use parking_lot::Mutex;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::runtime::{Handle, Runtime};
 use tokio::sync::{oneshot, Notify};
+use tokio::task::AbortHandle;
 
 use crate::alarms::AlarmScheduler;
 use crate::client::{self, ConnectRequest};
 use crate::config::{Limits, ServerConfig, HANDSHAKE_HEADERS, MAX_HEADERS};
 use crate::connection;
 use crate::error::CoreError;
-use crate::event::{Answer, BodyFailed, Event, Events, Feed, PendingRequest, Reply, RequestBody, StreamBody};
+use crate::event::{
+    Answer, BodyFailed, Event, Events, Feed, FetchError, FetchErrorKind, PendingRequest, Reply, RequestBody,
+    StreamBody,
+};
+use crate::fetch::{self, FetchRequest};
 use crate::gate::OutputGate;
 use crate::handshake::{self, Upgrade};
 use crate::metrics::{MetricsServer, Sources};
@@ -614,6 +621,8 @@ pub struct Server {
     gate: Option<Arc<OutputGate>>,
     /// The metrics listener, on its own thread (`--metrics-port`).
     metrics: Option<MetricsServer>,
+    /// The tasks of the fetches in flight, by token, for [`Self::cancel_fetch`].
+    fetches: Arc<Mutex<HashMap<u64, AbortHandle>>>,
 }
 
 impl Server {
@@ -703,7 +712,7 @@ impl Server {
         let storage = gate.as_ref().map(|gate| gate.storage().clone());
         runtime::spawn(return_memory(ctx.clone(), objects.clone(), storage));
         drop(_entered);
-        Ok(Self { ctx, io: Some(io), local_addr, objects, gate, metrics })
+        Ok(Self { ctx, io: Some(io), local_addr, objects, gate, metrics, fetches: Arc::default() })
     }
 
     /// Begins a batch of the application thread: returns the events queued since the last one
@@ -810,6 +819,36 @@ impl Server {
         if let Some(io) = &self.io {
             let _guard = io.handle().enter();
             runtime::spawn(client::connect(self.ctx.limits.clone(), self.ctx.events.clone(), request));
+        }
+    }
+
+    /// Sends an outgoing HTTP request in the background; an `Event::Fetched` with the request's
+    /// token reports the outcome (an error if the I/O runtime is gone).
+    pub fn fetch(&self, request: FetchRequest) {
+        if let Some(io) = &self.io {
+            let _guard = io.handle().enter();
+            let token = request.token;
+            let fetches = self.fetches.clone();
+            let events = self.ctx.events.clone();
+            // Locked until the handle is in: the task, done first, would not find it to remove.
+            let mut running = self.fetches.lock();
+            let task = runtime::spawn(async move {
+                fetch::fetch(events, request).await;
+                fetches.lock().remove(&token);
+            });
+            running.insert(token, task.abort_handle());
+        } else {
+            let result =
+                Err(FetchError { kind: FetchErrorKind::Connect, message: "the server stopped".to_owned() });
+            self.ctx.events.push(Event::Fetched { token: request.token, result });
+        }
+    }
+
+    /// Drops the fetch of `token` if it is still in flight (its caller gave up): its connection
+    /// is closed at once, and no `Event::Fetched` comes for it.
+    pub fn cancel_fetch(&self, token: u64) {
+        if let Some(task) = self.fetches.lock().remove(&token) {
+            task.abort();
         }
     }
 

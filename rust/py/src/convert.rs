@@ -12,6 +12,8 @@
 //!   (COMMIT_FAILED, owner key, message)
 //!   (BODY, stream id, open)
 //!   (REQUEST_BODY, feed id, bytes | None at the end, error message | None)
+//!   (FETCHED, token, (status, headers: list[(str, bytes)], body, url, redirected) | None,
+//!    (error kind, message) | None)
 
 use std::sync::Arc;
 
@@ -35,6 +37,7 @@ const RELEASED: u8 = 8;
 const COMMIT_FAILED: u8 = 9;
 const BODY: u8 = 10;
 const REQUEST_BODY: u8 = 11;
+const FETCHED: u8 = 12;
 
 pub fn add_event_kinds(m: &Bound<'_, PyModule>) -> PyResult<()> {
     for (name, value) in [
@@ -50,6 +53,7 @@ pub fn add_event_kinds(m: &Bound<'_, PyModule>) -> PyResult<()> {
         ("EV_COMMIT_FAILED", COMMIT_FAILED),
         ("EV_BODY", BODY),
         ("EV_REQUEST_BODY", REQUEST_BODY),
+        ("EV_FETCHED", FETCHED),
         ("EV_STEP", STEP),
     ] {
         m.add(name, value)?;
@@ -113,6 +117,7 @@ fn kind_of(event: &Event) -> u8 {
         Event::CommitFailed { .. } => COMMIT_FAILED,
         Event::Body { .. } => BODY,
         Event::RequestBody { .. } => REQUEST_BODY,
+        Event::Fetched { .. } => FETCHED,
     }
 }
 
@@ -176,6 +181,23 @@ fn event_tuple(py: Python<'_>, event: Event) -> PyResult<Bound<'_, PyAny>> {
                 }
                 Err(error) => {
                     (CONNECTED, token, None::<SocketHandle>, "", Some(error)).into_pyobject(py)?.into_any()
+                }
+            },
+            Event::Fetched { token, result } => match result {
+                Ok(response) => {
+                    let headers = PyList::empty(py);
+                    for (name, value) in &response.headers {
+                        headers.append((name.as_str(), PyBytes::new(py, value)))?;
+                    }
+                    let body = PyBytes::new(py, &response.body);
+                    let answer = (response.status, headers, body, response.url, response.redirected);
+                    (FETCHED, token, Some(answer), None::<(&str, String)>).into_pyobject(py)?.into_any()
+                }
+                Err(error) => {
+                    let failure = Some((error.kind.name(), error.message));
+                    (FETCHED, token, None::<(u16, Vec<u8>, Vec<u8>, String, bool)>, failure)
+                        .into_pyobject(py)?
+                        .into_any()
                 }
             },
         }

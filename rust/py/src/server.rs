@@ -14,7 +14,7 @@ use sockworker_core::stats::CoreStats;
 use sockworker_core::watchdog::{
     current_thread_ident, tick_for, BlockedHook, Overrun, Watch, Watchdog, WatchdogHooks,
 };
-use sockworker_core::{ConnectRequest, CoreError, Durability, ServerConfig, StorageConfig};
+use sockworker_core::{ConnectRequest, CoreError, Durability, FetchRequest, ServerConfig, StorageConfig};
 
 use crate::convert::{events_to_vec, EventSlot};
 use crate::errors::{cpu_limit_exceeded, wall_limit_exceeded, Result};
@@ -490,6 +490,55 @@ impl Server {
         let request = ConnectRequest { url, protocols, headers, slot, ca_file, token };
         if let Some(server) = &*self.inner.lock() {
             server.connect(request);
+        }
+    }
+
+    /// Sends an outgoing HTTP request; a FETCHED event with `token` reports the outcome.
+    /// `max_redirects` None: redirects are not followed. Times in seconds.
+    #[pyo3(signature = (url, method, headers, body, token, timeout, connect_timeout, max_response_size, max_redirects, ca_file=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn fetch(
+        &self,
+        url: String,
+        method: String,
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
+        token: u64,
+        timeout: f64,
+        connect_timeout: f64,
+        max_response_size: usize,
+        max_redirects: Option<u32>,
+        ca_file: Option<String>,
+    ) -> PyResult<()> {
+        let seconds = |value: f64, name: &str| {
+            Duration::try_from_secs_f64(value).map_err(|_| {
+                pyo3::exceptions::PyValueError::new_err(format!(
+                    "{name} is a number of seconds >= 0, not {value}"
+                ))
+            })
+        };
+        let request = FetchRequest {
+            url,
+            method,
+            headers,
+            body: body.into(),
+            ca_file,
+            timeout: seconds(timeout, "timeout")?,
+            connect_timeout: seconds(connect_timeout, "connect_timeout")?,
+            max_response_size,
+            max_redirects,
+            token,
+        };
+        if let Some(server) = &*self.inner.lock() {
+            server.fetch(request);
+        }
+        Ok(())
+    }
+
+    /// Drops the fetch of `token` if it is still in flight (no FETCHED event comes for it).
+    fn cancel_fetch(&self, token: u64) {
+        if let Some(server) = &*self.inner.lock() {
+            server.cancel_fetch(token);
         }
     }
 
