@@ -245,10 +245,21 @@ pub struct PendingRequest {
 /// What the application answers.
 #[derive(Debug)]
 pub enum Answer {
-    Http { status: u16, headers: Vec<(String, Bytes)>, body: Bytes },
-    Upgrade { headers: Vec<(String, Bytes)>, socket: Opening },
+    Http {
+        status: u16,
+        headers: Vec<(String, Bytes)>,
+        body: Bytes,
+    },
+    Upgrade {
+        headers: Vec<(String, Bytes)>,
+        socket: Opening,
+    },
     /// A head whose body follows in chunks, as the application produces them.
-    Stream { status: u16, headers: Vec<(String, Bytes)>, body: StreamBody },
+    Stream {
+        status: u16,
+        headers: Vec<(String, Bytes)>,
+        body: StreamBody,
+    },
 }
 
 /// A socket made for a 101 and not yet handed to its connection. Dropped before that (the
