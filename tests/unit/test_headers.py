@@ -78,7 +78,7 @@ def test_response_refuses_a_bad_status(status: object) -> None:
 
 
 def test_response_refuses_a_bad_body_and_both_websocket_names() -> None:
-    with pytest.raises(TypeError, match="str, bytes or None"):
+    with pytest.raises(TypeError, match=r"str, bytes, None, or an \(async\) iterator"):
         Response(3)  # type: ignore[arg-type]
     from sockworker import WebSocketPair
 
