@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from . import _loop
-from .app import App
+from .app import App, metrics_networks
 from .errors import ServerStartError
 from .logs import configure
 
@@ -42,6 +42,8 @@ def load_app(target: str) -> App:
 ENV_PREFIX = "SOCKWORKER_"
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
+#: Repeatable options whose variable separates its values with commas (the others: os.pathsep).
+_COMMA_LISTS = {"metrics_allow"}
 
 
 def env_defaults(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> None:
@@ -62,7 +64,9 @@ def env_defaults(parser: argparse.ArgumentParser, environ: Mapping[str, str]) ->
                 parser.error(f"{name}={raw!r}: expected one of 1, 0, true, false, yes, no")
             value = raw.lower() in _TRUE
         elif isinstance(action, argparse._AppendAction):
-            value = [part for part in raw.split(os.pathsep) if part]
+            # (Directories are separated as in PATH; networks by commas.)
+            separator = "," if action.dest in _COMMA_LISTS else os.pathsep
+            value = [part.strip() for part in raw.split(separator) if part.strip()]
         else:
             try:
                 value = action.type(raw) if callable(action.type) else raw
@@ -183,6 +187,15 @@ def main(argv: list[str] | None = None) -> int:
         help="where --metrics-port listens (default 127.0.0.1: this machine only)",
     )
     serve.add_argument(
+        "--metrics-allow",
+        action="append",
+        metavar="CIDR",
+        help="a client network that may use the metrics listener, e.g. 10.0.0.0/8 (repeatable; "
+        "$SOCKWORKER_METRICS_ALLOW: comma-separated); others get 403 (default: "
+        "App(metrics_allow=), else loopback only: 127.0.0.0/8 and ::1; 0.0.0.0/0 lets every "
+        "IPv4 client in)",
+    )
+    serve.add_argument(
         "--metrics-accounts",
         type=int,
         metavar="N",
@@ -273,6 +286,11 @@ def _metrics_flags(app: App, args: argparse.Namespace) -> None:
         app.metrics_port = args.metrics_port
     if args.metrics_host:
         app.metrics_host = args.metrics_host
+    if args.metrics_allow:
+        name = "--metrics-allow"
+        if os.environ.get("SOCKWORKER_METRICS_ALLOW", "").strip():
+            name += " (or SOCKWORKER_METRICS_ALLOW)"
+        app.metrics_allow = metrics_networks(args.metrics_allow, name)
     if args.metrics_accounts is not None:
         if args.metrics_accounts < 1:
             raise ValueError("--metrics-accounts is 1 or more")
