@@ -6,6 +6,7 @@ import argparse
 import importlib
 import os
 import sys
+import traceback
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,7 +15,7 @@ from .app import App, metrics_networks
 from .errors import ServerStartError
 from .logs import configure
 
-__all__ = ["load_app", "main"]
+__all__ = ["check_app", "load_app", "main"]
 
 
 def load_app(target: str) -> App:
@@ -34,6 +35,31 @@ def load_app(target: str) -> App:
     if not isinstance(app, App):
         raise SystemExit(f"sockworker: {target} is a {type(app).__name__}, not a sockworker.App")
     return app
+
+
+def check_app(target: str) -> int:
+    """Whether ``target`` loads as ``serve`` would load it: 0, or 1 with why on stderr (the
+    traceback, without the frames of the import machinery). ``--reload`` runs it in a process
+    of its own before it replaces the server."""
+    try:
+        load_app(target)
+    except SystemExit as exit_:
+        if exit_.code in (None, 0):
+            return 0
+        print(exit_.code, file=sys.stderr)
+        return 1
+    except BaseException as error:  # (whatever the import raised is the answer)
+        machinery = (os.path.dirname(importlib.__file__), __file__)
+        report = traceback.TracebackException.from_exception(error)
+        frames = [
+            frame
+            for frame in report.stack
+            if not frame.filename.startswith(("<frozen ", "<string>", *machinery))
+        ]
+        report.stack = traceback.StackSummary.from_list(frames)
+        print("".join(report.format()), end="", file=sys.stderr)
+        return 1
+    return 0
 
 
 #: Every flag of ``serve`` takes its default from ``SOCKWORKER_<FLAG>`` (``--io-threads``:
@@ -382,4 +408,5 @@ def _reload(args: argparse.Namespace, argv: list[str]) -> int:
     child = reload_argv(argv, port)
     if "serve" in child and args.app not in child:  # the app came from SOCKWORKER_APP
         child.insert(child.index("serve") + 1, args.app)
-    return Reloader(child, args.reload_dir or [os.getcwd()], args.shutdown_timeout).run()
+    dirs = args.reload_dir or [os.getcwd()]
+    return Reloader(child, dirs, args.shutdown_timeout, args.app).run()
