@@ -442,6 +442,17 @@ async def test_a_client_outside_the_allow_list_is_refused(
     assert (await get(f"{server.http}/metrics"))[0] == 200
 
 
+async def test_the_command_line_replaces_the_variables_networks(
+    make_server: Callable[..., ServerProcess],
+) -> None:
+    server = make_server(
+        APP,
+        *("--metrics-port", "0", "--metrics-allow", "10.0.0.0/8"),
+        env={"SOCKWORKER_METRICS_ALLOW": "127.0.0.0/8"},
+    )
+    assert await get(f"{metrics_url(server)}/metrics") == (403, REFUSED)
+
+
 async def test_ipv4_rules_match_ipv4_mapped_clients(
     make_server: Callable[..., ServerProcess],
 ) -> None:

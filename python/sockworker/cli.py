@@ -7,7 +7,7 @@ import importlib
 import os
 import sys
 import traceback
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from . import _loop
@@ -70,6 +70,22 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 #: Repeatable options whose variable separates its values with commas (the others: os.pathsep).
 _COMMA_LISTS = {"metrics_allow"}
+
+
+class _Repeatable(argparse._AppendAction):
+    """``action="append"``, except that the command line replaces a default (one from a
+    ``SOCKWORKER_*`` variable) instead of adding to it: the command line wins."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[Any] | None,
+        option_string: str | None = None,
+    ) -> None:
+        if getattr(namespace, self.dest, None) is self.default:
+            setattr(namespace, self.dest, None)
+        super().__call__(parser, namespace, values, option_string)
 
 
 def env_defaults(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> None:
@@ -214,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     serve.add_argument(
         "--metrics-allow",
-        action="append",
+        action=_Repeatable,
         metavar="CIDR",
         help="a client network that may use the metrics listener, e.g. 10.0.0.0/8 (repeatable; "
         "$SOCKWORKER_METRICS_ALLOW: comma-separated); others get 403 (default: "
@@ -246,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     serve.add_argument(
         "--reload-dir",
-        action="append",
+        action=_Repeatable,
         metavar="DIR",
         help="where --reload watches (repeatable; default: the current directory)",
     )
