@@ -355,6 +355,11 @@ def test_a_metrics_port_in_use_fails_the_start() -> None:
         (("--dashboard",), "--dashboard needs --metrics-port"),
         (("--metrics-port", "70000"), "--metrics-port is 0 to 65535"),
         (("--metrics-port", "0", "--metrics-accounts", "0"), "--metrics-accounts is 1 or more"),
+        (
+            ("--metrics-port", "0", "--metrics-allow", "127.0.0.0/8", "--metrics-allow", "10/33"),
+            "--metrics-allow: '10/33' is not an IP network",
+        ),
+        (("--metrics-port", "0", "--metrics-allow", "localhost"), "'localhost' is not an IP"),
     ],
 )
 def test_bad_flags_are_usage_errors(flags: tuple[str, ...], message: str) -> None:
@@ -370,6 +375,10 @@ def test_the_flags_take_their_defaults_from_the_environment() -> None:
     result = serve(env={"SOCKWORKER_METRICS_PORT": "nope"})
     assert result.returncode == 2
     assert "SOCKWORKER_METRICS_PORT='nope'" in result.stderr
+    result = serve("--metrics-port", "0", env={"SOCKWORKER_METRICS_ALLOW": "10.0.0.0/8, ::1/200"})
+    assert result.returncode == 2
+    assert "SOCKWORKER_METRICS_ALLOW" in result.stderr
+    assert "'::1/200' is not an IP network" in result.stderr
 
 
 async def test_metrics_path_on_the_app_port_still_works(observed: ServerProcess) -> None:
@@ -387,3 +396,70 @@ def test_app_settings_are_checked() -> None:
         App(dashboard=True)
     with pytest.raises(ValueError, match="metrics_port is a port number"):
         App(metrics_port=-1)
+    assert App().metrics_allow == ["127.0.0.0/8", "::1/128"]
+    assert App(metrics_allow=["10.1.2.3/8", "::1"]).metrics_allow == ["10.0.0.0/8", "::1/128"]
+    with pytest.raises(ValueError, match=re.escape("'10.0.0.0/99' is not an IP network")):
+        App(metrics_allow=["10.0.0.0/99"])
+    with pytest.raises(ValueError, match="a list of networks"):
+        App(metrics_allow="10.0.0.0/8")
+    with pytest.raises(ValueError, match="one network at least"):
+        App(metrics_allow=[])
+
+
+async def test_only_loopback_may_use_the_listener_by_default(observed: ServerProcess) -> None:
+    text = await scrape(metrics_url(observed))  # from 127.0.0.1: allowed
+    assert re.search(r"^sockworker_metrics_refused_total 0$", text, re.M)
+
+
+ANY_METRICS = re.compile(r"metrics on http://\S+:(\d+)/metrics")
+REFUSED = "Forbidden: this address may not use the metrics listener (--metrics-allow).\n"
+
+
+async def test_a_client_outside_the_allow_list_is_refused(
+    make_server: Callable[..., ServerProcess],
+) -> None:
+    # Bound to :: (both families): 127.0.0.1 arrives as ::ffff:127.0.0.1, outside both networks
+    # (given through the variable, comma-separated); ::1 is allowed.
+    server = make_server(
+        APP,
+        *("--metrics-port", "0", "--metrics-host", "::", "--dashboard"),
+        env={"SOCKWORKER_METRICS_ALLOW": "10.0.0.0/8,::1"},
+    )
+    port = int(server.wait_for_log(ANY_METRICS).group(1))
+    for path in ("/metrics", "/_sockworker", "/_sockworker/stats", "/nothing"):
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{port}{path}") as resp:
+                assert resp.status == 403, path
+                assert resp.headers["content-type"].startswith("text/plain")
+                assert await resp.text() == REFUSED
+            async with session.post(f"http://127.0.0.1:{port}{path}", data=b"x" * 8000) as resp:
+                assert resp.status == 403, path
+    text = await scrape(f"http://[::1]:{port}")
+    assert value(text, "sockworker_metrics_refused_total") == 8
+    status, _ = await get(f"http://[::1]:{port}/_sockworker/stats")
+    assert status == 200
+    # The app's own port is not concerned.
+    assert (await get(f"{server.http}/metrics"))[0] == 200
+
+
+async def test_the_command_line_replaces_the_variables_networks(
+    make_server: Callable[..., ServerProcess],
+) -> None:
+    server = make_server(
+        APP,
+        *("--metrics-port", "0", "--metrics-allow", "10.0.0.0/8"),
+        env={"SOCKWORKER_METRICS_ALLOW": "127.0.0.0/8"},
+    )
+    assert await get(f"{metrics_url(server)}/metrics") == (403, REFUSED)
+
+
+async def test_ipv4_rules_match_ipv4_mapped_clients(
+    make_server: Callable[..., ServerProcess],
+) -> None:
+    server = make_server(
+        APP,
+        *("--metrics-port", "0", "--metrics-host", "::", "--metrics-allow", "127.0.0.1"),
+    )
+    port = int(server.wait_for_log(ANY_METRICS).group(1))
+    assert (await get(f"http://127.0.0.1:{port}/metrics"))[0] == 200  # as ::ffff:127.0.0.1
+    assert await get(f"http://[::1]:{port}/metrics") == (403, REFUSED)

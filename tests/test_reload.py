@@ -1,7 +1,8 @@
 """``sockworker serve --reload`` and the ``SOCKWORKER_*`` environment defaults, on a real
 server: an edit of the app's file closes its sockets with 1012 and the next connection is
-served by the new code on the same port, with the objects' storage kept; a variable sets a
-flag's default, and a bad one is a usage error naming it."""
+served by the new code on the same port, with the objects' storage kept; an edit that does not
+load is logged and the old code keeps serving; a variable sets a flag's default, and a bad one
+is a usage error naming it."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from websockets.exceptions import ConnectionClosed
 from tests.support import LISTENING, ROOT, ServerProcess
 
 APP = """
+import os
+
 import sockworker as sw
 
 VERSION = "{version}"
@@ -37,6 +40,8 @@ async def fetch(request, env, ctx):
         server.accept()
         server.add_event_listener("message", lambda event: server.send(VERSION + ":" + event.data))
         return sw.Response(status=101, websocket=client)
+    if request.path == "/pid":
+        return sw.Response(str(os.getpid()))
     if request.path == "/inc":
         return sw.Response(str(await env.COUNTER.get_by_name("c").increment()))
     return sw.Response("not found", status=404)
@@ -47,8 +52,11 @@ app = sw.App(fetch=fetch, durable_objects={{"COUNTER": Counter}})
 
 
 def write_app(directory: Path, version: str) -> None:
+    write_source(directory, APP.format(version=version))
+
+
+def write_source(directory: Path, text: str) -> None:
     path = directory / "reloaded.py"
-    text = APP.format(version=version)
     # Written whole then renamed: the watcher never sees half a file.
     partial = directory / "reloaded.py.part"
     partial.write_text(text)
@@ -61,9 +69,14 @@ async def echo(url: str, text: str) -> str:
         return str(await ws.recv())
 
 
-async def increment(server: ServerProcess) -> str:
-    async with aiohttp.ClientSession() as http, http.get(f"{server.http}/inc") as response:
+async def get(server: ServerProcess, path: str) -> str:
+    async with aiohttp.ClientSession() as http, http.get(f"{server.http}{path}") as response:
+        assert response.status == 200
         return await response.text()
+
+
+async def increment(server: ServerProcess) -> str:
+    return await get(server, "/inc")
 
 
 def reloading(directory: Path) -> ServerProcess:
@@ -99,16 +112,43 @@ async def test_an_edit_restarts_with_1012_and_keeps_storage(tmp_path: Path) -> N
         assert server.stop() == 0
 
 
-async def test_a_broken_edit_is_logged_and_the_next_one_serves(tmp_path: Path) -> None:
+async def test_a_broken_edit_keeps_the_old_code_serving_and_the_next_one_replaces_it(
+    tmp_path: Path,
+) -> None:
     server = reloading(tmp_path)
     try:
+        server.wait_for_log(r"watching .* for changes")
+        old = await get(server, "/pid")
+        async with connect(f"{server.ws}/ws") as ws:
+            await ws.send("a")
+            assert await ws.recv() == "v1:a"
+            mark = server.log_mark()
+            write_source(tmp_path, "this is not python(\n")
+            await server.wait_for_log_async(
+                r"^ERROR sockworker\.reload: the new code of reloaded:app does not load; "
+                "the old code keeps serving",
+                30,
+                mark,
+            )
+            # The traceback is logged after that line.
+            await server.wait_for_log_async("SyntaxError", 30, mark)
+            # The socket opened before the bad edit is still open, served by the old code.
+            await ws.send("b")
+            assert await ws.recv() == "v1:b"
+        assert await get(server, "/pid") == old
+        assert await echo(f"{server.ws}/ws", "c") == "v1:c"
+        # An edit that loads but has no App is refused the same way.
         mark = server.log_mark()
-        (tmp_path / "reloaded.py").write_text("this is not python(\n")
-        await server.wait_for_log_async("SyntaxError", 30, mark)
+        write_source(tmp_path, "app = 42\n")
+        await server.wait_for_log_async(r"reloaded:app is a int, not a sockworker.App", 30, mark)
+        assert await get(server, "/pid") == old
+        # The next good edit replaces the old code.
         mark = server.log_mark()
         write_app(tmp_path, "v3")
-        await server.wait_for_log_async(LISTENING.pattern, 30, mark)
-        assert await echo(f"{server.ws}/ws", "c") == "v3:c"
+        again = await server.wait_for_log_async(LISTENING.pattern, 30, mark)
+        assert int(again.group(1)) == server.port
+        assert await echo(f"{server.ws}/ws", "d") == "v3:d"
+        assert await get(server, "/pid") != old
     finally:
         assert server.stop() == 0
 
@@ -133,3 +173,30 @@ def test_a_bad_environment_value_is_a_usage_error_naming_it() -> None:
     )
     assert done.returncode == 2
     assert "SOCKWORKER_DURABILITY='sometimes'" in done.stderr
+
+
+def test_the_check_of_an_edit_reports_the_apps_own_frames(tmp_path: Path) -> None:
+    """What ``--reload`` logs for an edit that raises at import: the app's lines, not the
+    import machinery's; and exit status 0 for one that loads."""
+    from sockworker.reload import CHECK
+
+    (tmp_path / "raising.py").write_text("def boom():\n    return 1 / 0\n\n\nboom()\n")
+    write_app(tmp_path, "v9")
+
+    def check(target: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-c", CHECK, target],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    done = check("raising:app")
+    assert done.returncode == 1
+    assert f'File "{tmp_path / "raising.py"}", line 5, in <module>' in done.stderr
+    assert "return 1 / 0" in done.stderr
+    assert done.stderr.rstrip().endswith("ZeroDivisionError: division by zero")
+    assert "importlib" not in done.stderr
+    assert check("reloaded:app").returncode == 0

@@ -326,7 +326,7 @@ class Server:
         cluster: tuple[str, str, str, float, float] | None = None,
         reuse_port: bool = False,
         link_port: int | None = None,
-        metrics: tuple[str, int, bool, int, float] | None = None,
+        metrics: tuple[str, int, bool, int, float, list[str]] | None = None,
         meter: Meter | None = None,
         access_log: bool = False,
         stream_request_bodies: bool = False,

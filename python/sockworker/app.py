@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import resource
@@ -28,6 +29,28 @@ logger = logging.getLogger("sockworker")
 
 #: Accounts with metrics labels of their own by default (``App(metrics_accounts=)``).
 DEFAULT_METRICS_ACCOUNTS = 20
+#: The clients that may use the metrics listener by default (``App(metrics_allow=)``): this
+#: machine only.
+DEFAULT_METRICS_ALLOW = ("127.0.0.0/8", "::1/128")
+
+
+def metrics_networks(networks: Iterable[str], name: str = "metrics_allow") -> list[str]:
+    """``networks`` (``10.0.0.0/8``, ``::1``...) as the core reads them; a malformed one is a
+    ``ValueError`` naming it and ``name``."""
+    if isinstance(networks, str):
+        raise ValueError(f"{name} is a list of networks, not the string {networks!r}")
+    out = []
+    for network in networks:
+        try:
+            out.append(str(ipaddress.ip_network(str(network).strip(), strict=False)))
+        except ValueError:
+            raise ValueError(
+                f"{name}: {network!r} is not an IP network (e.g. 10.0.0.0/8, ::1, 0.0.0.0/0)"
+            ) from None
+    if not out:
+        raise ValueError(f"{name} needs one network at least (default: loopback only)")
+    return out
+
 
 FetchHandler = Callable[[Request, Env, ExecutionContext], Awaitable[Response] | Response]
 AccountOf = Callable[[Request], str]
@@ -66,6 +89,7 @@ class App:
         metrics_port: int | None = None,
         metrics_host: str = "127.0.0.1",
         metrics_accounts: int = DEFAULT_METRICS_ACCOUNTS,
+        metrics_allow: Iterable[str] = DEFAULT_METRICS_ALLOW,
         dashboard: bool = False,
         access_log: bool = False,
         stream_request_bodies: bool = False,
@@ -107,6 +131,10 @@ class App:
                 machine only).
             metrics_accounts: accounts with metrics labels of their own (the busiest, by
                 billable requests); the rest are summed as ``account="_other"``.
+            metrics_allow: the client networks (``"10.0.0.0/8"``, ``"::1"``) that may use the
+                metrics listener (default: loopback only, ``127.0.0.0/8`` and ``::1``); another
+                client is answered 403 before its request is read. ``"0.0.0.0/0"`` and
+                ``"::/0"`` let everyone in. A malformed network is a ``ValueError``.
             dashboard: also serve the live dashboard at ``/_sockworker`` on the metrics
                 listener (needs ``metrics_port``).
             access_log: one record per HTTP request and per closed WebSocket, to the logger
@@ -123,6 +151,7 @@ class App:
             raise ValueError(f"metrics_port is a port number (0 to 65535), not {metrics_port!r}")
         if not isinstance(metrics_accounts, int) or metrics_accounts < 1:
             raise ValueError(f"metrics_accounts is 1 or more, not {metrics_accounts!r}")
+        allow = metrics_networks(metrics_allow)
         if dashboard and metrics_port is None:
             raise ValueError("dashboard=True needs metrics_port: the dashboard is served there")
         if durability not in ("full", "normal"):
@@ -137,6 +166,7 @@ class App:
         self.metrics_port = metrics_port
         self.metrics_host = metrics_host
         self.metrics_accounts = metrics_accounts
+        self.metrics_allow = allow
         self.dashboard = dashboard
         self.access_log = access_log
         self.metering = metering

@@ -6,15 +6,16 @@ import argparse
 import importlib
 import os
 import sys
-from collections.abc import Mapping
+import traceback
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from . import _loop
-from .app import App
+from .app import App, metrics_networks
 from .errors import ServerStartError
 from .logs import configure
 
-__all__ = ["load_app", "main"]
+__all__ = ["check_app", "load_app", "main"]
 
 
 def load_app(target: str) -> App:
@@ -36,12 +37,55 @@ def load_app(target: str) -> App:
     return app
 
 
+def check_app(target: str) -> int:
+    """Whether ``target`` loads as ``serve`` would load it: 0, or 1 with why on stderr (the
+    traceback, without the frames of the import machinery). ``--reload`` runs it in a process
+    of its own before it replaces the server."""
+    try:
+        load_app(target)
+    except SystemExit as exit_:
+        if exit_.code in (None, 0):
+            return 0
+        print(exit_.code, file=sys.stderr)
+        return 1
+    except BaseException as error:  # (whatever the import raised is the answer)
+        machinery = (os.path.dirname(importlib.__file__), __file__)
+        report = traceback.TracebackException.from_exception(error)
+        frames = [
+            frame
+            for frame in report.stack
+            if not frame.filename.startswith(("<frozen ", "<string>", *machinery))
+        ]
+        report.stack = traceback.StackSummary.from_list(frames)
+        print("".join(report.format()), end="", file=sys.stderr)
+        return 1
+    return 0
+
+
 #: Every flag of ``serve`` takes its default from ``SOCKWORKER_<FLAG>`` (``--io-threads``:
 #: ``SOCKWORKER_IO_THREADS``; the app: ``SOCKWORKER_APP``); the command line wins, and an empty
 #: variable counts as unset.
 ENV_PREFIX = "SOCKWORKER_"
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
+#: Repeatable options whose variable separates its values with commas (the others: os.pathsep).
+_COMMA_LISTS = {"metrics_allow"}
+
+
+class _Repeatable(argparse._AppendAction):
+    """``action="append"``, except that the command line replaces a default (one from a
+    ``SOCKWORKER_*`` variable) instead of adding to it: the command line wins."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[Any] | None,
+        option_string: str | None = None,
+    ) -> None:
+        if getattr(namespace, self.dest, None) is self.default:
+            setattr(namespace, self.dest, None)
+        super().__call__(parser, namespace, values, option_string)
 
 
 def env_defaults(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> None:
@@ -62,7 +106,9 @@ def env_defaults(parser: argparse.ArgumentParser, environ: Mapping[str, str]) ->
                 parser.error(f"{name}={raw!r}: expected one of 1, 0, true, false, yes, no")
             value = raw.lower() in _TRUE
         elif isinstance(action, argparse._AppendAction):
-            value = [part for part in raw.split(os.pathsep) if part]
+            # (Directories are separated as in PATH; networks by commas.)
+            separator = "," if action.dest in _COMMA_LISTS else os.pathsep
+            value = [part.strip() for part in raw.split(separator) if part.strip()]
         else:
             try:
                 value = action.type(raw) if callable(action.type) else raw
@@ -183,6 +229,15 @@ def main(argv: list[str] | None = None) -> int:
         help="where --metrics-port listens (default 127.0.0.1: this machine only)",
     )
     serve.add_argument(
+        "--metrics-allow",
+        action=_Repeatable,
+        metavar="CIDR",
+        help="a client network that may use the metrics listener, e.g. 10.0.0.0/8 (repeatable; "
+        "$SOCKWORKER_METRICS_ALLOW: comma-separated); others get 403 (default: "
+        "App(metrics_allow=), else loopback only: 127.0.0.0/8 and ::1; 0.0.0.0/0 lets every "
+        "IPv4 client in)",
+    )
+    serve.add_argument(
         "--metrics-accounts",
         type=int,
         metavar="N",
@@ -207,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     serve.add_argument(
         "--reload-dir",
-        action="append",
+        action=_Repeatable,
         metavar="DIR",
         help="where --reload watches (repeatable; default: the current directory)",
     )
@@ -273,6 +328,11 @@ def _metrics_flags(app: App, args: argparse.Namespace) -> None:
         app.metrics_port = args.metrics_port
     if args.metrics_host:
         app.metrics_host = args.metrics_host
+    if args.metrics_allow:
+        name = "--metrics-allow"
+        if os.environ.get("SOCKWORKER_METRICS_ALLOW", "").strip():
+            name += " (or SOCKWORKER_METRICS_ALLOW)"
+        app.metrics_allow = metrics_networks(args.metrics_allow, name)
     if args.metrics_accounts is not None:
         if args.metrics_accounts < 1:
             raise ValueError("--metrics-accounts is 1 or more")
@@ -364,4 +424,5 @@ def _reload(args: argparse.Namespace, argv: list[str]) -> int:
     child = reload_argv(argv, port)
     if "serve" in child and args.app not in child:  # the app came from SOCKWORKER_APP
         child.insert(child.index("serve") + 1, args.app)
-    return Reloader(child, args.reload_dir or [os.getcwd()], args.shutdown_timeout).run()
+    dirs = args.reload_dir or [os.getcwd()]
+    return Reloader(child, dirs, args.shutdown_timeout, args.app).run()

@@ -1,10 +1,14 @@
 """``sockworker serve --reload``: a supervisor that runs the server as a child process and
 starts it again when a Python file changes (watchfiles, as uvicorn and granian use).
 
-On a change the child gets SIGHUP: it closes every socket with 1012 (service restart), so that
-clients reconnect at once, and exits; a new child then serves the new code on the same port.
-Objects' storage is kept (it is on disk, in the same data directory). A child that fails to
-start (a syntax error in the edit) is logged and started again at the next change.
+On a change the new code is checked first: a short-lived ``python`` imports the MODULE:APP
+target (as ``serve`` does) and exits. If that fails (a syntax error in the edit, an exception
+at import, no such App), its traceback is logged (logger ``sockworker.reload``, ERROR) and the
+old child keeps serving, its sockets open; the next change is checked again. If it loads, the
+child gets SIGHUP: it closes every socket with 1012 (service restart), so that clients
+reconnect at once, and exits; a new child then serves the new code on the same port. Objects'
+storage is kept (it is on disk, in the same data directory). A child that fails to start all
+the same (the port taken meanwhile) is logged and started again at the next change.
 """
 
 from __future__ import annotations
@@ -24,6 +28,10 @@ logger = logging.getLogger("sockworker.reload")
 
 #: How long a child may take past its shutdown timeout before it is killed.
 EXIT_GRACE = 5.0
+#: How long the check of an edit may take (importing the app) before it counts as failed.
+CHECK_TIMEOUT = 60.0
+#: What the check runs: the import of ``serve`` (``cli.load_app``), and nothing else.
+CHECK = "import sys; from sockworker.cli import check_app; sys.exit(check_app(sys.argv[1]))"
 
 
 def free_port(host: str) -> int:
@@ -38,7 +46,9 @@ def free_port(host: str) -> int:
 class Reloader:
     """Runs ``argv`` (a ``sockworker serve`` without ``--reload``) and restarts it on changes."""
 
-    def __init__(self, argv: Sequence[str], dirs: Sequence[str], shutdown_timeout: float) -> None:
+    def __init__(
+        self, argv: Sequence[str], dirs: Sequence[str], shutdown_timeout: float, target: str
+    ) -> None:
         try:
             import watchfiles
         except ImportError:
@@ -47,6 +57,7 @@ class Reloader:
             ) from None
         self.watchfiles = watchfiles
         self.argv = list(argv)
+        self.target = target
         self.dirs = [str(Path(d).resolve()) for d in dirs]
         for directory in self.dirs:
             if not Path(directory).is_dir():
@@ -58,9 +69,51 @@ class Reloader:
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self.stop.set()
 
+    @staticmethod
+    def _env() -> dict[str, str]:
+        return {k: v for k, v in os.environ.items() if not k.startswith("SOCKWORKER_RELOAD")}
+
     def start(self) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SOCKWORKER_RELOAD")}
-        self.child = subprocess.Popen(self.argv, env=env)
+        self.child = subprocess.Popen(self.argv, env=self._env())
+
+    def loads(self) -> bool:
+        """Whether the app's code, as it is now, imports (in a process of its own, which exits);
+        if not, what went wrong is logged."""
+        try:
+            done = subprocess.run(
+                [sys.executable, "-c", CHECK, self.target],
+                env=self._env(),
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                errors="replace",
+                timeout=CHECK_TIMEOUT,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            logger.error(
+                "the new code of %s did not load within %.0f s; %s",
+                self.target,
+                CHECK_TIMEOUT,
+                self._kept(),
+            )
+            return False
+        if done.returncode == 0:
+            return True
+        if self.stop.is_set():  # (a Ctrl-C reached the check too: it says nothing of the code)
+            return False
+        logger.error(
+            "the new code of %s does not load; %s:\n%s",
+            self.target,
+            self._kept(),
+            (done.stderr or done.stdout).rstrip() or f"exit status {done.returncode}",
+        )
+        return False
+
+    def _kept(self) -> str:
+        if self.child is not None and self.child.poll() is None:
+            return "the old code keeps serving"
+        return "nothing serves until an edit that loads"
 
     def end(self, signum: int) -> int | None:
         """Signals the child and waits for it; kills it after the grace."""
@@ -88,7 +141,16 @@ class Reloader:
                 raise_interrupt=False,
             ):
                 names = sorted({os.path.relpath(path) for _, path in changes})
-                logger.info("changed: %s; restarting", ", ".join(names))
+                logger.info("changed: %s; checking the new code", ", ".join(names))
+                if not self.loads():
+                    continue
+                child = self.child
+                if child is not None and child.poll() is not None:
+                    logger.warning(
+                        "the server had exited (status %s); starting it again", child.returncode
+                    )
+                else:
+                    logger.info("the new code loads; restarting")
                 self.end(signal.SIGHUP)
                 self.start()
         finally:

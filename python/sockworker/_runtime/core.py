@@ -66,8 +66,9 @@ def _cluster_args(app: AppLike) -> tuple[str, str, str, float, float] | None:
     )
 
 
-def _metrics_args(app: AppLike) -> tuple[str, int, bool, int, float] | None:
-    """The metrics listener's (host, port, dashboard, top accounts, messages per request)."""
+def _metrics_args(app: AppLike) -> tuple[str, int, bool, int, float, list[str]] | None:
+    """The metrics listener's (host, port, dashboard, top accounts, messages per request,
+    allowed client networks)."""
     if app.metrics_port is None:
         return None
     return (
@@ -76,6 +77,7 @@ def _metrics_args(app: AppLike) -> tuple[str, int, bool, int, float] | None:
         app.dashboard,
         app.metrics_accounts,
         float(app.pricing.messages_per_request),
+        list(app.metrics_allow),
     )
 
 

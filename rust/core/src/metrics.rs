@@ -5,11 +5,16 @@
 //! application thread, a busy handler, or the I/O threads: everything it reports is read from
 //! atomics and from maps behind short locks (the meter's slots, the open sockets, the live
 //! objects) that no handler holds while it runs.
+//!
+//! Only the clients of `MetricsConfig::allow` (`--metrics-allow`; by default loopback only)
+//! may use it: a connection from another address is answered 403 as soon as it is accepted,
+//! before any of its request is read, and counted in `sockworker_metrics_refused_total`.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::fmt::Write as _;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -18,6 +23,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::oneshot;
 
 use crate::event::Events;
@@ -44,6 +50,100 @@ pub struct MetricsConfig {
     pub messages_per_request: f64,
     /// The app's meter (it outlives a server: counts survive restarts of the app).
     pub meter: Arc<Meter>,
+    /// The client addresses that may use the listener (`loopback()` by default); the others
+    /// get 403.
+    pub allow: Vec<Cidr>,
+}
+
+/// A network of the allow-list: `10.0.0.0/8`, `::1/128`, or an address alone (all its bits).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    /// Parses `ADDRESS[/PREFIX]`; bits past the prefix are cleared (`10.1.2.3/8` is
+    /// `10.0.0.0/8`). An IPv4-mapped IPv6 network (`::ffff:10.0.0.0/104`) is its IPv4 one.
+    ///
+    /// # Errors
+    /// When the address or the prefix length is not valid, with what was wrong.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let (addr, prefix) = match text.trim().split_once('/') {
+            Some((addr, prefix)) => (addr, Some(prefix)),
+            None => (text.trim(), None),
+        };
+        let addr: IpAddr =
+            addr.parse().map_err(|_| format!("{text:?} is not an IP network (e.g. 10.0.0.0/8)"))?;
+        let bits = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => bits,
+            Some(digits) => match digits.parse::<u8>() {
+                Ok(prefix) if prefix <= bits && digits.bytes().all(|b| b.is_ascii_digit()) => prefix,
+                _ => return Err(format!("{text:?}: the prefix length is 0 to {bits}")),
+            },
+        };
+        Ok(Self::new(addr, prefix))
+    }
+
+    fn new(addr: IpAddr, prefix: u8) -> Self {
+        match addr {
+            IpAddr::V6(v6) if prefix >= 96 && v6.to_ipv4_mapped().is_some() => {
+                let v4 = v6.to_ipv4_mapped().unwrap_or(Ipv4Addr::UNSPECIFIED);
+                Self::new(IpAddr::V4(v4), prefix - 96)
+            }
+            IpAddr::V4(v4) => {
+                Self { addr: IpAddr::V4(Ipv4Addr::from(u32::from(v4) & mask32(prefix))), prefix }
+            }
+            IpAddr::V6(v6) => {
+                Self { addr: IpAddr::V6(Ipv6Addr::from(u128::from(v6) & mask128(prefix))), prefix }
+            }
+        }
+    }
+
+    /// Whether `peer` is in the network; an IPv4-mapped IPv6 peer (`::ffff:a.b.c.d`, a client
+    /// of an IPv6 socket bound to `::`) is matched as its IPv4 address.
+    #[must_use]
+    pub fn contains(&self, peer: IpAddr) -> bool {
+        let peer = match peer {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(peer, IpAddr::V4),
+            IpAddr::V4(_) => peer,
+        };
+        match (self.addr, peer) {
+            (IpAddr::V4(net), IpAddr::V4(peer)) => u32::from(peer) & mask32(self.prefix) == u32::from(net),
+            (IpAddr::V6(net), IpAddr::V6(peer)) => u128::from(peer) & mask128(self.prefix) == u128::from(net),
+            _ => false,
+        }
+    }
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+fn mask32(prefix: u8) -> u32 {
+    u32::MAX.checked_shl(32 - u32::from(prefix.min(32))).unwrap_or(0)
+}
+
+fn mask128(prefix: u8) -> u128 {
+    u128::MAX.checked_shl(128 - u32::from(prefix.min(128))).unwrap_or(0)
+}
+
+/// The default allow-list: this machine only (`127.0.0.0/8` and `::1`).
+#[must_use]
+pub fn loopback() -> Vec<Cidr> {
+    vec![
+        Cidr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 0)), 8),
+        Cidr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), 128),
+    ]
+}
+
+/// Whether a client at `peer` may use the listener.
+#[must_use]
+pub fn allowed(allow: &[Cidr], peer: IpAddr) -> bool {
+    allow.iter().any(|cidr| cidr.contains(peer))
 }
 
 impl std::fmt::Debug for MetricsConfig {
@@ -52,6 +152,7 @@ impl std::fmt::Debug for MetricsConfig {
             .field("addr", &self.addr)
             .field("dashboard", &self.dashboard)
             .field("top_accounts", &self.top_accounts)
+            .field("allow", &self.allow.iter().map(ToString::to_string).collect::<Vec<_>>())
             .finish_non_exhaustive()
     }
 }
@@ -66,6 +167,8 @@ pub struct Sources {
 struct Metrics {
     config: MetricsConfig,
     sources: Sources,
+    /// Connections refused for their address.
+    refused: AtomicU64,
 }
 
 /// The running listener; dropping it stops its thread.
@@ -89,7 +192,7 @@ impl MetricsServer {
         let local = listener.local_addr()?;
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         let (stop, stopped) = oneshot::channel();
-        let metrics = Arc::new(Metrics { config, sources });
+        let metrics = Arc::new(Metrics { config, sources, refused: AtomicU64::new(0) });
         let thread = std::thread::Builder::new().name("sockworker-metrics".into()).spawn(move || {
             runtime.block_on(serve(listener, metrics, stopped));
         })?;
@@ -125,6 +228,11 @@ async fn serve(listener: std::net::TcpListener, metrics: Arc<Metrics>, mut stopp
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) if !allowed(&metrics.config.allow, peer.ip()) => {
+                    metrics.refused.fetch_add(1, Ordering::Relaxed);
+                    log::debug!("metrics listener: refused {peer} (not in --metrics-allow)");
+                    crate::runtime::spawn(refuse(stream));
+                }
                 Ok((stream, _)) => {
                     let metrics = metrics.clone();
                     crate::runtime::spawn(async move {
@@ -147,6 +255,34 @@ async fn serve(listener: std::net::TcpListener, metrics: Arc<Metrics>, mut stopp
             _ = &mut stopped => return,
         }
     }
+}
+
+/// The body of the answer to a client outside the allow-list, whatever it asks.
+const REFUSED: &str = "Forbidden: this address may not use the metrics listener (--metrics-allow).\n";
+
+/// Answers 403 without reading the request; then discards (unparsed, a little at most, for a
+/// few seconds at most) what the client sent until it closes, so that closing does not reset
+/// the connection under the answer.
+async fn refuse(mut stream: tokio::net::TcpStream) {
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
+        let answer = format!(
+            "HTTP/1.1 403 Forbidden\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n\
+             cache-control: no-store\r\nconnection: close\r\n\r\n{REFUSED}",
+            REFUSED.len()
+        );
+        stream.write_all(answer.as_bytes()).await?;
+        stream.shutdown().await?;
+        let mut sink = [0u8; 1024];
+        let mut discarded = 0;
+        while discarded < 16 * 1024 {
+            match stream.read(&mut sink).await? {
+                0 => break,
+                n => discarded += n,
+            }
+        }
+        Ok::<_, std::io::Error>(())
+    })
+    .await;
 }
 
 fn reply(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
@@ -323,7 +459,13 @@ impl Metrics {
             "From the first event of a batch being queued to the application thread taking the batch.",
             &stats.loop_lag,
         );
-        let relaxed = std::sync::atomic::Ordering::Relaxed;
+        let relaxed = Ordering::Relaxed;
+        counter(
+            &mut out,
+            "sockworker_metrics_refused_total",
+            "Connections to the metrics listener refused (403) for an address outside --metrics-allow.",
+            self.refused.load(relaxed) as f64,
+        );
         counter(
             &mut out,
             "sockworker_cpu_limit_kills_total",
@@ -649,6 +791,68 @@ fn json_string(value: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::{allowed, loopback, Cidr};
+
+    fn ip(text: &str) -> std::net::IpAddr {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn loopback_is_allowed_by_default_and_nothing_else() {
+        let allow = loopback();
+        for peer in ["127.0.0.1", "127.1.2.3", "::1", "::ffff:127.0.0.1"] {
+            assert!(allowed(&allow, ip(peer)), "{peer}");
+        }
+        for peer in ["10.0.0.1", "192.168.1.1", "::2", "fe80::1", "::ffff:10.0.0.1", "0.0.0.0", "::"] {
+            assert!(!allowed(&allow, ip(peer)), "{peer}");
+        }
+    }
+
+    #[test]
+    fn networks_match_their_addresses() {
+        let ten = Cidr::parse("10.0.0.0/8").unwrap();
+        assert!(ten.contains(ip("10.255.0.1")));
+        assert!(!ten.contains(ip("11.0.0.1")));
+        assert!(!ten.contains(ip("127.0.0.1")));
+        // An IPv4-mapped IPv6 peer (a client of a socket bound to ::) matches IPv4 rules.
+        assert!(ten.contains(ip("::ffff:10.1.2.3")));
+        assert!(!ten.contains(ip("::ffff:11.1.2.3")));
+        // ... and an IPv4-mapped rule is its IPv4 one.
+        assert_eq!(Cidr::parse("::ffff:10.0.0.0/104").unwrap(), ten);
+        let everyone = Cidr::parse("0.0.0.0/0").unwrap();
+        assert!(everyone.contains(ip("203.0.113.9")));
+        assert!(everyone.contains(ip("::ffff:203.0.113.9")));
+        assert!(!everyone.contains(ip("2001:db8::1")));
+        assert!(Cidr::parse("::/0").unwrap().contains(ip("2001:db8::1")));
+        let net6 = Cidr::parse("2001:db8::/32").unwrap();
+        assert!(net6.contains(ip("2001:db8:ffff::1")));
+        assert!(!net6.contains(ip("2001:db9::1")));
+        assert!(!net6.contains(ip("10.0.0.1")));
+        // An address alone is all its bits; host bits past the prefix are cleared.
+        let one = Cidr::parse("192.0.2.7").unwrap();
+        assert!(one.contains(ip("192.0.2.7")) && !one.contains(ip("192.0.2.8")));
+        assert_eq!(Cidr::parse("10.1.2.3/8").unwrap(), ten);
+        assert_eq!(ten.to_string(), "10.0.0.0/8");
+        assert!(Cidr::parse("::1/128").unwrap().contains(ip("::1")));
+    }
+
+    #[test]
+    fn malformed_networks_are_refused() {
+        for bad in [
+            "",
+            "10.0.0.0/33",
+            "::/129",
+            "10.0.0/8",
+            "10.0.0.0/",
+            "10.0.0.0/+8",
+            "nope",
+            "10.0.0.0/8/8",
+            "ten/8",
+        ] {
+            assert!(Cidr::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
     #[test]
     fn label_values_and_json_strings_are_escaped() {
         assert_eq!(super::escape_label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");

@@ -9,7 +9,7 @@ use pyo3::prelude::*;
 use sockworker_core::cluster::{Cluster, ClusterConfig, Owner};
 use sockworker_core::gate::OutputGate;
 use sockworker_core::meter::{thread_cpu_clock, thread_cpu_ns, BatchClock};
-use sockworker_core::metrics::{MetricsConfig, DEFAULT_TOP_ACCOUNTS};
+use sockworker_core::metrics::{Cidr, MetricsConfig, DEFAULT_TOP_ACCOUNTS};
 use sockworker_core::stats::CoreStats;
 use sockworker_core::watchdog::{
     current_thread_ident, tick_for, BlockedHook, Overrun, Watch, Watchdog, WatchdogHooks,
@@ -144,7 +144,7 @@ impl Server {
         cluster: Option<(String, String, String, f64, f64)>,
         reuse_port: bool,
         link_port: Option<u16>,
-        metrics: Option<(String, u16, bool, usize, f64)>,
+        metrics: Option<(String, u16, bool, usize, f64, Vec<String>)>,
         meter: Option<&Meter>,
         access_log: bool,
         stream_request_bodies: bool,
@@ -192,7 +192,7 @@ impl Server {
             let storage = data_dir.map(|data_dir| StorageConfig { data_dir, durability, cluster });
             let link_addr = link_port.map(|port| std::net::SocketAddr::new(addr.ip(), port));
             let metrics = match metrics {
-                Some((host, port, dashboard, top_accounts, messages_per_request)) => {
+                Some((host, port, dashboard, top_accounts, messages_per_request, allow)) => {
                     let addr = (host.as_str(), port).to_socket_addrs()?.next().ok_or_else(|| {
                         CoreError::InvalidArgument(format!("cannot resolve the metrics host {host:?}"))
                     })?;
@@ -200,7 +200,14 @@ impl Server {
                         CoreError::InvalidArgument("the metrics listener needs the app's meter".into())
                     })?;
                     let top_accounts = if top_accounts == 0 { DEFAULT_TOP_ACCOUNTS } else { top_accounts };
-                    Some(MetricsConfig { addr, dashboard, top_accounts, messages_per_request, meter })
+                    let allow = allow
+                        .iter()
+                        .map(|cidr| {
+                            Cidr::parse(cidr)
+                                .map_err(|e| CoreError::InvalidArgument(format!("metrics allow-list: {e}")))
+                        })
+                        .collect::<Result<Vec<_>, _>>()?;
+                    Some(MetricsConfig { addr, dashboard, top_accounts, messages_per_request, meter, allow })
                 }
                 None => None,
             };
