@@ -758,7 +758,7 @@ async def postgres_load(
         after = PgCounters.read(pg, dbname, pgss)
         held = sql(
             dsn,
-            "SELECT count(*) FROM sw_leases WHERE node = 'solo' AND expires_at > clock_timestamp()",
+            "SELECT count(*) FROM sw_lease_status WHERE node = 'solo' AND live",
         )[0][0]
     finally:
         node.stop()
@@ -766,7 +766,7 @@ async def postgres_load(
     load_xacts, load_statements = before.since(load_start)
     xacts, statements = after.since(before)
     calls = sum(c for c, _ in statements.values())
-    renewals = {q: v for q, v in statements.items() if "WITH beat AS" in q}
+    renewals = {q: v for q, v in statements.items() if "UPDATE sw_nodes n SET" in q}
     rounds = sum(c for c, _ in renewals.values())
     renew_ms = sum(ms for _, ms in renewals.values())
     return {

@@ -64,6 +64,14 @@ const MIGRATIONS: &[&str] = &[
          PRIMARY KEY (namespace, object_id)
      );
      CREATE INDEX sw_alarms_at ON sw_alarms (at);",
+    // 2: a lease is valid while its node's heartbeat is (one row renewed per round, not one
+    // per object); a lease row's own expiry now only marks a lease given up.
+    "ALTER TABLE sw_nodes ADD COLUMN expires_at timestamptz NOT NULL DEFAULT '-infinity';
+     CREATE VIEW sw_lease_status AS
+         SELECT l.namespace, l.object_id, l.node, l.epoch,
+                l.expires_at > clock_timestamp()
+                    AND coalesce(n.expires_at > clock_timestamp(), false) AS live
+         FROM sw_leases l LEFT JOIN sw_nodes n ON n.node = l.node;",
 ];
 
 /// A key for `pg_advisory_xact_lock` while migrating ("sockwrkr" in ASCII).
@@ -123,12 +131,6 @@ pub struct ClusterStats {
     pub lost: AtomicU64,
     pub fenced: AtomicU64,
     pub commits: AtomicU64,
-}
-
-struct Held {
-    epoch: i64,
-    /// Until when this node may count on the lease (renewal start + lease length).
-    valid_until: Instant,
 }
 
 type Job = Box<dyn FnOnce(&mut Option<Conn>, &str) + Send>;
@@ -285,7 +287,11 @@ pub struct Cluster {
     fg: Pg,
     /// For the background round: renewals, releases, alarms.
     bg: Pg,
-    held: Mutex<HashMap<ObjectName, Held>>,
+    /// This node's leases: object -> epoch. All of them are as valid as the node's heartbeat.
+    held: Mutex<HashMap<ObjectName, i64>>,
+    /// Until when this node may count on its heartbeat (start of the last renewal that
+    /// succeeded + the lease length), and with it on every lease it holds.
+    alive_until: Mutex<Instant>,
     /// Leases given up (the object left this node), sent with the next round.
     releasing: Mutex<Vec<(ObjectName, i64)>>,
     /// Leases found lost by a round or a commit, until the application thread asks.
@@ -332,6 +338,7 @@ impl Cluster {
             fg,
             bg,
             held: Mutex::default(),
+            alive_until: Mutex::new(Instant::now()),
             releasing: Mutex::default(),
             lost: Mutex::default(),
             elsewhere: Mutex::default(),
@@ -376,18 +383,22 @@ impl Cluster {
         *self.alarms.lock() = Some(arm);
     }
 
-    /// The node's row: its address and a heartbeat.
+    /// The node's row at start-up: its address and a heartbeat, valid for one lease.
     fn beat(&self) -> Result<(), CoreError> {
+        let started = Instant::now();
         let (node, advertise) = (self.config.node_id.clone(), self.config.advertise.clone());
+        let lease = secs(self.config.lease);
         self.stats.statements.fetch_add(1, Ordering::Relaxed);
         self.fg.call(move |conn| {
             conn.execute(
-                "INSERT INTO sw_nodes (node, advertise, heartbeat_at) VALUES ($1, $2, clock_timestamp())
+                "INSERT INTO sw_nodes (node, advertise, heartbeat_at, expires_at)
+                 VALUES ($1, $2, clock_timestamp(), clock_timestamp() + make_interval(secs => $3))
                  ON CONFLICT (node) DO UPDATE SET advertise = excluded.advertise,
-                     heartbeat_at = excluded.heartbeat_at",
-                &[&node, &advertise],
+                     heartbeat_at = excluded.heartbeat_at, expires_at = excluded.expires_at",
+                &[&node, &advertise, &lease],
             )
         })?;
+        *self.alive_until.lock() = started + self.config.lease;
         Ok(())
     }
 
@@ -399,9 +410,9 @@ impl Cluster {
     /// `Storage` when PostgreSQL cannot be reached.
     pub fn route(&self, name: &ObjectName) -> Result<Owner, CoreError> {
         let now = Instant::now();
-        if let Some(held) = self.held.lock().get(name) {
-            if held.valid_until > now {
-                return Ok(Owner::Here { epoch: held.epoch });
+        if let Some(epoch) = self.held.lock().get(name) {
+            if *self.alive_until.lock() > now {
+                return Ok(Owner::Here { epoch: *epoch });
             }
         }
         if let Some((owner, until)) = self.elsewhere.lock().get(name) {
@@ -435,29 +446,45 @@ impl Cluster {
         let started = Instant::now();
         let (namespace, object_id) = (name.namespace.to_string(), name.object_id.to_string());
         let node = self.config.node_id.clone();
-        let lease = secs(self.config.lease);
         self.stats.statements.fetch_add(1, Ordering::Relaxed);
+        // The holder's node row is read FOR SHARE, so that a take and that node's renewal are
+        // ordered: either the renewal comes first (the holder is alive: nothing is taken), or the
+        // take does and the renewal, waiting for it, finds its heartbeat had expired and checks
+        // its leases. This node takes nothing while its own heartbeat has expired.
         let row = self.fg.call(move |conn| {
             conn.query_one(
-                "WITH taken AS (
+                "WITH me AS (
+                     SELECT expires_at > clock_timestamp() AS alive FROM sw_nodes WHERE node = $3 FOR SHARE),
+                 taken AS (
                      INSERT INTO sw_leases AS l (namespace, object_id, node, epoch, expires_at)
-                     VALUES ($1, $2, $3, 1, clock_timestamp() + make_interval(secs => $4))
+                     SELECT $1, $2, $3, 1, 'infinity' WHERE coalesce((SELECT alive FROM me), false)
                      ON CONFLICT (namespace, object_id) DO UPDATE
-                         SET node = excluded.node, epoch = l.epoch + 1, expires_at = excluded.expires_at
-                         WHERE l.expires_at < clock_timestamp() OR l.node = excluded.node
+                         SET node = excluded.node, epoch = l.epoch + 1, expires_at = 'infinity'
+                         WHERE l.node = excluded.node OR l.expires_at < clock_timestamp()
+                            OR coalesce((SELECT n.expires_at FROM sw_nodes n WHERE n.node = l.node FOR SHARE),
+                                        '-infinity') < clock_timestamp()
                      RETURNING epoch)
                  SELECT (SELECT epoch FROM taken),
                         (SELECT node FROM sw_leases WHERE namespace = $1 AND object_id = $2),
                         (SELECT n.advertise FROM sw_leases l JOIN sw_nodes n ON n.node = l.node
-                          WHERE l.namespace = $1 AND l.object_id = $2)",
-                &[&namespace, &object_id, &node, &lease],
+                          WHERE l.namespace = $1 AND l.object_id = $2),
+                        coalesce((SELECT alive FROM me), false)",
+                &[&namespace, &object_id, &node],
             )
         })?;
         let epoch: Option<i64> = row.get(0);
+        if !row.get::<_, bool>(3) {
+            self.wake.notify_all();
+            return Err(CoreError::Storage(
+                "cluster: this node's heartbeat in PostgreSQL has expired (it could not renew it): \
+                 it takes no object until its next renewal"
+                    .into(),
+            ));
+        }
         if let Some(epoch) = epoch {
             self.stats.acquired.fetch_add(1, Ordering::Relaxed);
             self.elsewhere.lock().remove(name);
-            self.held.lock().insert(name.clone(), Held { epoch, valid_until: started + self.config.lease });
+            self.held.lock().insert(name.clone(), epoch);
             log::debug!("cluster: took {}/{} (epoch {epoch})", name.namespace, name.object_id);
             return Ok(Some(Owner::Here { epoch }));
         }
@@ -471,14 +498,14 @@ impl Cluster {
     /// The epoch of this node's lease of `name`, if it holds one (valid or not yet known lost).
     #[must_use]
     pub fn epoch(&self, name: &ObjectName) -> Option<i64> {
-        self.held.lock().get(name).map(|held| held.epoch)
+        self.held.lock().get(name).copied()
     }
 
     /// The object left this node (it retired with no socket here): its lease is given up with
     /// the next round, so that another node can take it at once.
     pub fn release(&self, name: &ObjectName) {
-        if let Some(held) = self.held.lock().remove(name) {
-            self.releasing.lock().push((name.clone(), held.epoch));
+        if let Some(epoch) = self.held.lock().remove(name) {
+            self.releasing.lock().push((name.clone(), epoch));
         }
     }
 
@@ -619,58 +646,55 @@ impl Cluster {
         }
     }
 
-    /// One background round: the heartbeat and every lease renewed in one statement, the
-    /// releases in a second, the alarms due soon in a third, the live nodes in a fourth.
+    /// One background round: the heartbeat (which renews every lease of this node) in one
+    /// statement, the releases in a second, the alarms due soon in a third, the live nodes in a
+    /// fourth. Only when the heartbeat had expired before this renewal (PostgreSQL was out of
+    /// reach, or the node was paused) does a fifth check which leases another node took meanwhile.
     fn round(&self) -> Result<(), CoreError> {
         let started = Instant::now();
-        let held: Vec<(ObjectName, i64)> =
-            self.held.lock().iter().map(|(name, held)| (name.clone(), held.epoch)).collect();
-        let namespaces: Vec<String> = held.iter().map(|(name, _)| name.namespace.to_string()).collect();
-        let ids: Vec<String> = held.iter().map(|(name, _)| name.object_id.to_string()).collect();
-        let epochs: Vec<i64> = held.iter().map(|(_, epoch)| *epoch).collect();
         let releasing = std::mem::take(&mut *self.releasing.lock());
         let (node, advertise) = (self.config.node_id.clone(), self.config.advertise.clone());
         let lease = secs(self.config.lease);
         let horizon = now_seconds() + 2.0 * secs(self.config.renew);
         self.stats.statements.fetch_add(3 + u64::from(!releasing.is_empty()), Ordering::Relaxed);
         self.stats.renew_rounds.fetch_add(1, Ordering::Relaxed);
-        let (renewed, due, peers) = self.bg.call(move |conn| {
-            let renewed: Vec<(String, String)> = conn
-                .query(
-                    "WITH beat AS (
-                         INSERT INTO sw_nodes (node, advertise, heartbeat_at)
-                         VALUES ($1, $2, clock_timestamp())
-                         ON CONFLICT (node) DO UPDATE SET advertise = excluded.advertise,
-                             heartbeat_at = excluded.heartbeat_at)
-                     UPDATE sw_leases l SET expires_at = clock_timestamp() + make_interval(secs => $3)
-                     FROM unnest($4::text[], $5::text[], $6::int8[]) AS h(namespace, object_id, epoch)
-                     WHERE l.namespace = h.namespace AND l.object_id = h.object_id
-                       AND l.epoch = h.epoch AND l.node = $1
-                     RETURNING l.namespace, l.object_id",
-                    &[&node, &advertise, &lease, &namespaces, &ids, &epochs],
+        let (alive, due, peers) = self.bg.call(move |conn| {
+            // The old row is locked first (FOR UPDATE waits for a take that read it FOR SHARE),
+            // so "was it still valid?" is answered after any take that found it expired.
+            let alive: Option<bool> = conn
+                .query_opt(
+                    "UPDATE sw_nodes n SET advertise = $2, heartbeat_at = clock_timestamp(),
+                         expires_at = clock_timestamp() + make_interval(secs => $3)
+                     FROM (SELECT node, expires_at FROM sw_nodes WHERE node = $1 FOR UPDATE) o
+                     WHERE n.node = o.node
+                     RETURNING o.expires_at > clock_timestamp()",
+                    &[&node, &advertise, &lease],
                 )?
-                .into_iter()
-                .map(|row| (row.get(0), row.get(1)))
-                .collect();
+                .map(|row| row.get(0));
+            let alive = match alive {
+                Some(alive) => alive,
+                None => {
+                    // (The row was deleted by hand: written again, and every lease checked.)
+                    conn.execute(
+                        "INSERT INTO sw_nodes (node, advertise, heartbeat_at, expires_at)
+                         VALUES ($1, $2, clock_timestamp(), clock_timestamp() + make_interval(secs => $3))
+                         ON CONFLICT (node) DO NOTHING",
+                        &[&node, &advertise, &lease],
+                    )?;
+                    false
+                }
+            };
             if !releasing.is_empty() {
-                let namespaces: Vec<String> =
-                    releasing.iter().map(|(n, _)| n.namespace.to_string()).collect();
-                let ids: Vec<String> = releasing.iter().map(|(n, _)| n.object_id.to_string()).collect();
-                let epochs: Vec<i64> = releasing.iter().map(|(_, e)| *e).collect();
-                conn.execute(
-                    "UPDATE sw_leases l SET expires_at = clock_timestamp() - interval '1 millisecond'
-                     FROM unnest($2::text[], $3::text[], $4::int8[]) AS h(namespace, object_id, epoch)
-                     WHERE l.namespace = h.namespace AND l.object_id = h.object_id
-                       AND l.epoch = h.epoch AND l.node = $1",
-                    &[&node, &namespaces, &ids, &epochs],
-                )?;
+                give_up(conn, &node, &releasing)?;
             }
             let due: Vec<(String, String, f64, Option<String>)> = conn
                 .query(
                     "SELECT a.namespace, a.object_id, a.at, a.id_name FROM sw_alarms a
                      LEFT JOIN sw_leases l ON l.namespace = a.namespace AND l.object_id = a.object_id
+                     LEFT JOIN sw_nodes n ON n.node = l.node
                      WHERE a.at <= $2
-                       AND (l.node IS NULL OR l.node = $1 OR l.expires_at < clock_timestamp())",
+                       AND (l.node IS NULL OR l.node = $1 OR l.expires_at < clock_timestamp()
+                            OR coalesce(n.expires_at, '-infinity') < clock_timestamp())",
                     &[&node, &horizon],
                 )?
                 .into_iter()
@@ -679,39 +703,19 @@ impl Cluster {
             let peers: Vec<(String, String)> = conn
                 .query(
                     "SELECT node, advertise FROM sw_nodes
-                     WHERE node <> $1 AND heartbeat_at > clock_timestamp() - make_interval(secs => $2)
-                     ORDER BY node",
-                    &[&node, &lease],
+                     WHERE node <> $1 AND expires_at > clock_timestamp() ORDER BY node",
+                    &[&node],
                 )?
                 .into_iter()
                 .map(|row| (row.get(0), row.get(1)))
                 .collect();
-            Ok((renewed, due, peers))
+            Ok((alive, due, peers))
         })?;
         *self.peers.lock() = peers;
-        let renewed: std::collections::HashSet<ObjectName> =
-            renewed.iter().map(|(ns, id)| ObjectName::new(ns, id)).collect();
-        let valid_until = started + self.config.lease;
-        let mut lost = Vec::new();
-        {
-            let mut map = self.held.lock();
-            for (name, epoch) in &held {
-                match map.get_mut(name) {
-                    // (Taken again meanwhile, with a new epoch: that lease is not this round's.)
-                    Some(entry) if entry.epoch == *epoch => {
-                        if renewed.contains(name) {
-                            entry.valid_until = valid_until;
-                        } else {
-                            lost.push(name.clone());
-                        }
-                    }
-                    _ => {}
-                }
-            }
+        if !alive {
+            self.check_held()?;
         }
-        for name in &lost {
-            self.lose(name);
-        }
+        *self.alive_until.lock() = started + self.config.lease;
         if let Some(alarms) = self.alarms.lock().clone() {
             let mut armed = self.armed.lock();
             for (namespace, object_id, at, id_name) in due {
@@ -726,6 +730,48 @@ impl Cluster {
         Ok(())
     }
 
+    /// After the heartbeat had expired: which leases are still this node's (another node may
+    /// have taken any of them meanwhile). The heartbeat is valid again, so none can be taken
+    /// after this reading.
+    fn check_held(&self) -> Result<(), CoreError> {
+        let held: Vec<(ObjectName, i64)> =
+            self.held.lock().iter().map(|(name, epoch)| (name.clone(), *epoch)).collect();
+        if held.is_empty() {
+            return Ok(());
+        }
+        let namespaces: Vec<String> = held.iter().map(|(name, _)| name.namespace.to_string()).collect();
+        let ids: Vec<String> = held.iter().map(|(name, _)| name.object_id.to_string()).collect();
+        let epochs: Vec<i64> = held.iter().map(|(_, epoch)| *epoch).collect();
+        let node = self.config.node_id.clone();
+        self.stats.statements.fetch_add(1, Ordering::Relaxed);
+        let kept: std::collections::HashSet<ObjectName> = self
+            .bg
+            .call(move |conn| {
+                conn.query(
+                    "SELECT l.namespace, l.object_id FROM sw_leases l
+                     JOIN unnest($2::text[], $3::text[], $4::int8[]) AS h(namespace, object_id, epoch)
+                       ON l.namespace = h.namespace AND l.object_id = h.object_id AND l.epoch = h.epoch
+                     WHERE l.node = $1 AND l.expires_at > clock_timestamp()",
+                    &[&node, &namespaces, &ids, &epochs],
+                )
+            })?
+            .iter()
+            .map(|row| ObjectName::new(row.get::<_, &str>(0), row.get::<_, &str>(1)))
+            .collect();
+        let lost: Vec<ObjectName> = {
+            let map = self.held.lock();
+            held.into_iter()
+                // (Taken again meanwhile, with a new epoch: that lease is not this reading's.)
+                .filter(|(name, epoch)| map.get(name) == Some(epoch) && !kept.contains(name))
+                .map(|(name, _)| name)
+                .collect()
+        };
+        for name in &lost {
+            self.lose(name);
+        }
+        Ok(())
+    }
+
     /// Stops the background round and gives up every lease at once (a clean shutdown: other
     /// nodes may take the objects without waiting for the leases to expire).
     pub fn shutdown(&self) {
@@ -733,29 +779,39 @@ impl Cluster {
             return;
         }
         self.wake.notify_all();
-        let mut held: Vec<(ObjectName, i64)> =
-            self.held.lock().drain().map(|(name, held)| (name, held.epoch)).collect();
+        let mut held: Vec<(ObjectName, i64)> = self.held.lock().drain().collect();
         held.append(&mut self.releasing.lock());
-        if held.is_empty() {
-            return;
-        }
         let node = self.config.node_id.clone();
-        let namespaces: Vec<String> = held.iter().map(|(n, _)| n.namespace.to_string()).collect();
-        let ids: Vec<String> = held.iter().map(|(n, _)| n.object_id.to_string()).collect();
-        let epochs: Vec<i64> = held.iter().map(|(_, e)| *e).collect();
+        // The heartbeat goes too: other nodes stop counting this one among the live at once.
         let released = self.fg.call(move |conn| {
+            if !held.is_empty() {
+                give_up(conn, &node, &held)?;
+            }
             conn.execute(
-                "UPDATE sw_leases l SET expires_at = clock_timestamp() - interval '1 millisecond'
-                 FROM unnest($2::text[], $3::text[], $4::int8[]) AS h(namespace, object_id, epoch)
-                 WHERE l.namespace = h.namespace AND l.object_id = h.object_id
-                   AND l.epoch = h.epoch AND l.node = $1",
-                &[&node, &namespaces, &ids, &epochs],
+                "UPDATE sw_nodes SET expires_at = clock_timestamp() - interval '1 millisecond'
+                 WHERE node = $1",
+                &[&node],
             )
         });
         if let Err(error) = released {
             log::warn!("cluster: the leases could not be given up at shutdown: {error}");
         }
     }
+}
+
+/// Gives up `leases` of `node` (each with the epoch it was taken with): another node may take
+/// them at once.
+fn give_up(conn: &mut Conn, node: &str, leases: &[(ObjectName, i64)]) -> Result<u64, postgres::Error> {
+    let namespaces: Vec<String> = leases.iter().map(|(n, _)| n.namespace.to_string()).collect();
+    let ids: Vec<String> = leases.iter().map(|(n, _)| n.object_id.to_string()).collect();
+    let epochs: Vec<i64> = leases.iter().map(|(_, e)| *e).collect();
+    conn.execute(
+        "UPDATE sw_leases l SET expires_at = clock_timestamp() - interval '1 millisecond'
+         FROM unnest($2::text[], $3::text[], $4::int8[]) AS h(namespace, object_id, epoch)
+         WHERE l.namespace = h.namespace AND l.object_id = h.object_id
+           AND l.epoch = h.epoch AND l.node = $1",
+        &[&node, &namespaces, &ids, &epochs],
+    )
 }
 
 fn now_seconds() -> f64 {
