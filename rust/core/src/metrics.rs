@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::fmt::Write as _;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -26,136 +26,16 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::oneshot;
 
+pub use crate::config::{allowed, loopback, Cidr, MetricsConfig, DEFAULT_TOP_ACCOUNTS};
 use crate::event::Events;
 use crate::gate::OutputGate;
 use crate::memory;
-use crate::meter::{Label, Meter, Unit, Usage};
+use crate::meter::{Label, Unit, Usage};
 use crate::object::ObjectRegistry;
 use crate::stats::Histogram;
 
-/// Accounts past this many (by billable requests) are summed as `account="_other"`.
-pub const DEFAULT_TOP_ACCOUNTS: usize = 20;
 /// The label the accounts past the top ones share.
 pub const OTHER_ACCOUNT: &str = "_other";
-
-/// What the metrics listener serves, and where.
-#[derive(Clone)]
-pub struct MetricsConfig {
-    pub addr: SocketAddr,
-    /// Also serve the dashboard (`/_sockworker` and `/_sockworker/stats`).
-    pub dashboard: bool,
-    /// Accounts with labels of their own; the rest are `_other`.
-    pub top_accounts: usize,
-    /// `Pricing.messages_per_request`: incoming messages per billable request.
-    pub messages_per_request: f64,
-    /// The app's meter (it outlives a server: counts survive restarts of the app).
-    pub meter: Arc<Meter>,
-    /// The client addresses that may use the listener (`loopback()` by default); the others
-    /// get 403.
-    pub allow: Vec<Cidr>,
-}
-
-/// A network of the allow-list: `10.0.0.0/8`, `::1/128`, or an address alone (all its bits).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Cidr {
-    addr: IpAddr,
-    prefix: u8,
-}
-
-impl Cidr {
-    /// Parses `ADDRESS[/PREFIX]`; bits past the prefix are cleared (`10.1.2.3/8` is
-    /// `10.0.0.0/8`). An IPv4-mapped IPv6 network (`::ffff:10.0.0.0/104`) is its IPv4 one.
-    ///
-    /// # Errors
-    /// When the address or the prefix length is not valid, with what was wrong.
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let (addr, prefix) = match text.trim().split_once('/') {
-            Some((addr, prefix)) => (addr, Some(prefix)),
-            None => (text.trim(), None),
-        };
-        let addr: IpAddr =
-            addr.parse().map_err(|_| format!("{text:?} is not an IP network (e.g. 10.0.0.0/8)"))?;
-        let bits = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = match prefix {
-            None => bits,
-            Some(digits) => match digits.parse::<u8>() {
-                Ok(prefix) if prefix <= bits && digits.bytes().all(|b| b.is_ascii_digit()) => prefix,
-                _ => return Err(format!("{text:?}: the prefix length is 0 to {bits}")),
-            },
-        };
-        Ok(Self::new(addr, prefix))
-    }
-
-    fn new(addr: IpAddr, prefix: u8) -> Self {
-        match addr {
-            IpAddr::V6(v6) if prefix >= 96 && v6.to_ipv4_mapped().is_some() => {
-                let v4 = v6.to_ipv4_mapped().unwrap_or(Ipv4Addr::UNSPECIFIED);
-                Self::new(IpAddr::V4(v4), prefix - 96)
-            }
-            IpAddr::V4(v4) => {
-                Self { addr: IpAddr::V4(Ipv4Addr::from(u32::from(v4) & mask32(prefix))), prefix }
-            }
-            IpAddr::V6(v6) => {
-                Self { addr: IpAddr::V6(Ipv6Addr::from(u128::from(v6) & mask128(prefix))), prefix }
-            }
-        }
-    }
-
-    /// Whether `peer` is in the network; an IPv4-mapped IPv6 peer (`::ffff:a.b.c.d`, a client
-    /// of an IPv6 socket bound to `::`) is matched as its IPv4 address.
-    #[must_use]
-    pub fn contains(&self, peer: IpAddr) -> bool {
-        let peer = match peer {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(peer, IpAddr::V4),
-            IpAddr::V4(_) => peer,
-        };
-        match (self.addr, peer) {
-            (IpAddr::V4(net), IpAddr::V4(peer)) => u32::from(peer) & mask32(self.prefix) == u32::from(net),
-            (IpAddr::V6(net), IpAddr::V6(peer)) => u128::from(peer) & mask128(self.prefix) == u128::from(net),
-            _ => false,
-        }
-    }
-}
-
-impl std::fmt::Display for Cidr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix)
-    }
-}
-
-fn mask32(prefix: u8) -> u32 {
-    u32::MAX.checked_shl(32 - u32::from(prefix.min(32))).unwrap_or(0)
-}
-
-fn mask128(prefix: u8) -> u128 {
-    u128::MAX.checked_shl(128 - u32::from(prefix.min(128))).unwrap_or(0)
-}
-
-/// The default allow-list: this machine only (`127.0.0.0/8` and `::1`).
-#[must_use]
-pub fn loopback() -> Vec<Cidr> {
-    vec![
-        Cidr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 0)), 8),
-        Cidr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), 128),
-    ]
-}
-
-/// Whether a client at `peer` may use the listener.
-#[must_use]
-pub fn allowed(allow: &[Cidr], peer: IpAddr) -> bool {
-    allow.iter().any(|cidr| cidr.contains(peer))
-}
-
-impl std::fmt::Debug for MetricsConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MetricsConfig")
-            .field("addr", &self.addr)
-            .field("dashboard", &self.dashboard)
-            .field("top_accounts", &self.top_accounts)
-            .field("allow", &self.allow.iter().map(ToString::to_string).collect::<Vec<_>>())
-            .finish_non_exhaustive()
-    }
-}
 
 /// What the listener reads: the server's parts.
 pub struct Sources {
