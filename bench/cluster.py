@@ -1090,7 +1090,7 @@ def markdown(
 
 def postgres_lines(pgl: dict[str, Any], pgss: bool) -> list[str]:
     acquire = next(
-        (v for q, v in pgl["loading_by_statement"].items() if q.startswith("WITH taken AS")), None
+        (v for q, v in pgl["loading_by_statement"].items() if q.startswith("WITH me AS")), None
     )
     lines = [
         "",
