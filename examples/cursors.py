@@ -65,6 +65,11 @@ class Board(sw.DurableObject):
         return sw.Response(status=101, websocket=client)
 
     def websocket_message(self, ws: sw.WebSocket, message: str | bytes) -> None:
+        if message == "ping":
+            # The core answers "ping" itself, but not yet in the instant between the 101 and
+            # the socket's adoption by this object: a "ping" that early arrives here.
+            ws.send("pong")
+            return
         try:
             x, y = _position(message)
         except ValueError as error:
@@ -98,8 +103,8 @@ PAGE = """<!doctype html>
 <style>
   html, body { margin: 0; height: 100%; font: 14px system-ui, sans-serif; }
   #board { position: fixed; inset: 0; overflow: hidden; cursor: crosshair;
-           background: repeating-linear-gradient(0deg, #f7f7f7 0 39px, #e8e8e8 39px 40px),
-                       repeating-linear-gradient(90deg, transparent 0 39px, #e8e8e8 39px 40px); }
+           background: repeating-linear-gradient(90deg, transparent 0 39px, #e8e8e8 39px 40px),
+                       repeating-linear-gradient(0deg, #f7f7f7 0 39px, #e8e8e8 39px 40px); }
   #status { position: fixed; left: .5em; top: .5em; color: #555; pointer-events: none; }
   .cursor { position: absolute; width: 0; height: 0; pointer-events: none;
             transition: left 60ms linear, top 60ms linear; }

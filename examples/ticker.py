@@ -61,7 +61,11 @@ class Channel(sw.DurableObject):
         storage.set_alarm(sw.now() + TICK)
 
     def websocket_message(self, ws: sw.WebSocket, message: str | bytes) -> None:
-        pass  # a subscriber has nothing to say; "ping" is answered by the core
+        # A subscriber has nothing to say. The core answers "ping" itself, but not yet in the
+        # instant between the 101 and the socket's adoption by this object: that early, a
+        # "ping" arrives here.
+        if message == "ping":
+            ws.send("pong")
 
 
 async def fetch(request: sw.Request, env: sw.Env, ctx: sw.ExecutionContext) -> sw.Response:
