@@ -1,52 +1,27 @@
-"""The chat example in a real browser: headless Chromium (Debian's chromium and chromium-driver,
-installed by `make browser-deps`, which CI runs) driven with Selenium. Two people join one room,
-talk, and leave, through the page the worker serves and the browser's own WebSocket; after the
-server restarts, a newcomer sees what was said (the room's history is in its storage)."""
+"""The chat example in a real browser: headless Chromium (tests/browser.py) driven with
+Selenium. Two people join one room, talk, and leave, through the page the worker serves and the
+browser's own WebSocket; after the server restarts, a newcomer sees what was said (the room's
+history is in its storage)."""
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 
 import pytest
+from selenium.webdriver.common.by import By
+from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.support.ui import WebDriverWait
 
+from tests.browser import WAIT, browsers, needs_chromium
 from tests.support import ServerProcess
 
-CHROMEDRIVER = shutil.which("chromedriver")
-CHROMIUM = shutil.which("chromium")
-
-pytestmark = pytest.mark.skipif(
-    CHROMEDRIVER is None or CHROMIUM is None,
-    reason="needs chromium and chromium-driver: run `make browser-deps`",
-)
-
-if CHROMEDRIVER is not None:
-    from selenium import webdriver
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.remote.webdriver import WebDriver
-    from selenium.webdriver.support.ui import WebDriverWait
-
-WAIT = 15.0
-
-
-def _browser() -> WebDriver:
-    options = Options()
-    options.binary_location = CHROMIUM or ""
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
-        options.add_argument(flag)
-    return webdriver.Chrome(service=Service(CHROMEDRIVER or ""), options=options)
+pytestmark = needs_chromium
 
 
 @pytest.fixture
 def two_browsers() -> Iterator[tuple[WebDriver, WebDriver]]:
-    first, second = _browser(), _browser()
-    try:
+    with browsers(2) as (first, second):
         yield first, second
-    finally:
-        first.quit()
-        second.quit()
 
 
 def _log(driver: WebDriver) -> str:

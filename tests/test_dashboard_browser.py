@@ -1,5 +1,5 @@
 """The dashboard (``--dashboard``, at ``/_sockworker`` on the metrics listener) in a real
-browser: headless Chromium driven with Selenium, as in test_chat_browser.py. The page loads,
+browser: headless Chromium (tests/browser.py) driven with Selenium. The page loads,
 shows an account once it has traffic, and its numbers follow the traffic live. With
 SOCKWORKER_DASHBOARD_SCREENSHOT set to a path it also saves a screenshot there: the one in
 docs/topics/billing.md is made with
@@ -14,48 +14,28 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import shutil
 import uuid
 from collections.abc import Iterator
 
 import pytest
+from selenium.webdriver.common.by import By
+from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.support.ui import WebDriverWait
 from websockets.asyncio.client import connect
 from websockets.sync.client import connect as sync_connect
 
+from tests.browser import WAIT, browsers, needs_chromium
 from tests.support import ROOT, ServerProcess
 
-CHROMEDRIVER = shutil.which("chromedriver")
-CHROMIUM = shutil.which("chromium")
+pytestmark = needs_chromium
 
-pytestmark = pytest.mark.skipif(
-    CHROMEDRIVER is None or CHROMIUM is None,
-    reason="needs chromium and chromium-driver: run `make browser-deps`",
-)
-
-if CHROMEDRIVER is not None:
-    from selenium import webdriver
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.remote.webdriver import WebDriver
-    from selenium.webdriver.support.ui import WebDriverWait
-
-WAIT = 15.0
 SCREENSHOT = os.environ.get("SOCKWORKER_DASHBOARD_SCREENSHOT")
 
 
 @pytest.fixture
 def browser() -> Iterator[WebDriver]:
-    options = Options()
-    options.binary_location = CHROMIUM or ""
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
-        options.add_argument(flag)
-    options.add_argument("--window-size=1200,1000")
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER or ""), options=options)
-    try:
+    with browsers(1, window_size=(1200, 1000)) as (driver,):
         yield driver
-    finally:
-        driver.quit()
 
 
 def _cells(driver: WebDriver, account: str) -> list[str]:

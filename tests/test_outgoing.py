@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import InvalidStatus
 
 from tests.apps.rooms_client import module_server
 from tests.support import ServerProcess, get_json
@@ -170,3 +171,35 @@ async def test_the_relay_example_fans_out_its_upstream(
                 await first.send("up")
                 assert await asyncio.wait_for(upstream.received.get(), 10) == "up"
         assert len(upstream.connections) == 1
+
+
+async def test_the_relay_example_when_its_upstream_fails(
+    make_server: Callable[..., ServerProcess], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No upstream: the upgrade is answered 502, saying why. The upstream closing: the clients
+    are told, and the next client to arrive opens a new upstream socket."""
+    probe = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    closed_port = probe.sockets[0].getsockname()[1]
+    probe.close()
+    await probe.wait_closed()
+    monkeypatch.setenv("UPSTREAM", f"ws://127.0.0.1:{closed_port}/")
+    down = make_server("examples.relay:app")
+    with pytest.raises(InvalidStatus) as refused:
+        await connect(f"{down.ws}/feed/demo")
+    assert refused.value.response.status_code == 502
+    assert b"upstream unavailable" in refused.value.response.body
+
+    upstream = Upstream()
+    async with serve(upstream.handler, "127.0.0.1", 0) as feed:
+        monkeypatch.setenv("UPSTREAM", f"ws://127.0.0.1:{feed.sockets[0].getsockname()[1]}/")
+        server = make_server("examples.relay:app")
+        async with connect(f"{server.ws}/feed/demo") as client:
+            await asyncio.wait_for(upstream.connected.wait(), 10)
+            upstream.connected.clear()
+            await upstream.connections[0].close(1000)
+            assert await recv(client) == "upstream closed (1000)"
+        async with connect(f"{server.ws}/feed/demo") as later:
+            await asyncio.wait_for(upstream.connected.wait(), 10)
+            assert len(upstream.connections) == 2
+            await upstream.connections[1].send("after")
+            assert await recv(later) == "after"
