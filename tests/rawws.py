@@ -158,13 +158,15 @@ class RawWebSocket:
         sndbuf: int | None = None,
         headers: dict[str, str] | None = None,
         limit: int = 1 << 20,
+        first: bytes = b"",
     ) -> RawWebSocket:
         """`limit` bounds what asyncio reads ahead into user space (it buffers up to 2 x limit
-        before it stops reading the socket)."""
+        before it stops reading the socket). `first` (frames) is written in the same write as
+        the upgrade request, before the 101 is read."""
         reader, writer = await open_tcp(port, rcvbuf=rcvbuf, sndbuf=sndbuf, limit=limit)
         try:
             key = base64.b64encode(os.urandom(16)).decode()
-            writer.write(upgrade_request(port, path, key, extra=headers))
+            writer.write(upgrade_request(port, path, key, extra=headers) + first)
             reply = await read_http_head(reader)
             assert reply.status == 101, reply.raw
             assert reply.headers.get("sec-websocket-accept") == accept_for(key), reply.raw

@@ -38,7 +38,7 @@ from tests.apps.rooms_client import (
     rpc_raw,
     stats,
 )
-from tests.rawws import OP_TEXT, RawWebSocket
+from tests.rawws import OP_TEXT, RawWebSocket, encode_frame
 from tests.support import ServerProcess, get_json, wait_until
 
 HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -439,6 +439,24 @@ async def test_auto_response_is_answered_by_the_core_without_the_handler(
         # off again
         assert await ask_json(ws, "!auto off") is None
         assert await ask(ws, "ping") == "ping"
+
+
+async def test_an_auto_response_answers_a_ping_sent_with_the_handshake(
+    rooms: ServerProcess,
+) -> None:
+    """A client may send its first frame right behind its upgrade request: it must find the
+    socket already the object's (its auto-response in force), not reach the handler (it did
+    when the frame arrived between the 101 and the socket's adoption, with I/O threads)."""
+    name = fresh("auto-early")
+    async with room_socket(rooms, "steady", name) as ws:
+        assert "pong" in json.dumps(await ask_json(ws, "!auto on"))
+        before = handled(await stats(rooms), name)["message"]
+        for _ in range(20):
+            async with await RawWebSocket.connect(
+                rooms.port, room_path("steady", name), first=encode_frame(OP_TEXT, b"ping")
+            ) as raw:
+                assert await raw.recv_message() == "pong"
+        assert handled(await stats(rooms), name)["message"] == before, "the handler ran"
 
 
 async def test_hibernatable_event_timeout_round_trip(rooms: ServerProcess) -> None:

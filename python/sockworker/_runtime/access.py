@@ -146,6 +146,8 @@ class LoggedReply:
         slot: _native.Slot | None = None,
         limits: _native.SocketLimits | None = None,
     ) -> _native.SocketHandle:
-        handle = self._reply.accept_websocket(headers, slot, limits)
+        return self._reply.accept_websocket(headers, slot, limits)
+
+    def open(self) -> None:
+        self._reply.open()
         self._log(101, 0)
-        return handle

@@ -236,3 +236,5 @@ class Requests:
             server._object.adopt(server, handle)
         elif isinstance(server._owner, ObjectHost):
             handle.set_owner(server._owner.native.key)
+        # The 101 last: a frame the client sent with its handshake finds the socket whole.
+        reply.open()

@@ -3,7 +3,7 @@
 use bytes::Bytes;
 use parking_lot::Mutex;
 use pyo3::prelude::*;
-use sockworker_core::{BodyWriter, CoreError, Reply, RequestBody, Written};
+use sockworker_core::{Answering, BodyWriter, CoreError, Reply, RequestBody, Written};
 
 use crate::errors::Result;
 use crate::meter::Slot;
@@ -13,12 +13,14 @@ use crate::socket::{SocketHandle, SocketLimits};
 #[pyclass(frozen, module = "sockworker._native")]
 pub struct PendingReply {
     reply: Mutex<Option<Reply>>,
+    /// The 101 made by `accept_websocket`, until `open` sends it.
+    opening: Mutex<Option<Answering>>,
     websocket: bool,
 }
 
 impl PendingReply {
     pub fn new(reply: Reply) -> Self {
-        Self { websocket: reply.is_websocket(), reply: Mutex::new(Some(reply)) }
+        Self { websocket: reply.is_websocket(), reply: Mutex::new(Some(reply)), opening: Mutex::new(None) }
     }
 
     fn take(&self) -> Result<Reply> {
@@ -57,7 +59,10 @@ impl PendingReply {
         Ok(ResponseStream { writer: Mutex::new(Some(writer)) })
     }
 
-    /// Answers 101; the socket is held to `limits` (a namespace's) instead of the app's.
+    /// Makes the socket of a 101 answer, held to `limits` (a namespace's) instead of the app's;
+    /// the 101 goes out with `open()`, once the socket is bound and owned, so that nothing the
+    /// client sends with its handshake finds it half made (an auto-response not yet in force).
+    /// Dropped without `open()`, the client gets a 500 and the socket ends unopened.
     #[pyo3(signature = (headers, slot=None, limits=None))]
     fn accept_websocket(
         &self,
@@ -71,7 +76,7 @@ impl PendingReply {
         let limits = limits.map(|limits| limits.inner.clone());
         match self.take()?.accept_websocket_with(headers, slot, limits) {
             Ok((socket, answering)) => {
-                sockworker_core::gate::answer(answering);
+                *self.opening.lock() = Some(answering);
                 Ok(SocketHandle { socket })
             }
             Err((reply, error)) => {
@@ -79,6 +84,13 @@ impl PendingReply {
                 Err(error.into())
             }
         }
+    }
+
+    /// Sends the 101 made by `accept_websocket` (now, or when the output gate releases it).
+    fn open(&self) -> Result<()> {
+        let answering = self.opening.lock().take().ok_or(CoreError::AlreadyAnswered)?;
+        sockworker_core::gate::answer(answering);
+        Ok(())
     }
 }
 
