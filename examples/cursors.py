@@ -65,11 +65,6 @@ class Board(sw.DurableObject):
         return sw.Response(status=101, websocket=client)
 
     def websocket_message(self, ws: sw.WebSocket, message: str | bytes) -> None:
-        if message == "ping":
-            # The core answers "ping" itself, but not yet in the instant between the 101 and
-            # the socket's adoption by this object: a "ping" that early arrives here.
-            ws.send("pong")
-            return
         try:
             x, y = _position(message)
         except ValueError as error:

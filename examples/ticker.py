@@ -61,11 +61,8 @@ class Channel(sw.DurableObject):
         storage.set_alarm(sw.now() + TICK)
 
     def websocket_message(self, ws: sw.WebSocket, message: str | bytes) -> None:
-        # A subscriber has nothing to say. The core answers "ping" itself, but not yet in the
-        # instant between the 101 and the socket's adoption by this object: that early, a
-        # "ping" arrives here.
-        if message == "ping":
-            ws.send("pong")
+        # A subscriber has nothing to say (its "ping" is answered by the core, never here).
+        return
 
 
 async def fetch(request: sw.Request, env: sw.Env, ctx: sw.ExecutionContext) -> sw.Response:
