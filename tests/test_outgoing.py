@@ -86,6 +86,35 @@ async def test_an_object_relays_its_upstream_to_clients_of_later_requests(
                 assert status["seen"][-1] == ["close", 4001, "feed over", True]
 
 
+async def test_an_object_keeps_its_upstream_with_metering_off(
+    make_server: Callable[..., ServerProcess],
+) -> None:
+    """With `--no-metering` no event has a meter slot; the socket an object opens is still the
+    object's (it keeps it awake and its events reach it)."""
+    relay = make_server("tests.apps.relay:app", "--no-metering")
+    upstream = Upstream()
+    async with serve(
+        upstream.handler,
+        "127.0.0.1",
+        0,
+        subprotocols=["relay"],  # type: ignore[list-item]
+    ) as server:
+        port = server.sockets[0].getsockname()[1]
+        name = f"quiet-{uuid.uuid4().hex[:8]}"
+        url = f"{relay.ws}/relay/{name}?upstream=ws://127.0.0.1:{port}/feed"
+        async with connect(url) as first:
+            await asyncio.wait_for(upstream.connected.wait(), 10)
+            (up,) = upstream.connections
+            # Idle past its hibernate_after (0.2 s, the quantity under test): kept awake.
+            await asyncio.sleep(0.6)
+            async with connect(f"{relay.ws}/relay/{name}") as second:
+                status = await get_json(f"{relay.http}/relay/{name}/status")
+                assert status["seen"] == [["open", "relay"]] and status["clients"] == 2
+                await up.send("tick 1")
+                for client in (first, second):
+                    assert await recv(client) == "tick 1"
+
+
 async def misbehaving_upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     """Answers the handshake, then sends a masked frame, which a server must never send."""
     head = await reader.readuntil(b"\r\n\r\n")

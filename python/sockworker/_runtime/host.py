@@ -782,8 +782,12 @@ class Objects:
         return self.named(name[0], name[1], state.id_name)
 
     def of_slot(self, slot: _native.Slot | None) -> ObjectHost | None:
-        """The resident object whose event runs in ``slot``, if any."""
-        if slot is None or slot.namespace is None or slot.object_id is None:
+        """The resident object whose event runs in ``slot``, if any; with metering off (no
+        slot), the object whose code runs now."""
+        if slot is None:
+            host = current_host.get()
+            return host if host is not None and not host.retired else None
+        if slot.namespace is None or slot.object_id is None:
             return None
         return self.by_id.get((slot.namespace, DurableObjectId(slot.object_id)))
 
