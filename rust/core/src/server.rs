@@ -245,9 +245,13 @@ async fn handle(
     let answer = match body_failed {
         None => rx.await,
         // A streamed body that fails before the application answered is answered by the core.
+        // Biased, failure first: the failure is sent before the application hears of it, so an
+        // answer the application makes because of it (a RequestBodyError it let through: 500)
+        // finds it ready, and must not win the draw an unbiased select would make.
         Some(body_failed) => tokio::select! {
-            answer = rx => answer,
+            biased;
             Ok(why) = body_failed => return Ok(why.response()),
+            answer = rx => answer,
         },
     };
     let Ok(answer) = answer else {
