@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
@@ -44,9 +45,12 @@ async def recv(ws: ClientConnection) -> str | bytes:
     return await asyncio.wait_for(ws.recv(), 10)
 
 
-async def test_an_object_relays_its_upstream_to_clients_of_later_requests(
-    relay: ServerProcess,
-) -> None:
+@contextlib.asynccontextmanager
+async def upstream_relayed(
+    relay: ServerProcess, prefix: str
+) -> AsyncIterator[tuple[str, ClientConnection, Upstream]]:
+    """A `websockets` upstream, and a first client of a relay object that opened its socket to
+    it: (the object's name, the client, the upstream)."""
     upstream = Upstream()
     async with serve(
         upstream.handler,
@@ -55,35 +59,42 @@ async def test_an_object_relays_its_upstream_to_clients_of_later_requests(
         subprotocols=["relay"],  # type: ignore[list-item]
     ) as server:
         port = server.sockets[0].getsockname()[1]
-        name = f"feed-{uuid.uuid4().hex[:8]}"
+        name = f"{prefix}-{uuid.uuid4().hex[:8]}"
         url = f"{relay.ws}/relay/{name}?upstream=ws://127.0.0.1:{port}/feed"
         async with connect(url) as first:
             await asyncio.wait_for(upstream.connected.wait(), 10)
-            (up,) = upstream.connections
-            assert up.request is not None and up.request.path == "/feed"
-            # Idle for longer than its hibernate_after (0.2 s, the quantity under test): the
-            # outgoing socket keeps the object awake, so its instance state is still there.
-            await asyncio.sleep(0.6)
-            # A later, unrelated request: no upstream URL, the object still holds the socket.
-            async with connect(f"{relay.ws}/relay/{name}") as second:
-                status = await get_json(f"{relay.http}/relay/{name}/status")
-                assert status["seen"] == [["open", "relay"]] and status["clients"] == 2
-                await up.send("tick 1")
-                await up.send(b"\x00binary tick")
-                for client in (first, second):
-                    assert await recv(client) == "tick 1"
-                    assert await recv(client) == b"\x00binary tick"
-                # Clients' messages go up the same socket (masked frames: websockets checks).
-                await second.send("hello upstream")
-                assert await asyncio.wait_for(upstream.received.get(), 10) == "hello upstream"
-                assert len(upstream.connections) == 1
+            yield name, first, upstream
 
-                # The upstream closes: the object's close listener runs and tells the clients.
-                await up.close(4001, "feed over")
-                for client in (first, second):
-                    assert await recv(client) == "upstream closed 4001"
-                status = await get_json(f"{relay.http}/relay/{name}/status")
-                assert status["seen"][-1] == ["close", 4001, "feed over", True]
+
+async def test_an_object_relays_its_upstream_to_clients_of_later_requests(
+    relay: ServerProcess,
+) -> None:
+    async with upstream_relayed(relay, "feed") as (name, first, upstream):
+        (up,) = upstream.connections
+        assert up.request is not None and up.request.path == "/feed"
+        # Idle for longer than its hibernate_after (0.2 s, the quantity under test): the
+        # outgoing socket keeps the object awake, so its instance state is still there.
+        await asyncio.sleep(0.6)
+        # A later, unrelated request: no upstream URL, the object still holds the socket.
+        async with connect(f"{relay.ws}/relay/{name}") as second:
+            status = await get_json(f"{relay.http}/relay/{name}/status")
+            assert status["seen"] == [["open", "relay"]] and status["clients"] == 2
+            await up.send("tick 1")
+            await up.send(b"\x00binary tick")
+            for client in (first, second):
+                assert await recv(client) == "tick 1"
+                assert await recv(client) == b"\x00binary tick"
+            # Clients' messages go up the same socket (masked frames: websockets checks).
+            await second.send("hello upstream")
+            assert await asyncio.wait_for(upstream.received.get(), 10) == "hello upstream"
+            assert len(upstream.connections) == 1
+
+            # The upstream closes: the object's close listener runs and tells the clients.
+            await up.close(4001, "feed over")
+            for client in (first, second):
+                assert await recv(client) == "upstream closed 4001"
+            status = await get_json(f"{relay.http}/relay/{name}/status")
+            assert status["seen"][-1] == ["close", 4001, "feed over", True]
 
 
 async def test_an_object_keeps_its_upstream_with_metering_off(
@@ -92,27 +103,16 @@ async def test_an_object_keeps_its_upstream_with_metering_off(
     """With `--no-metering` no event has a meter slot; the socket an object opens is still the
     object's (it keeps it awake and its events reach it)."""
     relay = make_server("tests.apps.relay:app", "--no-metering")
-    upstream = Upstream()
-    async with serve(
-        upstream.handler,
-        "127.0.0.1",
-        0,
-        subprotocols=["relay"],  # type: ignore[list-item]
-    ) as server:
-        port = server.sockets[0].getsockname()[1]
-        name = f"quiet-{uuid.uuid4().hex[:8]}"
-        url = f"{relay.ws}/relay/{name}?upstream=ws://127.0.0.1:{port}/feed"
-        async with connect(url) as first:
-            await asyncio.wait_for(upstream.connected.wait(), 10)
-            (up,) = upstream.connections
-            # Idle past its hibernate_after (0.2 s, the quantity under test): kept awake.
-            await asyncio.sleep(0.6)
-            async with connect(f"{relay.ws}/relay/{name}") as second:
-                status = await get_json(f"{relay.http}/relay/{name}/status")
-                assert status["seen"] == [["open", "relay"]] and status["clients"] == 2
-                await up.send("tick 1")
-                for client in (first, second):
-                    assert await recv(client) == "tick 1"
+    async with upstream_relayed(relay, "quiet") as (name, first, upstream):
+        (up,) = upstream.connections
+        # Idle past its hibernate_after (0.2 s, the quantity under test): kept awake.
+        await asyncio.sleep(0.6)
+        async with connect(f"{relay.ws}/relay/{name}") as second:
+            status = await get_json(f"{relay.http}/relay/{name}/status")
+            assert status["seen"] == [["open", "relay"]] and status["clients"] == 2
+            await up.send("tick 1")
+            for client in (first, second):
+                assert await recv(client) == "tick 1"
 
 
 async def misbehaving_upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
