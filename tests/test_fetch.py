@@ -20,17 +20,14 @@ import sockworker as sw
 from aiohttp import web
 from sockworker.testing import TestServer
 
+from tests.apps.rooms_client import module_server
 from tests.support import ServerProcess
 from tests.test_tls import Certs
 
 
 @pytest.fixture(scope="module")
 def fetcher() -> Iterator[ServerProcess]:
-    server = ServerProcess("tests.apps.fetcher:app")
-    try:
-        yield server
-    finally:
-        assert server.stop() == 0, server.log_tail()
+    yield from module_server("tests.apps.fetcher:app")
 
 
 @pytest.fixture(scope="module")

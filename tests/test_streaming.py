@@ -14,6 +14,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from tests.apps.rooms_client import module_server
 from tests.rawws import open_tcp, read_http_head
 from tests.support import ServerProcess, get_json, wait_until
 
@@ -22,20 +23,12 @@ MAX_BODY = 2 * 1024 * 1024
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[ServerProcess]:
-    process = ServerProcess("tests.apps.streaming:app")
-    try:
-        yield process
-    finally:
-        assert process.stop() == 0, process.log_tail()
+    yield from module_server("tests.apps.streaming:app")
 
 
 @pytest.fixture(scope="module")
 def streamed() -> Iterator[ServerProcess]:
-    process = ServerProcess("tests.apps.streaming:streamed_app")
-    try:
-        yield process
-    finally:
-        assert process.stop() == 0, process.log_tail()
+    yield from module_server("tests.apps.streaming:streamed_app")
 
 
 @pytest.fixture(params=["whole", "streamed"])
