@@ -15,7 +15,7 @@ import math
 import os
 import selectors
 from collections.abc import Coroutine, Iterator, Mapping
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 from . import _native
 
@@ -75,6 +75,21 @@ class _Keys(Mapping[Any, selectors.SelectorKey]):
         return iter(self._keys)
 
 
+#: Added by the reactor to the events of an event queue's descriptor.
+_SOURCE: Final = 4
+
+
+def _run_reader(key: selectors.SelectorKey) -> bool:
+    """Runs the reader callback of ``key`` as the loop would (``asyncio.Handle._run``, which
+    reports its exceptions to the loop's handler); False if the key holds none."""
+    data = key.data
+    reader = data[0] if isinstance(data, tuple) else None
+    if not isinstance(reader, asyncio.Handle) or reader.cancelled():
+        return False
+    reader._run()
+    return True
+
+
 def _fd(fileobj: Any) -> int:
     fd = fileobj if isinstance(fileobj, int) else int(fileobj.fileno())
     if fd < 0:
@@ -130,8 +145,15 @@ class ReactorSelector(selectors.BaseSelector):
         ready = []
         for fd, events in self.reactor.select(timeout):
             key = keys.get(fd)
-            if key is not None:
-                ready.append((key, events & key.events))
+            if key is None:
+                continue
+            # The server's event queue, with no callback waiting (asyncio asks for no wait
+            # when one does): its reader runs here, as it would first thing after select,
+            # without the round through the loop's ready queue; the callbacks it schedules
+            # (its handlers' tasks) then run in this same loop iteration.
+            if events & _SOURCE and timeout != 0 and _run_reader(key):
+                continue
+            ready.append((key, events & key.events))
         return ready
 
     def close(self) -> None:

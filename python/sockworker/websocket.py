@@ -477,9 +477,7 @@ class WebSocket:
             self._to_listeners(data)
 
     def _to_listeners(self, data: str | bytes) -> None:
-        event = MessageEvent(data)
-        for listener, is_async in self._listeners["message"]:
-            self._call(listener, is_async, event, "message")
+        self._emit("message", MessageEvent(data))
 
     def _on_close(self, code: int, reason: str, was_clean: bool) -> None:
         self._ready_state = WebSocket.CLOSED
@@ -489,9 +487,7 @@ class WebSocket:
         if self._reader is not None and not self._reader.done():
             self._reader.set_result(None)
         self._on_drained()
-        event = CloseEvent(code, reason, was_clean)
-        for listener, is_async in self._listeners["close"]:
-            self._call(listener, is_async, event, "close")
+        self._emit("close", CloseEvent(code, reason, was_clean))
         # The close is a socket's last event: its listeners go, and with them the cycle a
         # listener that names its socket makes (socket -> listener -> socket), so the socket is
         # freed now by its reference count, not at some later collection of the cyclic GC.
@@ -502,9 +498,7 @@ class WebSocket:
         if self._object is not None:
             self._object.socket_error(self, ProtocolError(message))
             return
-        event = ErrorEvent(ProtocolError(message))
-        for listener, is_async in self._listeners["error"]:
-            self._call(listener, is_async, event, "error")
+        self._emit("error", ErrorEvent(ProtocolError(message)))
 
     def _on_drained(self) -> None:
         waiters, self._drain_waiters = self._drain_waiters, []
@@ -512,15 +506,18 @@ class WebSocket:
             if not waiter.done():
                 waiter.set_result(None)
 
-    def _call(self, listener: Listener, is_async: bool, event: Any, kind: str) -> None:
-        try:
-            result = listener(event)
-        except Exception:
-            self._listener_failed(kind)
-            return
-        if is_async or (result is not None and inspect.isawaitable(result)):
-            assert self._host is not None and result is not None
-            self._host.spawn(self._await_listener(result, kind), kind)
+    def _emit(self, kind: str, event: Any) -> None:
+        """Calls the listeners of ``kind`` with ``event``, in order (on the per-message path:
+        one frame for all of them)."""
+        for listener, is_async in self._listeners[kind]:
+            try:
+                result = listener(event)
+            except Exception:
+                self._listener_failed(kind)
+                continue
+            if is_async or (result is not None and inspect.isawaitable(result)):
+                assert self._host is not None and result is not None
+                self._host.spawn(self._await_listener(result, kind), kind)
 
     async def _await_listener(self, result: Awaitable[None], kind: str) -> None:
         try:

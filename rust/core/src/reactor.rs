@@ -31,6 +31,9 @@ use crate::bridge::EventQueue;
 /// As `selectors.EVENT_READ` and `selectors.EVENT_WRITE`.
 pub const READABLE: u8 = 1;
 pub const WRITABLE: u8 = 2;
+/// Added to [`READABLE`] when the ready descriptor names a [`Source`] (an event queue), not a
+/// descriptor of the loop's own: the loop may run its reader at once (see `sockworker._loop`).
+pub const SOURCE: u8 = 4;
 
 /// Something the reactor reports as a readable descriptor although it is not one.
 pub trait Source: Send + Sync {
@@ -226,7 +229,7 @@ impl Reactor {
                 for (fd, source) in &sources {
                     let wanted = watched.get(fd).is_some_and(|w| w.events & READABLE != 0);
                     if wanted && !ready.iter().any(|(r, _)| r == fd) && source.poll_ready(cx.waker()) {
-                        ready.push((*fd, READABLE));
+                        ready.push((*fd, READABLE | SOURCE));
                     }
                 }
                 for (fd, watched) in watched {

@@ -31,7 +31,7 @@ impl Reactor {
 
     /// Runs the server's sockets and timers, without the GIL, until a watched descriptor or the
     /// event queue is ready or `timeout` seconds pass (None: no limit); returns the ready
-    /// descriptors as (fd, events).
+    /// descriptors as (fd, events); `events` has 4 added for an event queue's descriptor.
     #[pyo3(signature = (timeout=None))]
     fn select(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Vec<(i32, u8)>> {
         // As selectors: a negative timeout is no wait; a huge one is no limit.
