@@ -9,6 +9,9 @@ Cases (bench/apps/memory_bench.py):
 - **hibernated**: the sockets spread over 100 Durable Objects that accept them as hibernatable
   and hibernate after 0.5 s; measured once every room has hibernated.
 - **idle**: the standard API (`server.accept()` and a listener), the objects stay in Python.
+- **wss-hibernated**, **wss-idle**: the same over TLS (`--certfile`/`--keyfile`, a certificate
+  made for the run with trustme). The load generator speaks no TLS: this script holds the sockets
+  itself (`--hold-wss`, a child process with one echo per socket, like the idle scenario).
 - **picows**, **websockets**: the peers' echo servers (bench/peers), idle sockets.
 
 sockworker runs in the single-thread mode (`--io-threads 0`) and with one I/O thread
@@ -20,16 +23,21 @@ reads the figures. `--baseline DIR` adds another build (a copy of its python/ fo
 
     python bench/memory.py                        # 5,000 sockets, 3 rounds
     python bench/memory.py -n 10000 --rounds 1 --cases hibernated
+    python bench/memory.py -n 3000 --rounds 1 --cases wss-idle,wss-hibernated --modes 0,2
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import base64
 import json
 import os
+import ssl
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -66,10 +74,67 @@ def fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def memory(port: int) -> dict[str, Any]:
-    with urllib.request.urlopen(f"http://{HOST}:{port}/memory", timeout=30) as response:
+class Certs:
+    """A CA and a server certificate for 127.0.0.1, in PEM files under `root` (trustme)."""
+
+    def __init__(self, root: Path) -> None:
+        import trustme  # a test dependency: only the TLS cases need it
+
+        ca = trustme.CA()
+        cert = ca.issue_cert(HOST)
+        self.certfile, self.keyfile, self.cafile = (
+            root / "server-chain.pem",
+            root / "server-key.pem",
+            root / "ca.pem",
+        )
+        cert.private_key_and_cert_chain_pem.write_to_path(str(self.certfile))
+        cert.private_key_pem.write_to_path(str(self.keyfile))
+        ca.cert_pem.write_to_path(str(self.cafile))
+
+    def client_context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=str(self.cafile))
+
+
+def memory(port: int, certs: Certs | None = None) -> dict[str, Any]:
+    scheme, context = ("https", certs.client_context()) if certs else ("http", None)
+    url = f"{scheme}://{HOST}:{port}/memory"
+    with urllib.request.urlopen(url, timeout=30, context=context) as response:
         result: dict[str, Any] = json.loads(response.read())
     return result
+
+
+async def hold_wss(port: int, path: str, n: int, cafile: Path, ready_file: Path) -> None:
+    """Opens `n` wss:// sockets (one echo each), writes `ready_file`, and holds them until
+    killed: the TLS counterpart of the load generator's idle scenario."""
+    context = ssl.create_default_context(cafile=str(cafile))
+    limit = asyncio.Semaphore(100)
+    held: list[asyncio.StreamWriter] = []
+
+    async def one(index: int) -> None:
+        async with limit:
+            # Source addresses spread over 127.0.1.x, as the load generator's are.
+            source = (f"127.0.1.{1 + index % 200}", 0)
+            reader, writer = await asyncio.open_connection(
+                HOST, port, ssl=context, local_addr=source
+            )
+            key = base64.b64encode(os.urandom(16)).decode()
+            writer.write(
+                f"GET {path} HTTP/1.1\r\nHost: {HOST}\r\nUpgrade: websocket\r\n"
+                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+            )
+            head = await reader.readuntil(b"\r\n\r\n")
+            if not head.startswith(b"HTTP/1.1 101"):
+                raise RuntimeError(f"no upgrade: {head[:80]!r}")
+            # A masked text frame "ping" (mask 0), echoed unmasked.
+            writer.write(b"\x81\x84\x00\x00\x00\x00ping")
+            if await reader.readexactly(6) != b"\x81\x04ping":
+                raise RuntimeError("no echo")
+            held.append(writer)
+
+    await asyncio.gather(*(one(i) for i in range(n)))
+    await asyncio.to_thread(ready_file.write_text, str(len(held)))
+    await asyncio.Event().wait()
 
 
 def start(cmd: list[str], env: dict[str, str], port: int, pinned: bool) -> subprocess.Popen[bytes]:
@@ -115,6 +180,18 @@ def open_sockets(
     )
 
 
+def open_wss_sockets(
+    port: int, path: str, n: int, certs: Certs, pinned: bool, ready_file: Path
+) -> subprocess.Popen[bytes]:
+    cmd = [
+        sys.executable, str(Path(__file__).resolve()), "--hold-wss", str(port), "--path", path,
+        "-n", str(n), "--cafile", str(certs.cafile), "--ready-file", str(ready_file),
+    ]  # fmt: skip
+    return subprocess.Popen(
+        pin(LOADGEN_CPU, cmd, pinned), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+
+
 def classes_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[int, int]:
     b = dict(map(tuple, before["jemalloc"]["classes"]))
     a = dict(map(tuple, after["jemalloc"]["classes"]))
@@ -129,32 +206,48 @@ def measure_sockworker(
         sys.executable, "-m", "sockworker", "serve", APP, "--host", HOST, "--port", str(port),
         "--io-threads", str(io_threads), "--log-level", "warning",
     ]  # fmt: skip
+    workdir = Path(tempfile.mkdtemp(prefix="sw-memory-"))
+    certs = Certs(workdir) if case.startswith("wss-") else None
+    if certs:
+        cmd += ["--certfile", str(certs.certfile), "--keyfile", str(certs.keyfile)]
     env = {"PYTHONPATH": f"{python_dir}{os.pathsep}{ROOT}"}
     proc = start(cmd, env, port, pinned)
-    path = "/rooms" if case == "hibernated" else "/echo"
+    path = "/rooms" if case.endswith("hibernated") else "/echo"
+
+    def hold(count: int, seconds: float, name: str) -> tuple[subprocess.Popen[bytes], Any]:
+        """Opens `count` sockets held for `seconds` (TLS: until killed); and when they are."""
+        if certs is None:
+            return open_sockets(binary, port, path, count, proc.pid, pinned, hold=seconds), None
+        ready_file = workdir / name
+        holder = open_wss_sockets(port, path, count, certs, pinned, ready_file)
+        return holder, ready_file.exists
+
     try:
         # A warm-up through a whole cycle (open, hibernate, close), so first-use allocations
         # and caches are there before the baseline.
-        warm = open_sockets(binary, port, path, 200, proc.pid, pinned, hold=1.5)
+        warm, warm_opened = hold(200, 1.5, "warm")
+        if warm_opened is not None:
+            settle(proc.pid, warm_opened)
+            warm.kill()
         warm.wait(timeout=120)
-        settle(proc.pid, lambda: memory(port)["resident_rooms"] == 0)
-        before = memory(port)
+        settle(proc.pid, lambda: memory(port, certs)["resident_rooms"] == 0)
+        before = memory(port, certs)
         rss0, fds0 = rss_kib(proc.pid), fds(proc.pid)
         want = before["accepted"] + n
-        loader = open_sockets(binary, port, path, n, proc.pid, pinned, hold=SETTLE_LIMIT + 60)
+        loader, opened = hold(n, SETTLE_LIMIT + 60, "held")
         try:
-            if case == "hibernated":
+            if case.endswith("hibernated"):
 
                 def ready() -> bool:
-                    m = memory(port)
+                    m = memory(port, certs)
                     return bool(m["accepted"] >= want and m["resident_rooms"] == 0)
             else:
 
                 def ready() -> bool:
-                    return bool(memory(port)["accepted"] >= want)
+                    return bool(memory(port, certs)["accepted"] >= want)
 
-            rss1 = settle(proc.pid, ready)
-            after = memory(port)
+            rss1 = settle(proc.pid, lambda: (opened is None or opened()) and ready())
+            after = memory(port, certs)
             fds1 = fds(proc.pid)
         finally:
             loader.kill()
@@ -203,14 +296,22 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("-n", type=int, default=5000, help="sockets (default 5,000)")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--cases", default="hibernated,idle,picows,websockets")
+    ap.add_argument("--cases", default="hibernated,idle,wss-hibernated,wss-idle,picows,websockets")
     ap.add_argument("--modes", default="0,1", help="--io-threads values for sockworker")
     ap.add_argument("--baseline", type=Path, help="another build's python/ folder, measured too")
     ap.add_argument("--no-pin", action="store_true")
     ap.add_argument("--no-build", action="store_true")
     ap.add_argument("--json", type=Path, help="write every measurement here")
+    # The TLS cases' holder of sockets, run by this script in a child process.
+    ap.add_argument("--hold-wss", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    ap.add_argument("--path", help=argparse.SUPPRESS)
+    ap.add_argument("--cafile", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--ready-file", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     raise_nofile()
+    if args.hold_wss:
+        asyncio.run(hold_wss(args.hold_wss, args.path, args.n, args.cafile, args.ready_file))
+        return 0
     pinned = not args.no_pin
     binary = build_loadgen(args.no_build) / "loadgen"
     builds = {"sockworker": ROOT / "python"}

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 import aiohttp
+import trustme
 from websockets.asyncio.client import connect as ws_connect
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,6 +32,31 @@ START_TIMEOUT = 30.0
 
 P = ParamSpec("P")
 T = TypeVar("T")
+
+
+class Certs:
+    """A CA and a certificate for 127.0.0.1 and localhost made at test time (trustme), in PEM
+    files under `root`, with the SSL contexts of a server and a client that trusts the CA."""
+
+    def __init__(self, root: Path) -> None:
+        self.ca = trustme.CA()
+        cert = self.ca.issue_cert("127.0.0.1", "localhost")
+        self.certfile = root / "server-chain.pem"
+        self.keyfile = root / "server-key.pem"
+        self.cafile = root / "ca.pem"
+        cert.private_key_and_cert_chain_pem.write_to_path(str(self.certfile))
+        cert.private_key_pem.write_to_path(str(self.keyfile))
+        self.ca.cert_pem.write_to_path(str(self.cafile))
+        self.server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        cert.configure_cert(self.server_context)
+        self.client_context = ssl.create_default_context()
+        self.ca.configure_trust(self.client_context)
+        self.other_ca = root / "other-ca.pem"
+        trustme.CA().cert_pem.write_to_path(str(self.other_ca))
+
+    def serve_args(self) -> tuple[str, ...]:
+        """What `sockworker serve` takes to serve https:// and wss:// with the certificate."""
+        return ("--certfile", str(self.certfile), "--keyfile", str(self.keyfile))
 
 
 class ServerProcess:

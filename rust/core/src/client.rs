@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpStream, UnixStream};
+use tokio::net::TcpStream;
 
 use crate::config::Limits;
 use crate::connection;
@@ -94,8 +94,8 @@ pub(crate) fn parse_target(url: &str, plain: &str, secure: &str) -> Result<Targe
 /// An open connection, after the opening handshake.
 enum Opened {
     Plain(TcpStream),
-    /// Our end of the pair a pump task bridges to the TLS session.
-    Tls(UnixStream),
+    /// The TCP socket and its rustls session, driven by the socket's task.
+    Tls(tls::TlsStream<rustls::ClientConnection>),
 }
 
 /// Connects, upgrades, and starts the connection task; the outcome is reported as an
@@ -160,8 +160,8 @@ async fn open(request: &ConnectRequest) -> Result<(Opened, Bytes, String), Strin
         .await
         .map_err(|e| format!("TLS error connecting to {url}: {e}"))?;
     let (leftover, protocol) = handshake(&mut session, request, &target).await?;
-    let ours = tls::bridge(session).map_err(|e| format!("{url}: {e}"))?;
-    Ok((Opened::Tls(ours), leftover, protocol))
+    let (tcp, session) = session.into_inner();
+    Ok((Opened::Tls(tls::TlsStream::new(tcp, session)), leftover, protocol))
 }
 
 /// The client side of the opening handshake; returns the bytes read past the response head and

@@ -6,7 +6,7 @@
 use std::cell::RefCell;
 use std::future::{poll_fn, Future};
 use std::io::{self, IoSlice};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::Poll;
@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::io::AsyncWrite;
-use tokio::net::{TcpStream, UnixStream};
+use tokio::net::TcpStream;
 use tokio::time::{sleep_until, Sleep};
 
 use crate::config::{Limits, QUEUED_FRAME_COST};
@@ -36,55 +36,73 @@ thread_local! {
     static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; SCRATCH_SIZE].into_boxed_slice());
 }
 
-/// What a connection task reads and writes: a TCP socket, or (for TLS) our end of a socket pair
-/// whose other end a task pumps through the TLS session. Readiness-based, so no buffer is held
-/// between reads, and a descriptor, so the application thread may write to it directly.
-pub(crate) trait Stream: AsRawFd + AsyncWrite + Unpin + Send + 'static {
+/// What a connection task reads and writes: a TCP socket, or a TLS session over one
+/// ([`crate::tls::TlsStream`]). Readiness-based, so no buffer is held between reads.
+pub(crate) trait Stream: Unpin + Send + 'static {
     fn poll_read_ready(&self, cx: &mut std::task::Context<'_>) -> Poll<io::Result<()>>;
     fn poll_write_ready(&self, cx: &mut std::task::Context<'_>) -> Poll<io::Result<()>>;
     fn try_read(&self, buf: &mut [u8]) -> io::Result<usize>;
     fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize>;
+    /// The descriptor the application thread may write encoded frames to itself while the task
+    /// is idle, or `None` when what goes on the wire is not the frames themselves (TLS).
+    fn direct_fd(&self) -> Option<RawFd>;
+    /// Bytes of the stream's own wait for the kernel (TLS records), written by [`Self::flush`].
+    fn has_pending_output(&self) -> bool;
+    /// Writes what the stream holds of its own until it is empty or the kernel takes no more.
+    fn flush(&self) -> io::Result<()>;
+    /// Ends our direction of the stream (for TLS, after a close_notify).
+    fn poll_shutdown(&mut self, cx: &mut std::task::Context<'_>) -> Poll<io::Result<()>>;
 }
 
-macro_rules! stream_impl {
-    ($type:ty) => {
-        impl Stream for $type {
-            fn poll_read_ready(&self, cx: &mut std::task::Context<'_>) -> Poll<io::Result<()>> {
-                <$type>::poll_read_ready(self, cx)
-            }
-            fn poll_write_ready(&self, cx: &mut std::task::Context<'_>) -> Poll<io::Result<()>> {
-                <$type>::poll_write_ready(self, cx)
-            }
-            fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
-                let len = buf.len();
-                let mut short = 0;
-                let read = self.try_io(tokio::io::Interest::READABLE, || {
-                    // SAFETY: reads at most `len` bytes into the live buffer `buf`.
-                    let n = unsafe { libc::read(self.as_raw_fd(), buf.as_mut_ptr().cast(), len) };
-                    let n = usize::try_from(n).map_err(|_| io::Error::last_os_error())?;
-                    if n > 0 && n < len {
-                        // A short read drained the socket (epoll): its readiness is forgotten
-                        // now, as tokio's own `poll_read` does, not after one more read that
-                        // would only say EAGAIN (one system call per message saved).
-                        short = n;
-                        return Err(io::ErrorKind::WouldBlock.into());
-                    }
-                    Ok(n)
-                });
-                match read {
-                    Err(e) if short > 0 && e.kind() == io::ErrorKind::WouldBlock => Ok(short),
-                    read => read,
-                }
-            }
-            fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-                <$type>::try_write_vectored(self, bufs)
-            }
+/// One `read` from a readiness-based socket; a short read forgets its readiness at once, as
+/// tokio's own `poll_read` does, not after one more read that would only say EAGAIN (one system
+/// call per message saved). So `WouldBlock` is returned only when the kernel said EAGAIN or
+/// tokio's readiness was cleared: the caller may then wait for readiness without hanging.
+pub(crate) fn read_draining(tcp: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    let len = buf.len();
+    let mut short = 0;
+    let read = tcp.try_io(tokio::io::Interest::READABLE, || {
+        // SAFETY: reads at most `len` bytes into the live buffer `buf`.
+        let n = unsafe { libc::read(tcp.as_raw_fd(), buf.as_mut_ptr().cast(), len) };
+        let n = usize::try_from(n).map_err(|_| io::Error::last_os_error())?;
+        if n > 0 && n < len {
+            short = n;
+            return Err(io::ErrorKind::WouldBlock.into());
         }
-    };
+        Ok(n)
+    });
+    match read {
+        Err(e) if short > 0 && e.kind() == io::ErrorKind::WouldBlock => Ok(short),
+        read => read,
+    }
 }
 
-stream_impl!(TcpStream);
-stream_impl!(UnixStream);
+impl Stream for TcpStream {
+    fn poll_read_ready(&self, cx: &mut std::task::Context<'_>) -> Poll<io::Result<()>> {
+        TcpStream::poll_read_ready(self, cx)
+    }
+    fn poll_write_ready(&self, cx: &mut std::task::Context<'_>) -> Poll<io::Result<()>> {
+        TcpStream::poll_write_ready(self, cx)
+    }
+    fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        read_draining(self, buf)
+    }
+    fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        TcpStream::try_write_vectored(self, bufs)
+    }
+    fn direct_fd(&self) -> Option<RawFd> {
+        Some(self.as_raw_fd())
+    }
+    fn has_pending_output(&self) -> bool {
+        false
+    }
+    fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+    fn poll_shutdown(&mut self, cx: &mut std::task::Context<'_>) -> Poll<io::Result<()>> {
+        AsyncWrite::poll_shutdown(Pin::new(self), cx)
+    }
+}
 
 struct Connection<S> {
     stream: S,
@@ -145,7 +163,7 @@ pub(crate) async fn run<S: Stream>(
     }
     // Even empty, `leftover` may share hyper's whole read buffer: let it go before idling.
     drop(leftover);
-    conn.link.socket.set_fd(Some(conn.stream.as_raw_fd()));
+    conn.link.socket.set_fd(conn.stream.direct_fd());
     conn.drive().await;
     conn.link.socket.mark_closing();
     conn.link.socket.set_fd(None);
@@ -169,22 +187,26 @@ impl<S: Stream> Connection<S> {
             if self.protocol.is_holding() && link.app_caught_up() {
                 self.protocol.release_held(Instant::now(), link);
             }
-            let had_output = !link.out.is_empty();
             let stream = &self.stream;
+            let had_output = !link.out.is_empty() || stream.has_pending_output();
             let written = link
                 .socket
-                .write_queue(&mut link.out, Slot::add_io, |slices| stream.try_write_vectored(slices));
+                .write_queue(&mut link.out, Slot::add_io, |slices| stream.try_write_vectored(slices))
+                .and_then(|()| stream.flush());
             if written.is_err() {
                 return;
             }
+            // A TLS session may hold records of its own (the end of a write, an answer to the
+            // peer's KeyUpdate): the task is not done writing until they are out too.
+            let all_written = link.out.is_empty() && !stream.has_pending_output();
             let phase = self.protocol.phase();
-            if had_output && link.out.is_empty() && phase == Phase::Open {
+            if had_output && all_written && phase == Phase::Open {
                 link.socket.set_task_idle();
             }
             if link.socket.take_drained() {
                 link.queue.push(Event::Drained { socket: link.socket.id() });
             }
-            if phase == Phase::Finishing && link.out.is_empty() {
+            if phase == Phase::Finishing && all_written {
                 return;
             }
             // Backpressure pauses reading while open (the pull API, or too many messages
@@ -196,7 +218,7 @@ impl<S: Stream> Connection<S> {
                 Phase::CloseSent => true,
                 Phase::Finishing => false,
             };
-            let writing = !link.out.is_empty();
+            let writing = !all_written;
             self.arm_timer();
             tokio::select! {
                 biased;
@@ -268,9 +290,13 @@ impl<S: Stream> Connection<S> {
     /// Half-closes and reads until the peer closes too (bounded), so our last frames are
     /// not lost to a reset caused by unread input.
     async fn linger(&mut self) {
-        use tokio::io::AsyncWriteExt;
-        let _ = self.stream.shutdown().await;
         let until = tokio::time::Instant::now() + LINGER;
+        // Bounded: a TLS shutdown writes a close_notify, which a peer that reads nothing would
+        // hold up for ever.
+        let shutdown = poll_fn(|cx| self.stream.poll_shutdown(cx));
+        if tokio::time::timeout_at(until, shutdown).await.is_err() {
+            return;
+        }
         loop {
             tokio::select! {
                 ready = poll_fn(|cx| self.stream.poll_read_ready(cx)) => {

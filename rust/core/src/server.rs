@@ -408,8 +408,8 @@ async fn feed_body(
 /// The stream a WebSocket task drives, once hyper has handed it over.
 enum Upgraded {
     Plain(TcpStream, Bytes),
-    /// Our end of the socket pair bridged to the TLS session (which its pump task owns).
-    Tls(tokio::net::UnixStream, Bytes),
+    /// The TCP socket and its rustls session, driven by the socket's task.
+    Tls(tls::TlsStream<rustls::ServerConnection>, Bytes),
     Failed(&'static str),
 }
 
@@ -422,21 +422,21 @@ fn take_stream(upgraded: hyper::Result<hyper::upgrade::Upgraded>) -> Upgraded {
     match upgraded.downcast::<TokioIo<TcpStream>>() {
         Ok(parts) => Upgraded::Plain(parts.io.into_inner(), parts.read_buf),
         Err(upgraded) => match upgraded.downcast::<TokioIo<ServerTls>>() {
-            Ok(parts) => match tls::bridge(parts.io.into_inner()) {
-                Ok(ours) => Upgraded::Tls(ours, parts.read_buf),
-                Err(_) => Upgraded::Failed("no socket pair for TLS"),
-            },
+            Ok(parts) => {
+                let (tcp, session) = parts.io.into_inner().into_inner();
+                Upgraded::Tls(tls::TlsStream::new(tcp, session), parts.read_buf)
+            }
             Err(_) => Upgraded::Failed("upgrade failed"),
         },
     }
 }
 
 /// The task of an accepted WebSocket for its whole life: takes the connection from hyper, and
-/// drives it (plain, or bridged for TLS).
+/// drives it (plain, or through its TLS session).
 async fn upgraded(on_upgrade: hyper::upgrade::OnUpgrade, socket: Arc<SocketShared>, queue: Arc<Events>) {
     match take_stream(on_upgrade.await) {
         Upgraded::Plain(tcp, leftover) => connection::run(tcp, leftover, socket, queue).await,
-        Upgraded::Tls(ours, leftover) => connection::run(ours, leftover, socket, queue).await,
+        Upgraded::Tls(stream, leftover) => connection::run(stream, leftover, socket, queue).await,
         Upgraded::Failed(reason) => {
             queue.finish_socket(socket.id(), crate::frame::close_code::ABNORMAL, reason.into(), false);
         }
