@@ -398,7 +398,7 @@ mod tests {
                 queue.push(7);
             })
         };
-        assert_eq!(reactor.select(Some(Duration::from_secs(5))).unwrap(), vec![(fd, READABLE)]);
+        assert_eq!(reactor.select(Some(Duration::from_secs(5))).unwrap(), vec![(fd, READABLE | SOURCE)]);
         pusher.join().unwrap();
         assert_eq!(queue.drain(), vec![7]);
         assert!(!crate::bridge::tests::readable(fd), "the eventfd is not written once polled");
@@ -423,7 +423,7 @@ mod tests {
                 std::future::pending::<()>().await;
             });
         }
-        assert_eq!(reactor.select(None).unwrap(), vec![(queue.fd(), READABLE)]);
+        assert_eq!(reactor.select(None).unwrap(), vec![(queue.fd(), READABLE | SOURCE)]);
         assert!(rx.try_recv().is_err(), "the task is alive");
         reactor.release(queue.fd());
         assert!(matches!(rx.try_recv(), Err(std::sync::mpsc::TryRecvError::Disconnected)), "dropped");
