@@ -48,8 +48,9 @@ pub(crate) trait Stream: Unpin + Send + 'static {
     fn direct_fd(&self) -> Option<RawFd>;
     /// Bytes of the stream's own wait for the kernel (TLS records), written by [`Self::flush`].
     fn has_pending_output(&self) -> bool;
-    /// Writes what the stream holds of its own until it is empty or the kernel takes no more.
-    fn flush(&self) -> io::Result<()>;
+    /// Writes what the stream holds of its own until it is empty or the kernel takes no more;
+    /// true if some is left (as [`Self::has_pending_output`] would say next).
+    fn flush(&self) -> io::Result<bool>;
     /// Ends our direction of the stream (for TLS, after a close_notify).
     fn poll_shutdown(&mut self, cx: &mut std::task::Context<'_>) -> Poll<io::Result<()>>;
 }
@@ -96,8 +97,8 @@ impl Stream for TcpStream {
     fn has_pending_output(&self) -> bool {
         false
     }
-    fn flush(&self) -> io::Result<()> {
-        Ok(())
+    fn flush(&self) -> io::Result<bool> {
+        Ok(false)
     }
     fn poll_shutdown(&mut self, cx: &mut std::task::Context<'_>) -> Poll<io::Result<()>> {
         AsyncWrite::poll_shutdown(Pin::new(self), cx)
@@ -193,12 +194,10 @@ impl<S: Stream> Connection<S> {
                 .socket
                 .write_queue(&mut link.out, Slot::add_io, |slices| stream.try_write_vectored(slices))
                 .and_then(|()| stream.flush());
-            if written.is_err() {
-                return;
-            }
             // A TLS session may hold records of its own (the end of a write, an answer to the
             // peer's KeyUpdate): the task is not done writing until they are out too.
-            let all_written = link.out.is_empty() && !stream.has_pending_output();
+            let Ok(pending) = written else { return };
+            let all_written = link.out.is_empty() && !pending;
             let phase = self.protocol.phase();
             if had_output && all_written && phase == Phase::Open {
                 link.socket.set_task_idle();

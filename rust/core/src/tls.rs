@@ -140,9 +140,9 @@ where
 {
     /// Writes the session's records until none is left; `WouldBlock` when the kernel takes no
     /// more.
-    fn write_records(&self, session: &mut C) -> io::Result<()> {
+    fn write_records(tcp: &TcpStream, session: &mut C) -> io::Result<()> {
         while session.wants_write() {
-            if session.write_tls(&mut CiphertextTo(&self.tcp))? == 0 {
+            if session.write_tls(&mut CiphertextTo(tcp))? == 0 {
                 return Err(io::ErrorKind::WriteZero.into());
             }
         }
@@ -235,9 +235,9 @@ where
     fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
         let mut session = self.session.lock();
         let session = &mut *session;
-        self.write_records(session)?;
+        Self::write_records(&self.tcp, session)?;
         let taken = session.writer().write_vectored(bufs)?;
-        match self.write_records(session) {
+        match Self::write_records(&self.tcp, session) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(taken),
             written => written.map(|()| taken),
         }
@@ -251,10 +251,11 @@ where
         self.session.lock().wants_write()
     }
 
-    fn flush(&self) -> io::Result<()> {
-        match self.write_records(&mut self.session.lock()) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
-            written => written,
+    fn flush(&self) -> io::Result<bool> {
+        let mut session = self.session.lock();
+        match Self::write_records(&self.tcp, &mut session) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(true),
+            written => written.map(|()| false),
         }
     }
 
@@ -263,10 +264,9 @@ where
     fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let session = self.session.get_mut();
         session.send_close_notify();
-        while session.wants_write() {
-            match session.write_tls(&mut CiphertextTo(&self.tcp)) {
-                Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                Ok(_) => {}
+        loop {
+            match Self::write_records(&self.tcp, session) {
+                Ok(()) => break,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     if let Err(e) = std::task::ready!(self.tcp.poll_write_ready(cx)) {
                         return Poll::Ready(Err(e));
