@@ -14,8 +14,9 @@ Worker routes
   GET  /touch/NAME        `await env.TOUCH...ping()` -> "1"
   GET  /usage/NAME        what the billing hook was given for STORE object NAME, summed
   GET  /stats             module globals (constructors, live instances after gc, alarms fired,
-                          tasks done), and the server's storage and object counters; answered by
-                          the Worker without touching any object
+                          tasks done), the server's storage and object counters, and its live
+                          allocations (the core's bytes, Python's blocks); answered by the
+                          Worker without touching any object
 
 Socket commands: "inc" adds 1 to the stored counter "n" and answers the new value; "get"
 answers it; "big N" stores N new random bytes under "big", adds 1 to "n" and answers "ok n";
@@ -28,6 +29,7 @@ import asyncio
 import gc
 import json
 import os
+import sys
 import time
 import tracemalloc
 import uuid
@@ -36,6 +38,7 @@ from collections import defaultdict
 from typing import Any
 
 import sockworker as sw
+from sockworker import _native
 
 CONSTRUCTED: dict[str, int] = defaultdict(int)
 INSTANCES: dict[str, weakref.WeakSet[Any]] = defaultdict(weakref.WeakSet)
@@ -367,6 +370,8 @@ async def fetch(request: sw.Request, env: sw.Env, ctx: sw.ExecutionContext) -> s
                 "loaded": LOADED,
                 "touched_live": len(TOUCHED),
                 "traced": tracemalloc.get_traced_memory()[0] if tracemalloc.is_tracing() else None,
+                "python_blocks": sys.getallocatedblocks(),
+                "core_allocated": _native.allocator_stats()[0],
             }
         )
     if parts[0] == "usage":
