@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import psycopg
 
 from tests.postgres import Postgres, TcpProxy, sql
 from tests.support import ServerProcess, wait_until
@@ -254,6 +255,44 @@ async def test_a_restarted_node_takes_its_objects_back_at_once(
         # with a new epoch, without waiting for it to expire.
         assert (await call(session, again, "/inc?name=room"))[1] == {"count": 2, "node": "n0"}
     assert sql(pg_dsn, "SELECT node, epoch FROM sw_leases") == [("n0", 2)]
+
+
+def take_waits_for_a_lock(dsn: str) -> bool:
+    """A node's take of a lease (its INSERT INTO sw_leases) waits for a row lock now."""
+    rows = sql(
+        dsn,
+        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+        " AND query LIKE '%INSERT INTO sw_leases%'",
+    )
+    return rows[0][0] > 0
+
+
+async def test_a_node_taking_an_object_serves_other_requests_meanwhile(
+    make_server: Callable[..., ServerProcess], pg_dsn: str
+) -> None:
+    """Taking an object asks PostgreSQL; the event loop serves other requests while it waits
+    (the statement once ran on the loop's thread: a slow PostgreSQL stopped the whole node)."""
+    server = node(make_server, pg_dsn, "n0")
+    async with aiohttp.ClientSession() as session:
+        assert (await call(session, server, "/inc?name=warm"))[1] == {"count": 1, "node": "n0"}
+        # A transaction of the test's holds the node's row: a take reads it FOR SHARE, so it
+        # waits for this transaction.
+        with psycopg.connect(pg_dsn) as blocker:
+            blocker.execute("SELECT 1 FROM sw_nodes WHERE node = 'n0' FOR UPDATE")
+            taking = asyncio.create_task(call(session, server, "/inc?name=new"))
+            await wait_until(
+                lambda: asyncio.to_thread(take_waits_for_a_lock, pg_dsn),
+                within=10,
+                what="the take to wait for the test's lock",
+            )
+            # The node answers what needs no object, and an object it holds, meanwhile.
+            answered = await asyncio.wait_for(call(session, server, "/node"), 10)
+            assert answered == (200, {"node": "n0"})
+            counted = await asyncio.wait_for(call(session, server, "/inc?name=warm"), 10)
+            assert counted == (200, {"count": 2, "node": "n0"})
+            assert not taking.done(), "the take waits for the lock"
+        # (The transaction ended with the block: the take goes on.)
+        assert await asyncio.wait_for(taking, 10) == (200, {"count": 1, "node": "n0"})
 
 
 async def test_the_sql_api_is_refused_with_a_clear_error(

@@ -171,7 +171,7 @@ class DurableObjectNamespace:
         """Cluster mode: runs ``op`` on the node that owns the object and returns its result
         (an RPC's in a 1-tuple); None when this node owns it (the caller runs it here)."""
         nodes = running("reaching a Durable Object").services.nodes
-        if nodes is None or nodes.route(self.binding, str(object_id)) is None:
+        if nodes is None or await nodes.route_async(self.binding, str(object_id)) is None:
             return None
         try:
             result = await nodes.forward(self, object_id, op, body)

@@ -179,6 +179,13 @@ class Link:
                 )
 
 
+def _owner(routed: tuple[int | None, str | None, str | None] | None) -> Owner | int:
+    """An answer of the core's cluster routing: this node's epoch, or the owner node."""
+    assert routed is not None, "the server was started in cluster mode"
+    epoch, node, address = routed
+    return epoch if epoch is not None else Owner(node or "?", address)
+
+
 class Nodes:
     """Routing of object events in cluster mode, and the links to the other nodes."""
 
@@ -207,20 +214,39 @@ class Nodes:
         self.waiting: dict[str, list[tuple[Relay, Info, str, tuple[Any, ...]]]] = {}
         # Objects whose sockets on other nodes were asked for, with the epoch taken.
         self.gathered: dict[tuple[str, str], int] = {}
+        # Objects whose owner PostgreSQL is being asked for (route_async), by object.
+        self.asking: dict[tuple[str, str], asyncio.Future[Owner | int]] = {}
 
     # -- routing --------------------------------------------------------------------------------
 
     def owner(self, binding: str, object_id: str) -> Owner | int:
         """Who serves the object: another node, or this node's epoch of its lease (taken now
-        if it was free). One call to the core: a map lookup while the lease is known valid."""
-        routed = self.services.server.cluster_route(binding, object_id)
-        assert routed is not None, "the server was started in cluster mode"
-        epoch, node, address = routed
-        return epoch if epoch is not None else Owner(node or "?", address)
+        if it was free). One call to the core: a map lookup while the lease is known valid,
+        else a PostgreSQL statement that holds up the calling thread (see ``route_async``)."""
+        return _owner(self.services.server.cluster_route(binding, object_id))
 
     def route(self, binding: str, object_id: str) -> Owner | None:
         """The node that owns the object, or None when it is this one."""
         owner = self.owner(binding, object_id)
+        return None if isinstance(owner, int) else owner
+
+    async def route_async(self, binding: str, object_id: str) -> Owner | None:
+        """``route`` without holding up the event loop: when PostgreSQL must be asked (an object
+        this node has not seen lately, or taking it), the statement runs on a worker thread while
+        the loop serves other events, and concurrent events of one object wait for the same
+        answer (two takes would each raise the epoch)."""
+        known = self.services.server.cluster_known_route(binding, object_id)
+        if known is not None:
+            owner = _owner(known)
+        else:
+            key = (binding, object_id)
+            asking = self.asking.get(key)
+            if asking is None:
+                loop = asyncio.get_running_loop()
+                asking = loop.run_in_executor(None, self.owner, binding, object_id)
+                self.asking[key] = asking
+                asking.add_done_callback(lambda _: self.asking.pop(key, None))
+            owner = await asyncio.shield(asking)
         return None if isinstance(owner, int) else owner
 
     def epoch(self, binding: str, object_id: str) -> int:
@@ -243,7 +269,7 @@ class Nodes:
         deadline = loop.time() + settings.lease + 2 * settings.renew
         pause = min(settings.renew / 2, 0.25)
         while True:
-            owner = self.route(binding, hex_id)
+            owner = await self.route_async(binding, hex_id)
             if owner is None:
                 raise NotOwner("the object is owned by this node now")
             try:

@@ -108,6 +108,10 @@ class Routing(Protocol):
         """The owner of the object, or None when it is this node (its lease taken if free)."""
         ...
 
+    async def route_async(self, binding: str, object_id: str) -> Owner | None:
+        """``route``, with PostgreSQL (when it must be asked) asked off the event loop."""
+        ...
+
     def epoch(self, binding: str, object_id: str) -> int: ...
     async def forward(
         self, kind: ObjectKind, object_id: DurableObjectId, op: str, body: Any

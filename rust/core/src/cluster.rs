@@ -193,6 +193,8 @@ impl Conn {
 /// A failed connection is dropped and made again by the next call.
 struct Pg {
     jobs: Mutex<mpsc::Sender<Job>>,
+    /// Connections found broken (each one dropped, to be made again).
+    broken: Arc<AtomicU64>,
 }
 
 impl Pg {
@@ -208,7 +210,21 @@ impl Pg {
                 }
             }
         })?;
-        Ok(Self { jobs: Mutex::new(jobs) })
+        Ok(Self { jobs: Mutex::new(jobs), broken: Arc::default() })
+    }
+
+    /// [`Self::call`], made once more on a new connection when it failed because the connection
+    /// had broken (while idle, one is found broken only when used: PostgreSQL restarted, or the
+    /// network cut it). For statements that may run twice.
+    fn call_again_if_broken<T: Send + 'static>(
+        &self,
+        f: impl Fn(&mut Conn) -> Result<T, postgres::Error> + Clone + Send + 'static,
+    ) -> Result<T, CoreError> {
+        let broken = self.broken.load(Ordering::Acquire);
+        match self.call(f.clone()) {
+            Err(_) if self.broken.load(Ordering::Acquire) != broken => self.call(f),
+            outcome => outcome,
+        }
     }
 
     fn call<T: Send + 'static>(
@@ -216,6 +232,7 @@ impl Pg {
         f: impl FnOnce(&mut Conn) -> Result<T, postgres::Error> + Send + 'static,
     ) -> Result<T, CoreError> {
         let (reply, answer) = mpsc::sync_channel(1);
+        let broken = self.broken.clone();
         let job: Job = Box::new(move |slot, dsn| {
             let outcome = match connected(slot, dsn) {
                 Err(error) => Err(error),
@@ -225,6 +242,7 @@ impl Pg {
                         if error.is_closed() || error.as_db_error().is_none() {
                             // A broken connection: the next call makes a new one.
                             *slot = None;
+                            broken.fetch_add(1, Ordering::AcqRel);
                         }
                         Err(CoreError::Storage(format!("the cluster database: {}", pg_error(&error))))
                     }
@@ -283,8 +301,11 @@ fn secs(duration: Duration) -> f64 {
 /// This node's part of the cluster: its leases, the database connections, the background round.
 pub struct Cluster {
     config: ClusterConfig,
-    /// For the application thread: taking leases, loading objects, committing.
+    /// For the application thread: loading objects, committing.
     fg: Pg,
+    /// For taking leases (asked from a worker thread of the application's loop): a take that
+    /// waits for PostgreSQL holds up no commit of an object this node has.
+    taking: Pg,
     /// For the background round: renewals, releases, alarms.
     bg: Pg,
     /// This node's leases: object -> epoch. All of them are as valid as the node's heartbeat.
@@ -332,10 +353,12 @@ impl Cluster {
             return Err(CoreError::InvalidArgument("a node id is 1 to 200 characters".into()));
         }
         let fg = Pg::start("sockworker-pg", &config.dsn)?;
+        let taking = Pg::start("sockworker-pg-take", &config.dsn)?;
         let bg = Pg::start("sockworker-pg-bg", &config.dsn)?;
         let cluster = Arc::new(Self {
             config,
             fg,
+            taking,
             bg,
             held: Mutex::default(),
             alive_until: Mutex::new(Instant::now()),
@@ -409,18 +432,26 @@ impl Cluster {
     /// # Errors
     /// `Storage` when PostgreSQL cannot be reached.
     pub fn route(&self, name: &ObjectName) -> Result<Owner, CoreError> {
+        match self.known_route(name) {
+            Some(owner) => Ok(owner),
+            None => self.acquire(name),
+        }
+    }
+
+    /// [`Self::route`] when memory can answer (this node's lease is valid, or another node's
+    /// was seen within a renewal interval); `None` when PostgreSQL must be asked.
+    #[must_use]
+    pub fn known_route(&self, name: &ObjectName) -> Option<Owner> {
         let now = Instant::now();
         if let Some(epoch) = self.held.lock().get(name) {
             if *self.alive_until.lock() > now {
-                return Ok(Owner::Here { epoch: *epoch });
+                return Some(Owner::Here { epoch: *epoch });
             }
         }
-        if let Some((owner, until)) = self.elsewhere.lock().get(name) {
-            if *until > now {
-                return Ok(owner.clone());
-            }
+        match self.elsewhere.lock().get(name) {
+            Some((owner, until)) if *until > now => Some(owner.clone()),
+            _ => None,
         }
-        self.acquire(name)
     }
 
     /// Forgets where `name` was seen elsewhere (a forward to it failed): the next route asks.
@@ -450,8 +481,9 @@ impl Cluster {
         // The holder's node row is read FOR SHARE, so that a take and that node's renewal are
         // ordered: either the renewal comes first (the holder is alive: nothing is taken), or the
         // take does and the renewal, waiting for it, finds its heartbeat had expired and checks
-        // its leases. This node takes nothing while its own heartbeat has expired.
-        let row = self.fg.call(move |conn| {
+        // its leases. This node takes nothing while its own heartbeat has expired. (Taken twice,
+        // the lease only has one more epoch: nobody was told the first.)
+        let row = self.taking.call_again_if_broken(move |conn| {
             conn.query_one(
                 "WITH me AS (
                      SELECT expires_at > clock_timestamp() AS alive FROM sw_nodes WHERE node = $3 FOR SHARE),

@@ -114,6 +114,13 @@ impl Server {
 /// What `cluster_route` answers: (this node's epoch, or the owner node and its address).
 type Route = (Option<i64>, Option<String>, Option<String>);
 
+fn route_tuple(owner: Owner) -> Route {
+    match owner {
+        Owner::Here { epoch } => (Some(epoch), None, None),
+        Owner::There { node, advertise } => (None, Some(node), advertise),
+    }
+}
+
 fn seconds(value: f64, name: &str) -> Result<Duration, CoreError> {
     Duration::try_from_secs_f64(value)
         .map_err(|_| CoreError::InvalidArgument(format!("{name} must be a number of seconds >= 0")))
@@ -341,10 +348,14 @@ impl Server {
         let Some(cluster) = self.cluster() else { return Ok(None) };
         let name = sockworker_core::storage::ObjectName::new(namespace, object_id);
         let owner = py.detach(|| cluster.route(&name))?;
-        Ok(Some(match owner {
-            Owner::Here { epoch } => (Some(epoch), None, None),
-            Owner::There { node, advertise } => (None, Some(node), advertise),
-        }))
+        Ok(Some(route_tuple(owner)))
+    }
+
+    /// Cluster mode: `cluster_route` when the core knows the answer without asking PostgreSQL;
+    /// None when it would have to ask (or not in cluster mode).
+    fn cluster_known_route(&self, namespace: &str, object_id: &str) -> Option<Route> {
+        let name = sockworker_core::storage::ObjectName::new(namespace, object_id);
+        self.cluster()?.known_route(&name).map(route_tuple)
     }
 
     /// Cluster mode: a forward to the owner failed; the next route asks PostgreSQL again.
