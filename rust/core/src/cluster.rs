@@ -298,6 +298,13 @@ fn secs(duration: Duration) -> f64 {
     duration.as_secs_f64()
 }
 
+/// Forgets the owners seen elsewhere whose time to be trusted ended before `now`: without it,
+/// every distinct object another node owns and this one forwarded to once stayed in the map.
+fn forget_expired(elsewhere: &mut HashMap<ObjectName, (Owner, Instant)>, now: Instant) {
+    elsewhere.retain(|_, (_, until)| *until > now);
+    crate::memory::shrink_sparse(elsewhere, 64);
+}
+
 /// This node's part of the cluster: its leases, the database connections, the background round.
 pub struct Cluster {
     config: ClusterConfig,
@@ -317,7 +324,8 @@ pub struct Cluster {
     releasing: Mutex<Vec<(ObjectName, i64)>>,
     /// Leases found lost by a round or a commit, until the application thread asks.
     lost: Mutex<Vec<ObjectName>>,
-    /// Owners seen elsewhere, kept for a renewal interval (a forward does not query each time).
+    /// Owners seen elsewhere, kept for a renewal interval (a forward does not query each time);
+    /// each round forgets those that expired.
     elsewhere: Mutex<HashMap<ObjectName, (Owner, Instant)>>,
     /// Alarms armed by a round (so that the next does not arm them again).
     armed: Mutex<HashMap<ObjectName, f64>>,
@@ -684,6 +692,7 @@ impl Cluster {
     /// reach, or the node was paused) does a fifth check which leases another node took meanwhile.
     fn round(&self) -> Result<(), CoreError> {
         let started = Instant::now();
+        forget_expired(&mut self.elsewhere.lock(), started);
         let releasing = std::mem::take(&mut *self.releasing.lock());
         let (node, advertise) = (self.config.node_id.clone(), self.config.advertise.clone());
         let lease = secs(self.config.lease);
@@ -875,4 +884,23 @@ fn migrate(conn: &mut Conn) -> Result<Result<(), CoreError>, postgres::Error> {
         log::info!("cluster: schema migrated from version {version} to {known}");
     }
     Ok(Ok(()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owners_seen_elsewhere_are_forgotten_once_expired() {
+        let now = Instant::now();
+        let owner = Owner::There { node: "b".into(), advertise: None };
+        let mut elsewhere: HashMap<ObjectName, (Owner, Instant)> = (0..5_000)
+            .map(|i| (ObjectName::new("ROOM", &format!("old-{i}")), (owner.clone(), now)))
+            .collect();
+        let fresh = ObjectName::new("ROOM", "fresh");
+        elsewhere.insert(fresh.clone(), (owner.clone(), now + Duration::from_secs(3)));
+        forget_expired(&mut elsewhere, now + Duration::from_millis(1));
+        assert_eq!(elsewhere.keys().collect::<Vec<_>>(), [&fresh]);
+        assert!(elsewhere.capacity() < 1024, "{} buckets kept", elsewhere.capacity());
+    }
 }

@@ -1,7 +1,19 @@
 //! What the allocator holds: jemalloc's totals and its live allocations by size class, read with
 //! `mallctl`, for the memory breakdown of bench/memory.py and the gauges of the metrics page.
 
+use std::collections::HashMap;
 use std::ffi::{c_void, CStr, CString};
+use std::hash::{BuildHasher, Hash};
+
+/// Gives back most of a map's table once it is under a quarter full: a hash map keeps the table
+/// of its largest size for good, and a burst of ids a stranger chose must not stay in memory.
+/// Tables of up to `floor` buckets are left as they are.
+pub fn shrink_sparse<K: Eq + Hash, V, S: BuildHasher>(map: &mut HashMap<K, V, S>, floor: usize) {
+    let len = map.len();
+    if map.capacity() > floor && len < map.capacity() / 4 {
+        map.shrink_to(len * 2);
+    }
+}
 
 /// jemalloc's process-wide totals, in bytes (see `man jemalloc`, "stats.*").
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -114,5 +126,21 @@ mod tests {
         // A thread cache may have handed out a slot already counted as live: at least not fewer.
         assert!(class(&after) >= class(&before), "{before:?} -> {after:?}");
         assert!(super::stats().allocated > 0);
+    }
+
+    #[test]
+    fn a_table_a_burst_grew_is_given_back_once_sparse() {
+        let mut map: std::collections::HashMap<u64, u64> = (0..10_000).map(|i| (i, i)).collect();
+        super::shrink_sparse(&mut map, 1024);
+        assert!(map.capacity() >= 10_000, "a full table is kept");
+        map.retain(|&k, _| k < 100);
+        super::shrink_sparse(&mut map, 1024);
+        assert!(map.capacity() < 1024, "{} buckets for 100 entries", map.capacity());
+        assert_eq!(map.len(), 100);
+        let mut small: std::collections::HashMap<u64, u64> = (0..500).map(|i| (i, i)).collect();
+        small.clear();
+        let capacity = small.capacity();
+        super::shrink_sparse(&mut small, 1024);
+        assert_eq!(small.capacity(), capacity, "a table under the floor is left alone");
     }
 }

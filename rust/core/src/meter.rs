@@ -255,10 +255,7 @@ impl Meter {
         });
         // A burst of distinct ids (one slot each, about 200 B) would leave the table at its
         // peak size for good: 6 MiB after 30,000 objects within one flush interval.
-        let len = registry.slots.len();
-        if registry.slots.capacity() > 1024 && len < registry.slots.capacity() / 4 {
-            registry.slots.shrink_to(len * 2);
-        }
+        crate::memory::shrink_sparse(&mut registry.slots, 1024);
         add_usage(&mut registry.drained, &total);
         records
     }

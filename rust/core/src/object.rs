@@ -72,10 +72,7 @@ impl ObjectRegistry {
         if objects.get(name).is_some_and(|object| object.strong_count() == 0) {
             objects.remove(name);
             self.forgotten.fetch_add(1, Ordering::Relaxed);
-            let len = objects.len();
-            if objects.capacity() > 64 && len < objects.capacity() / 4 {
-                objects.shrink_to(len * 2);
-            }
+            crate::memory::shrink_sparse(&mut objects, 64);
         }
     }
 

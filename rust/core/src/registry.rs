@@ -72,11 +72,8 @@ impl Registry {
     pub fn remove(&self, id: u64) -> (Option<Arc<SocketShared>>, usize) {
         let mut sockets = self.sockets.lock();
         let socket = sockets.remove(&id);
-        let len = sockets.len();
-        if sockets.capacity() > 1024 && len < sockets.capacity() / 4 {
-            sockets.shrink_to(len * 2);
-        }
-        (socket, len)
+        crate::memory::shrink_sparse(&mut sockets, 1024);
+        (socket, sockets.len())
     }
 
     /// Sockets registered so far (each one closed since frees what it held).
