@@ -86,17 +86,17 @@ async def open_many(port: int, n: int) -> list[socket.socket]:
     return opened
 
 
-async def resident(server: ServerProcess, certs: Certs | None = None) -> int:
+async def resident_answer(server: ServerProcess, certs: Certs | None = None) -> dict[str, int]:
+    """What the app's /resident answers (rooms in memory after a collection, and before it)."""
     url = f"https://127.0.0.1:{server.port}/resident" if certs else f"{server.http}/resident"
     context = certs.client_context if certs else None
     async with aiohttp.ClientSession() as http, http.get(url, ssl=context or True) as response:
-        return int(json.loads(await response.text())["resident"])
+        answer: dict[str, int] = json.loads(await response.text())
+        return answer
 
 
-async def resident_now(server: ServerProcess, certs: Certs) -> str:
-    url = f"https://127.0.0.1:{server.port}/resident"
-    async with aiohttp.ClientSession() as http, http.get(url, ssl=certs.client_context) as response:
-        return await response.text()
+async def resident(server: ServerProcess, certs: Certs | None = None) -> int:
+    return int((await resident_answer(server, certs))["resident"])
 
 
 async def all_hibernated(server: ServerProcess, certs: Certs | None = None) -> bool:
@@ -203,7 +203,7 @@ async def test_hibernated_wss_sockets_stay_under_the_bound_with_one_descriptor_e
             # mode): some rooms of wss sockets stay in memory. Reported as such, so that the
             # measurement below still guards every run in which they all hibernate.
             pytest.xfail(
-                f"rooms of wss sockets stayed resident: {await resident_now(server, certs)}"
+                f"rooms of wss sockets stayed resident: {await resident_answer(server, certs)}"
             )
         await wait_until(
             lambda: _settled(server), within=30, interval=1.0, what="the server's RSS settled"
